@@ -1,0 +1,38 @@
+"""lmtier: an asyncio tiered KV-cache store (GPU -> pinned CPU -> disk)."""
+
+from lmtier.errors import (
+    ConfigError,
+    CorruptEntryError,
+    DeviceUnavailableError,
+    InvalidKeyError,
+    InvalidValueError,
+    LmtierError,
+    LmtierTypeError,
+    StorageError,
+    StoreClosedError,
+)
+from lmtier.evictor import BaseEvictor, DummyEvictor, LRUEvictor, PutStatus
+from lmtier.keys import CacheEngineKey, KeyLike
+from lmtier.metadata import DiskCacheMetadata
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseEvictor",
+    "CacheEngineKey",
+    "ConfigError",
+    "CorruptEntryError",
+    "DeviceUnavailableError",
+    "DiskCacheMetadata",
+    "DummyEvictor",
+    "InvalidKeyError",
+    "InvalidValueError",
+    "KeyLike",
+    "LRUEvictor",
+    "LmtierError",
+    "LmtierTypeError",
+    "PutStatus",
+    "StorageError",
+    "StoreClosedError",
+    "__version__",
+]

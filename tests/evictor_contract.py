@@ -1,0 +1,142 @@
+"""The contract every evictor passes: random put/get/remove/pin/unpin sequences against a model.
+
+Run a new policy through it by registering it (``register_evictor``): ``test_evictor_contract``
+parametrizes over the registry.  ``run_contract(factory, capacity)`` runs one directly.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+
+from lmtier.evictor import BaseEvictor, PutStatus
+
+KEYS = st.sampled_from([f"k{i}" for i in range(12)])
+VictimModel = Callable[["OrderedDict[str, bytes]", set[str], int, int, int], list[str] | None]
+
+
+def lru_victims(
+    cache: OrderedDict[str, bytes], pinned: set[str], charged: int, capacity: int, size: int
+) -> list[str] | None:
+    """LRU's exact answer: unpinned keys from the least-recent end until ``size`` fits."""
+    if size > capacity:
+        return None
+    need = charged + size - capacity
+    victims: list[str] = []
+    for key, value in cache.items():
+        if need <= 0:
+            break
+        if key in pinned:
+            continue
+        victims.append(key)
+        need -= len(value)
+    return victims if need <= 0 else None
+
+
+def run_contract(
+    factory: Callable[[int], BaseEvictor],
+    capacity: int,
+    victim_model: VictimModel | None = None,
+    max_examples: int = 150,
+) -> None:
+    """Drive ``factory(capacity)`` through random sequences, checking the contract each step."""
+
+    class EvictorContract(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.evictor = factory(capacity)
+            self.bounded = self.evictor.capacity_bytes is not None
+            self.cache: OrderedDict[str, bytes] = OrderedDict()
+            self.pins: dict[str, int] = {}
+
+        def _put(self, key: str, size: int) -> tuple[list[str], PutStatus]:
+            before = list(self.cache.items())
+            charged_before = self.evictor.charged_bytes
+            expected = (
+                victim_model(self.cache, set(self.pins), charged_before, capacity, size)
+                if victim_model
+                else None
+            )
+            victims, status = self.evictor.update_on_put(self.cache, size)
+            assert list(self.cache.items()) == before, "update_on_put mutated cache_dict"
+            if status is PutStatus.ILLEGAL:
+                assert victims == []
+                assert self.evictor.charged_bytes == charged_before
+                if self.bounded:
+                    unpinned = sum(len(v) for k, v in self.cache.items() if k not in self.pins)
+                    free = capacity - charged_before
+                    assert size > capacity or size > free + unpinned, "refused a put that fits"
+            else:
+                assert status is PutStatus.LEGAL
+                assert len(set(victims)) == len(victims), "a victim named twice"
+                for victim in victims:
+                    assert victim in self.cache, f"victim {victim} is not cached"
+                    assert victim not in self.pins, f"pinned {victim} chosen as victim"
+            if victim_model is not None:
+                assert (victims if status is PutStatus.LEGAL else None) == expected
+            return victims, status
+
+        @rule(key=KEYS, size=st.integers(0, capacity + capacity // 2))
+        def put(self, key: str, size: int) -> None:
+            if key in self.cache:  # an overwrite: the old entry leaves first
+                self.evictor.update_on_remove(key, len(self.cache.pop(key)))
+            victims, status = self._put(key, size)
+            if status is PutStatus.LEGAL:
+                for victim in victims:
+                    del self.cache[victim]
+                self.cache[key] = bytes(size)
+
+        @rule(key=KEYS, size=st.integers(0, capacity))
+        def abandoned_put(self, key: str, size: int) -> None:
+            if key in self.cache:
+                return
+            victims, status = self._put(key, size)
+            if status is PutStatus.LEGAL:
+                for victim in victims:
+                    del self.cache[victim]
+                self.evictor.update_on_remove(key, size)
+
+        @rule(key=KEYS)
+        def get(self, key: str) -> None:
+            keys_before = set(self.cache)
+            self.evictor.update_on_get(key, self.cache)
+            assert set(self.cache) == keys_before
+            if victim_model is lru_victims and key in self.cache:
+                assert next(reversed(self.cache)) == key
+
+        @rule(key=KEYS)
+        def remove(self, key: str) -> None:
+            if key in self.cache:
+                self.evictor.update_on_remove(key, len(self.cache.pop(key)))
+
+        @rule(key=KEYS)
+        def pin(self, key: str) -> None:
+            self.evictor.pin(key)
+            self.pins[key] = self.pins.get(key, 0) + 1
+            assert self.evictor.is_pinned(key)
+
+        @rule(key=KEYS)
+        def unpin(self, key: str) -> None:
+            if key not in self.pins:
+                return
+            self.evictor.unpin(key)
+            self.pins[key] -= 1
+            if not self.pins[key]:
+                del self.pins[key]
+            assert self.evictor.is_pinned(key) == (key in self.pins)
+
+        @invariant()
+        def counter_is_exact(self) -> None:
+            total = sum(self.evictor.get_size(v) for v in self.cache.values())
+            assert self.evictor.charged_bytes == total
+            if self.bounded:
+                assert self.evictor.charged_bytes <= capacity
+
+    run_state_machine_as_test(
+        EvictorContract,
+        settings=settings(max_examples=max_examples, stateful_step_count=40, deadline=None),
+    )
