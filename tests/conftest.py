@@ -16,5 +16,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "cuda" in item.keywords:
+        if item.get_closest_marker("cuda"):
             item.add_marker(skip)
+
+
+def tensor_for(key: str, version: int = 0, numel: int = 256) -> torch.Tensor:
+    """Content derived from the key and version, so a wrong or stale read is always visible."""
+    seed = (sum(key.encode()) * 1_000_003 + version * 7_919) % 2**31
+    return (torch.arange(numel, dtype=torch.int64) * 2_654_435_761 + seed).to(torch.int32)

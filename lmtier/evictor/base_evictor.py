@@ -131,7 +131,7 @@ class BaseEvictor(metaclass=abc.ABCMeta):
         return key in self._pins
 
     # ----------------------------------------------------------------- for subclasses
-    def _forget(self, key: KeyLike) -> None:  # noqa: B027 - optional hook, not abstract
+    def _forget(self, key: KeyLike) -> None:
         """Hook: drop any per-key state a policy keeps when ``key`` leaves by removal."""
 
     def _charge(self, cache_size: int) -> None:

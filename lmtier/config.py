@@ -1,0 +1,305 @@
+"""Store configuration: YAML plus ``LMTIER_*`` env overrides, validated into frozen dataclasses."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import yaml
+
+from lmtier.errors import ConfigError
+from lmtier.evictor.registry import evictor_names
+
+__all__ = [
+    "GB",
+    "MB",
+    "StoreConfig",
+    "TierConfig",
+    "apply_env_overrides",
+    "load_config",
+    "parse_config",
+]
+
+GB = 1024**3
+MB = 1024**2
+
+ENV_PREFIX = "LMTIER_"
+CONFIG_ENV = "LMTIER_CONFIG"
+
+_KINDS = ("disk", "memory")
+_DURABILITIES = ("fsync", "none")
+_SIZE_UNITS = {"max_size_gb": GB, "max_size_mb": MB}
+_TOP_KEYS = ("promote_on_hit", "room_timeout_s", "tiers")
+_TIER_KEYS = (
+    "device",
+    "durability",
+    "evictor",
+    "kind",
+    "max_size_gb",
+    "max_size_mb",
+    "name",
+    "path",
+    "pinned",
+    "required",
+)
+_KIND_ONLY = {"memory": ("device", "pinned"), "disk": ("durability", "path")}
+# Env values for these stay verbatim: YAML would read a path such as "~" or "null" as None.
+_STR_FIELDS = frozenset({"device", "durability", "evictor", "kind", "name", "path"})
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """One tier of the cascade; parse_config and load_config build and validate these."""
+
+    name: str  # unique among tiers, case-insensitively (env overrides match it that way)
+    kind: str  # "memory" or "disk"
+    max_size_bytes: int
+    evictor: str = "lru"
+    device: str = "cpu"  # memory tiers: "cpu", "cuda" or "cuda:N"
+    pinned: bool = True  # cpu memory tiers pin their buffers when CUDA is available
+    path: str | None = None  # disk tiers: the folder, ~ expanded
+    required: bool = False  # a cuda tier on a machine without CUDA is skipped unless required
+    durability: str = "none"  # disk tiers: "none" or "fsync"
+
+    @property
+    def max_size_gb(self) -> float:
+        return self.max_size_bytes / GB
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The whole store: tiers fastest first."""
+
+    tiers: tuple[TierConfig, ...]
+    promote_on_hit: bool = True
+    room_timeout_s: float = 30.0  # how long a put waits for in-flight demotions to free room
+
+
+def _type_error(where: str, key: str, expected: str, value: object) -> ConfigError:
+    return ConfigError(
+        f"{where}: field {key!r} must be {expected}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _field(raw: Mapping[Any, Any], key: str, where: str, default: object) -> object:
+    if key in raw:
+        return raw[key]
+    if default is _REQUIRED:
+        raise ConfigError(f"{where}: missing required field {key!r}")
+    return default
+
+
+def _str(raw: Mapping[Any, Any], key: str, where: str, default: object = _REQUIRED) -> str:
+    value = _field(raw, key, where, default)
+    if not isinstance(value, str):
+        raise _type_error(where, key, "a string", value)
+    return value
+
+
+def _bool(raw: Mapping[Any, Any], key: str, where: str, default: bool) -> bool:
+    value = _field(raw, key, where, default)
+    if not isinstance(value, bool):
+        raise _type_error(where, key, "true or false", value)
+    return value
+
+
+def _number(raw: Mapping[Any, Any], key: str, where: str, default: object = _REQUIRED) -> float:
+    value = _field(raw, key, where, default)
+    # bool is an int subclass, but `max_size_gb: true` is a mistake, not 1 GB.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _type_error(where, key, "a number", value)
+    return value
+
+
+def _choice(
+    raw: Mapping[Any, Any], key: str, where: str, known: Sequence[str], default: object
+) -> str:
+    value = _str(raw, key, where, default)
+    if value not in known:
+        raise ConfigError(
+            f"{where}: field {key!r} has unknown value {value!r}; known: {', '.join(known)}"
+        )
+    return value
+
+
+def _reject_unknown(raw: Mapping[Any, Any], known: tuple[str, ...], where: str) -> None:
+    unknown = [key for key in raw if key not in known]
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
+        )
+
+
+def _size_bytes(raw: Mapping[Any, Any], where: str) -> int:
+    given = [key for key in _SIZE_UNITS if key in raw]
+    if len(given) != 1:
+        raise ConfigError(
+            f"{where}: give exactly one of fields 'max_size_gb' or 'max_size_mb', "
+            f"got {' and '.join(given) or 'neither'}"
+        )
+    key = given[0]
+    value = _number(raw, key, where)
+    size = int(value * _SIZE_UNITS[key]) if math.isfinite(value) else 0
+    if size <= 0:
+        raise ConfigError(f"{where}: field {key!r} must be finite and over 0 bytes, got {value!r}")
+    return size
+
+
+def _device(text: str, where: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise ConfigError(f"{where}: field 'device' {text!r} is not a device: {exc}") from exc
+    # "cpu:0" parses, but a tier's cpu memory has no index to mean anything by it.
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
+        raise ConfigError(f"{where}: field 'device' must be cpu, cuda or cuda:N, got {text!r}")
+    return str(device)
+
+
+def _parse_tier(raw: object, index: int, source: str) -> TierConfig:
+    where = f"{source}: tiers[{index}]"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__} {raw!r}")
+    if isinstance(raw.get("name"), str) and raw["name"]:
+        where += f" ({raw['name']!r})"
+    _reject_unknown(raw, _TIER_KEYS, where)
+    name = _str(raw, "name", where)
+    if not name:
+        raise ConfigError(f"{where}: field 'name' must not be empty")
+    kind = _choice(raw, "kind", where, _KINDS, _REQUIRED)
+    other = "disk" if kind == "memory" else "memory"
+    for key in _KIND_ONLY[other]:
+        if key in raw:
+            raise ConfigError(
+                f"{where}: field {key!r} is for {other} tiers; a {kind} tier may not set it"
+            )
+    path = None
+    if kind == "disk":
+        path = _str(raw, "path", where)
+        if not path.strip():
+            raise ConfigError(f"{where}: field 'path' must not be empty")
+        path = os.path.expanduser(path)
+    return TierConfig(
+        name=name,
+        kind=kind,
+        max_size_bytes=_size_bytes(raw, where),
+        evictor=_choice(raw, "evictor", where, evictor_names(), "lru"),
+        device=_device(_str(raw, "device", where, "cpu"), where),
+        pinned=_bool(raw, "pinned", where, True),
+        path=path,
+        required=_bool(raw, "required", where, False),
+        durability=_choice(raw, "durability", where, _DURABILITIES, "none"),
+    )
+
+
+def parse_config(data: object, source: str = "<config>") -> StoreConfig:
+    """Validate an already-loaded mapping; ``source`` names it in error messages."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{source}: the top level must be a mapping with a 'tiers' list, "
+            f"got {type(data).__name__}"
+        )
+    _reject_unknown(data, _TOP_KEYS, source)
+    raw_tiers = _field(data, "tiers", source, _REQUIRED)
+    if not isinstance(raw_tiers, list | tuple) or not raw_tiers:
+        raise _type_error(source, "tiers", "a non-empty list of tiers", raw_tiers)
+    tiers = tuple(_parse_tier(raw, i, source) for i, raw in enumerate(raw_tiers))
+    seen: dict[str, int] = {}
+    for i, tier in enumerate(tiers):
+        first = seen.setdefault(tier.name.lower(), i)
+        if first != i:
+            raise ConfigError(
+                f"{source}: tiers[{i}] field 'name' {tier.name!r} duplicates tiers[{first}] "
+                "(names are compared case-insensitively)"
+            )
+    room_timeout_s = _number(data, "room_timeout_s", source, 30.0)
+    if not room_timeout_s > 0:  # also rejects NaN
+        raise ConfigError(f"{source}: field 'room_timeout_s' must be > 0, got {room_timeout_s!r}")
+    return StoreConfig(
+        tiers=tiers,
+        promote_on_hit=_bool(data, "promote_on_hit", source, True),
+        room_timeout_s=float(room_timeout_s),
+    )
+
+
+def _env_value(var: str, field: str, text: str) -> object:
+    if field in _STR_FIELDS:
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{var}: cannot read {text!r} as a YAML value") from exc
+
+
+def apply_env_overrides(data: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """A copy of ``data`` with ``LMTIER_<FIELD>`` and ``LMTIER_<TIER>__<FIELD>`` applied.
+
+    ``LMTIER_CONFIG`` names the file and is not an override. Tier names match
+    case-insensitively; setting one size unit drops the other from that tier.
+    """
+    out: dict[str, Any] = copy.deepcopy(dict(data))
+    size_vars: dict[str, str] = {}
+    for var in sorted(environ):  # sorted: the same environment always gives the same result
+        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
+            continue
+        target, nested, field = var[len(ENV_PREFIX) :].rpartition("__")
+        field = field.lower()
+        if not nested:
+            if field not in _TOP_KEYS or field == "tiers":
+                raise ConfigError(
+                    f"{var}: unknown top-level field {field!r}; known: promote_on_hit, "
+                    "room_timeout_s (or LMTIER_<TIER>__<FIELD> for a tier's field)"
+                )
+            out[field] = _env_value(var, field, environ[var])
+            continue
+        raw_tiers = out.get("tiers")
+        tiers = [t for t in raw_tiers if isinstance(t, dict)] if isinstance(raw_tiers, list) else []
+        matches = [t for t in tiers if str(t.get("name", "")).lower() == target.lower()]
+        if not matches:
+            known = ", ".join(repr(t.get("name")) for t in tiers) or "none"
+            raise ConfigError(f"{var}: no tier named {target.lower()!r}; tiers: {known}")
+        if field not in _TIER_KEYS:
+            raise ConfigError(
+                f"{var}: unknown tier field {field!r}; known: {', '.join(_TIER_KEYS)}"
+            )
+        if field in _SIZE_UNITS:
+            earlier = size_vars.setdefault(target.lower(), var)
+            if earlier != var:
+                raise ConfigError(f"{var} conflicts with {earlier}: set one size per tier")
+        value = _env_value(var, field, environ[var])
+        for tier in matches:
+            if field in _SIZE_UNITS:
+                for key in _SIZE_UNITS:
+                    tier.pop(key, None)
+            tier[field] = value
+    return out
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> StoreConfig:
+    """Read a YAML config (``path``, else ``$LMTIER_CONFIG``), apply env overrides, validate."""
+    env = os.environ if environ is None else environ
+    if path is None:
+        path = env.get(CONFIG_ENV)
+        if not path:
+            raise ConfigError(f"no config given: pass a path or set {CONFIG_ENV}")
+    source = os.path.expanduser(os.fspath(path))
+    try:
+        with open(source, encoding="utf-8") as file:
+            data = yaml.safe_load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {source}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {source}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: malformed YAML: {exc}") from exc
+    if isinstance(data, Mapping):
+        data = apply_env_overrides(data, env)
+    return parse_config(data, source)

@@ -1,0 +1,31 @@
+"""Per-tier counters, kept by tiers and the store and read as a plain dict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["TierCounters"]
+
+
+@dataclass
+class TierCounters:
+    """Event counts of one tier since the store opened."""
+
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0  # new entries committed by a put
+    evictions: int = 0  # victims its evictor chose
+    demotions_in: int = 0
+    demotions_out: int = 0
+    promotions_in: int = 0
+    promotions_out: int = 0
+    drops: int = 0  # victims no lower tier took
+    corrupt: int = 0  # entries dropped because their bytes failed a check
+    errors: int = 0  # writes or reads that failed (the entry went elsewhere or was a miss)
+    room_timeouts: int = 0  # puts that gave up waiting for demotions to free room
+
+    def count(self, event: str) -> None:
+        setattr(self, event, getattr(self, event) + 1)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)

@@ -1,0 +1,164 @@
+"""Tensor <-> lmtier's on-disk entry format: a safetensors file whose header carries the key.
+
+Pure functions, no I/O. One entry is one safetensors file holding one tensor named ``kv``;
+its ``__metadata__`` carries the format tag and version, the key and a checksum of the payload,
+so a file can be verified and re-indexed without trusting anything outside it.  The layout is
+``u64 little-endian header length | JSON header (space-padded to 8 bytes) | payload``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+from lmtier.errors import CorruptEntryError, InvalidValueError, LmtierTypeError
+from lmtier.keys import CacheEngineKey, KeyLike
+
+__all__ = [
+    "FORMAT_TAG",
+    "FORMAT_VERSION",
+    "EntryHeader",
+    "check_storable",
+    "decode_header",
+    "encode_header",
+    "header_length",
+    "payload_checksum",
+    "payload_view",
+]
+
+FORMAT_TAG = "lmtier"
+FORMAT_VERSION = 1
+TENSOR_NAME = "kv"
+PREFIX_BYTES = 8
+# A header holds one tensor entry and a key: anything near this size is not ours.
+MAX_HEADER_BYTES = 1 << 20
+
+_TO_SAFETENSORS: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_FROM_SAFETENSORS = {name: dtype for dtype, name in _TO_SAFETENSORS.items()}
+
+
+@dataclass(frozen=True)
+class EntryHeader:
+    """What an entry's header says: whose payload it is, how to decode it, how to check it."""
+
+    key: KeyLike
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    checksum: str
+    payload_offset: int
+
+
+def check_storable(value: object) -> torch.Tensor:
+    """Return ``value`` if lmtier can store it, else raise an error naming the problem."""
+    if not isinstance(value, torch.Tensor):
+        raise LmtierTypeError(f"a value must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout is not torch.strided:
+        raise InvalidValueError(f"only dense tensors can be stored, got layout {value.layout}")
+    if value.device.type == "meta":
+        raise InvalidValueError("a meta tensor has no data to store")
+    if value.numel() == 0:
+        raise InvalidValueError(f"an empty tensor (shape {tuple(value.shape)}) cannot be stored")
+    if value.dtype not in _TO_SAFETENSORS:
+        raise InvalidValueError(
+            f"dtype {value.dtype} cannot be stored; supported: "
+            + ", ".join(str(d).removeprefix("torch.") for d in _TO_SAFETENSORS)
+        )
+    return value
+
+
+def payload_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    flat = tensor.detach().reshape(-1).view(torch.uint8)
+    return flat.numpy().data.cast("B")
+
+
+def payload_checksum(payload: memoryview | bytes) -> str:
+    return xxhash.xxh3_64_hexdigest(payload)
+
+
+def encode_header(
+    key: KeyLike, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int, checksum: str
+) -> bytes:
+    """The length prefix and JSON header that precede a payload of ``nbytes`` bytes."""
+    is_engine_key = isinstance(key, CacheEngineKey)
+    header = {
+        "__metadata__": {
+            "format": FORMAT_TAG,
+            "version": str(FORMAT_VERSION),
+            "key_type": "engine" if is_engine_key else "str",
+            "key": key.to_string() if isinstance(key, CacheEngineKey) else key,
+            "checksum": checksum,
+        },
+        TENSOR_NAME: {
+            "dtype": _TO_SAFETENSORS[dtype],
+            "shape": list(shape),
+            "data_offsets": [0, nbytes],
+        },
+    }
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the payload to 8 bytes
+    return struct.pack("<Q", len(text)) + text
+
+
+def header_length(prefix: bytes) -> int:
+    """The JSON header's length from the first 8 bytes of a file."""
+    if len(prefix) < PREFIX_BYTES:
+        raise CorruptEntryError(f"file is {len(prefix)} bytes, shorter than a header prefix")
+    (length,) = struct.unpack_from("<Q", prefix)
+    if not 2 <= length <= MAX_HEADER_BYTES:
+        raise CorruptEntryError(f"header length {length} is not plausible")
+    return int(length)
+
+
+def decode_header(data: bytes) -> EntryHeader:
+    """Parse the prefix and header at the start of ``data`` (which may run on into the payload)."""
+    length = header_length(data)
+    if len(data) < PREFIX_BYTES + length:
+        raise CorruptEntryError("file ends inside its header")
+    try:
+        header = json.loads(data[PREFIX_BYTES : PREFIX_BYTES + length])
+        meta = header["__metadata__"]
+        if meta.get("format") != FORMAT_TAG:
+            raise CorruptEntryError(f"not an lmtier entry (format {meta.get('format')!r})")
+        if meta.get("version") != str(FORMAT_VERSION):
+            raise CorruptEntryError(
+                f"format version {meta.get('version')!r}, this lmtier reads {FORMAT_VERSION}"
+            )
+        info = header[TENSOR_NAME]
+        key_text = meta["key"]
+        key: KeyLike = (
+            CacheEngineKey.from_string(key_text) if meta["key_type"] == "engine" else key_text
+        )
+        dtype = _FROM_SAFETENSORS[info["dtype"]]
+        shape = tuple(int(d) for d in info["shape"])
+        start, end = (int(x) for x in info["data_offsets"])
+        checksum = str(meta["checksum"])
+    except CorruptEntryError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptEntryError(f"unreadable header: {exc!r}") from exc
+    nbytes = end - start
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if start != 0 or nbytes != numel * dtype.itemsize or nbytes <= 0:
+        raise CorruptEntryError(f"header offsets {start}..{end} do not match {dtype}{list(shape)}")
+    return EntryHeader(key, dtype, shape, nbytes, checksum, PREFIX_BYTES + length)

@@ -1,0 +1,373 @@
+"""TieredStore: the cascade of tiers, with demotion, promotion and per-entry moves."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from lmtier import serde
+from lmtier.config import StoreConfig, load_config
+from lmtier.errors import CorruptEntryError, InvalidValueError, StoreClosedError
+from lmtier.evictor import PutStatus
+from lmtier.keys import KeyLike, check_key
+from lmtier.tiers.base import Tier
+from lmtier.tiers.factory import build_tiers
+
+__all__ = ["TieredStore"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# A get whose entry moved or was replaced while it read looks again, at most this often.
+_MAX_LOOKUPS = 4
+
+
+class _Outcome(enum.Enum):
+    PLACED = enum.auto()
+    REFUSED = enum.auto()  # no candidate tier took it
+    STALE = enum.auto()  # the moved entry was deleted or replaced meanwhile
+
+
+class TieredStore:
+    """KV-cache chunks under keys, kept across an ordered list of tiers.
+
+    A put lands in the first tier whose evictor makes room; the victims move down one tier at a
+    time and the last tier's are dropped (and counted, and passed to ``on_drop``).  A get
+    searches top-down and moves a lower hit to the top when ``promote_on_hit``.  Tiers are
+    exclusive: a key lives in one tier, and a moving entry stays readable in its source until
+    the destination commits it.
+    """
+
+    def __init__(
+        self, config: StoreConfig, *, on_drop: Callable[[KeyLike], None] | None = None
+    ) -> None:
+        self.config = config
+        self.tiers: list[Tier] = build_tiers(config)
+        self._on_drop = on_drop
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._active = 0
+        self._idle: asyncio.Event | None = None
+        self._opened: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    def from_config_file(
+        cls, path: str | os.PathLike[str] | None = None, **kwargs: Any
+    ) -> TieredStore:
+        """A store from a YAML file (``path``, else ``$LMTIER_CONFIG``), with LMTIER_* overrides."""
+        return cls(load_config(path), **kwargs)
+
+    async def __aenter__(self) -> TieredStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Prepare every tier's storage; the first operation does it if nobody did."""
+        if self._closed:
+            raise StoreClosedError("the store is closed")
+        if self._opened is None:
+            self._opened = asyncio.ensure_future(self._open_tiers())
+        await asyncio.shield(self._opened)
+
+    async def _open_tiers(self) -> None:
+        for tier in self.tiers:
+            await tier.open()
+
+    async def close(self) -> None:
+        """Finish in-flight work, then release the tiers; later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        while self._active or self._tasks:
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            if self._active:
+                await self._idle_event().wait()
+        if self._opened is not None:
+            await asyncio.gather(self._opened, return_exceptions=True)
+            for tier in self.tiers:
+                await tier.close()
+
+    # ------------------------------------------------------------------ public API
+    async def put(self, key: KeyLike, tensor: torch.Tensor) -> PutStatus:
+        """Store ``tensor`` under ``key`` (replacing any entry); ILLEGAL if no tier can hold it."""
+        key = check_key(key)
+        serde.check_storable(tensor)
+        async with _Operation(self):
+            outcome = await self._background(self._place(key, tensor, self.tiers, None))
+        return PutStatus.LEGAL if outcome is _Outcome.PLACED else PutStatus.ILLEGAL
+
+    async def put_many(self, items: Iterable[tuple[KeyLike, torch.Tensor]]) -> list[PutStatus]:
+        """``put`` for each item, concurrently; a key given twice takes its last tensor."""
+        items = [(check_key(key), serde.check_storable(tensor)) for key, tensor in items]
+        last = {key: tensor for key, tensor in items}
+        done = await asyncio.gather(*(self.put(key, tensor) for key, tensor in last.items()))
+        statuses = dict(zip(last, done, strict=True))
+        return [statuses[key] for key, _ in items]
+
+    async def get(
+        self, key: KeyLike, device: str | torch.device | None = None
+    ) -> torch.Tensor | None:
+        """A copy of the entry under ``key`` on ``device`` (default: its tier's), or None."""
+        key = check_key(key)
+        target = _as_device(device)
+        async with _Operation(self):
+            for _ in range(_MAX_LOOKUPS):
+                found = self._find(key)
+                if found is None:
+                    return None
+                index, tier, obj = found
+                tier.pin(key)
+                try:
+                    try:
+                        data = await tier.load(obj)
+                    except CorruptEntryError as exc:
+                        self._drop_corrupt(tier, key, obj, exc)
+                        continue
+                    if data is None:  # moved or replaced while we read: look again
+                        continue
+                    tier.touch(key)
+                    if index and self.config.promote_on_hit and not tier.is_leaving(key):
+                        await self._background(self._promote(index, key, obj, data))
+                    return await _deliver(data, target or tier.home_device, tier.loads_are_private)
+                finally:
+                    tier.unpin(key)
+            return None
+
+    async def get_many(
+        self, keys: Sequence[KeyLike], device: str | torch.device | None = None
+    ) -> list[torch.Tensor | None]:
+        return list(await asyncio.gather(*(self.get(key, device) for key in keys)))
+
+    async def contains(self, key: KeyLike) -> str | None:
+        """The name of the tier holding ``key``, or None."""
+        key = check_key(key)
+        self._check_open()
+        for tier in self.tiers:
+            if tier.lookup(key) is not None:
+                return tier.name
+        return None
+
+    async def delete(self, key: KeyLike) -> bool:
+        """Remove ``key`` from every tier; whether it was there."""
+        key = check_key(key)
+        async with _Operation(self):
+            removed = self._remove_everywhere(key)
+            for tier, obj in removed:
+                await tier.discard(obj)
+        return bool(removed)
+
+    def stats(self) -> dict[str, Any]:
+        """Per-tier counters and totals as one plain dict."""
+        tiers = {tier.name: tier.stats() for tier in self.tiers}
+        return {
+            "tiers": tiers,
+            "entries": sum(t["entries"] for t in tiers.values()),
+            "resident_bytes": sum(t["resident_bytes"] for t in tiers.values()),
+            "drops": self.tiers[-1].counters.drops,
+            "corrupt": sum(t["corrupt"] for t in tiers.values()),
+        }
+
+    def audit(self) -> list[str]:
+        """Broken invariants as messages: accounting, budgets, and a key in two tiers."""
+        quiescent = not self._active and not self._tasks
+        problems = [p for tier in self.tiers for p in tier.audit(quiescent)]
+        seen: dict[KeyLike, str] = {}
+        for tier in self.tiers:
+            for key in tier.cache_dict:
+                if key in seen:
+                    problems.append(f"{key!r} is in both {seen[key]} and {tier.name}")
+                seen[key] = tier.name
+        return problems
+
+    # ------------------------------------------------------------------ moving entries
+    async def _place(
+        self,
+        key: KeyLike,
+        data: torch.Tensor,
+        candidates: Sequence[Tier],
+        source: tuple[Tier, Any] | None,
+        arrival: str = "puts",
+    ) -> _Outcome:
+        """Write ``data`` into the first candidate that takes it and commit it there.
+
+        With a ``source`` this is a move: it commits only if the source still holds that
+        object, and removes it in the same step.  Without one it is a put, replacing ``key``
+        wherever it is.
+        """
+        size = data.numel() * data.element_size()
+        for tier in candidates:
+            victims = tier.admit(key, size)
+            if victims is None:
+                continue
+            if victims:
+                await self._demote(tier, victims)
+            try:
+                await tier.reserve(size, self.config.room_timeout_s)
+            except TimeoutError:
+                tier.cancel(key, size)
+                tier.counters.room_timeouts += 1
+                continue
+            try:
+                obj = await tier.write(key, data)
+            except Exception as exc:
+                tier.unreserve(key, size)
+                tier.counters.errors += 1
+                log.warning("tier %r could not write %r: %s", tier.name, key, exc)
+                continue
+            if source is None:
+                replaced = self._remove_everywhere(key)
+                tier.commit(key, obj, size)
+            else:
+                src_tier, src_obj = source
+                if src_tier.lookup(key) is not src_obj:
+                    tier.unreserve(key, size)
+                    await tier.discard(obj)
+                    return _Outcome.STALE
+                src_tier.remove(key)
+                tier.commit(key, obj, size)
+                replaced = [(src_tier, src_obj)]
+            tier.counters.count(arrival)
+            for old_tier, old_obj in replaced:
+                await old_tier.discard(old_obj)
+            return _Outcome.PLACED
+        return _Outcome.REFUSED
+
+    async def _demote(self, tier: Tier, victims: list[tuple[KeyLike, Any]]) -> None:
+        below = self.tiers[self.tiers.index(tier) + 1 :]
+        await asyncio.gather(*(self._demote_one(tier, below, key, obj) for key, obj in victims))
+
+    async def _demote_one(self, tier: Tier, below: list[Tier], key: KeyLike, obj: Any) -> None:
+        outcome = _Outcome.REFUSED
+        if below:
+            try:
+                data = await tier.load(obj)
+            except CorruptEntryError as exc:
+                self._drop_corrupt(tier, key, obj, exc)
+                return
+            except OSError as exc:
+                tier.counters.errors += 1
+                log.warning("tier %r could not read victim %r: %s", tier.name, key, exc)
+                data = None
+            if data is not None:
+                outcome = await self._place(key, data, below, (tier, obj), "demotions_in")
+        if outcome is _Outcome.PLACED:
+            tier.counters.demotions_out += 1
+        elif outcome is _Outcome.REFUSED and tier.lookup(key) is obj:
+            tier.remove(key)
+            tier.counters.drops += 1
+            await tier.discard(obj)
+            self._notify_drop(key)
+
+    async def _promote(self, index: int, key: KeyLike, obj: Any, data: torch.Tensor) -> None:
+        tier = self.tiers[index]
+        outcome = await self._place(key, data, self.tiers[:index], (tier, obj), "promotions_in")
+        if outcome is _Outcome.PLACED:
+            tier.counters.promotions_out += 1
+
+    # ------------------------------------------------------------------ helpers
+    def _find(self, key: KeyLike) -> tuple[int, Tier, Any] | None:
+        for index, tier in enumerate(self.tiers):
+            obj = tier.lookup(key)
+            if obj is not None:
+                return index, tier, obj
+            tier.counters.misses += 1
+        return None
+
+    def _remove_everywhere(self, key: KeyLike) -> list[tuple[Tier, Any]]:
+        removed = []
+        for tier in self.tiers:
+            obj = tier.remove(key)
+            if obj is not None:
+                removed.append((tier, obj))
+        return removed
+
+    def _drop_corrupt(self, tier: Tier, key: KeyLike, obj: Any, exc: Exception) -> None:
+        log.warning("tier %r dropped corrupt entry %r: %s", tier.name, key, exc)
+        if tier.lookup(key) is obj:
+            tier.remove(key)
+            tier.counters.corrupt += 1
+            self._background_nowait(tier.discard(obj))
+
+    def _notify_drop(self, key: KeyLike) -> None:
+        if self._on_drop is not None:
+            try:
+                self._on_drop(key)
+            except Exception:
+                log.exception("on_drop callback failed for %r", key)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("the store is closed")
+
+    async def _background(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` to completion even if the caller is cancelled: moves never stop halfway."""
+        return await asyncio.shield(self._background_nowait(work))
+
+    def _background_nowait(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _idle_event(self) -> asyncio.Event:
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        return self._idle
+
+
+class _Operation:
+    """Counts a public call in flight so that ``close`` can wait for it."""
+
+    def __init__(self, store: TieredStore) -> None:
+        self.store = store
+
+    async def __aenter__(self) -> None:
+        store = self.store
+        store._check_open()
+        if store._opened is None or not store._opened.done():
+            await store.open()
+        store._active += 1
+        store._idle_event().clear()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        store = self.store
+        store._active -= 1
+        if not store._active:
+            store._idle_event().set()
+
+
+async def _deliver(data: torch.Tensor, device: torch.device, private: bool) -> torch.Tensor:
+    """``data`` on ``device`` as a tensor the caller owns."""
+    if private and data.device == device:
+        return data
+    if data.device.type == "cpu" and device.type == "cpu":
+        if data.numel() * data.element_size() < (1 << 20):
+            return data.clone()
+        return await asyncio.to_thread(data.clone)
+    return await asyncio.to_thread(_copy_across, data, device)
+
+
+def _copy_across(data: torch.Tensor, device: torch.device) -> torch.Tensor:
+    out = data.to(device, copy=True)
+    if out.device.type == "cuda" or data.device.type == "cuda":
+        torch.cuda.synchronize(out.device if out.device.type == "cuda" else data.device)
+    return out
+
+
+def _as_device(device: str | torch.device | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidValueError(f"not a device: {device!r}") from exc

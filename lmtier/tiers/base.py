@@ -1,0 +1,222 @@
+"""The Tier base class: a tier's entries, evictor, byte accounting and pins."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from lmtier.evictor import BaseEvictor, PutStatus
+from lmtier.keys import KeyLike
+from lmtier.metrics import TierCounters
+
+__all__ = ["Tier"]
+
+
+class Tier(abc.ABC):
+    """One level of the cascade: entries under keys, an evictor, and a byte budget.
+
+    ``cache_dict`` maps each committed key to the object the tier stores for it (a tensor in
+    memory, a ``DiskCacheMetadata`` on disk); the evictor orders it and sizes its objects.
+    A tier knows no other tier: the store moves data between tiers through these steps, each
+    bookkeeping step synchronous so that no other task sees it half done::
+
+        victims = admit(key, size)       # evictor picks victims; they stay readable, "leaving"
+        await reserve(size, timeout)     # wait until the leaving bytes are gone
+        obj = await write(key, tensor)   # the backend copies or writes; not yet visible
+        commit(key, obj, size)           # visible; or unreserve(key, size) if abandoned
+        old = remove(key); await discard(old)
+
+    Accounting, true at every await point:
+
+    * ``committed`` = sum of ``get_size`` over ``cache_dict`` (leaving entries included);
+    * ``evictor.charged_bytes`` = ``committed`` - leaving + ``pending`` (admitted puts);
+    * ``committed + reserved <= budget``: bytes the tier holds or is writing never exceed it.
+
+    Backends implement ``_write``, ``load``, ``discard`` and may override ``open``/``close``.
+    """
+
+    #: Whether ``load`` returns a tensor nobody else holds (the caller may keep it as is).
+    loads_are_private: bool = False
+
+    def __init__(self, name: str, evictor: BaseEvictor) -> None:
+        if evictor.capacity_bytes is None:
+            raise ValueError(f"tier {name!r} needs an evictor with a byte budget")
+        self.name = name
+        self.evictor = evictor
+        self.budget: int = evictor.capacity_bytes
+        self.cache_dict: OrderedDict[KeyLike, Any] = OrderedDict()
+        self.counters = TierCounters()
+        self._committed = 0
+        self._reserved = 0
+        self._pending = 0
+        self._leaving: set[KeyLike] = set()
+        self._leaving_bytes = 0
+        self._room_waiters: list[asyncio.Future[None]] = []
+
+    # ------------------------------------------------------------------ backend primitives
+    @property
+    @abc.abstractmethod
+    def home_device(self) -> torch.device:
+        """Where tensors loaded from this tier live."""
+
+    @abc.abstractmethod
+    async def _write(self, key: KeyLike, tensor: torch.Tensor) -> Any:
+        """Store a copy of ``tensor`` the tier owns and return the object for ``cache_dict``.
+
+        Must leave nothing behind if it raises; the entry is not visible until ``commit``.
+        """
+
+    @abc.abstractmethod
+    async def load(self, obj: Any) -> torch.Tensor | None:
+        """The tensor behind a stored object, ``None`` if it vanished.
+
+        Raises ``CorruptEntryError`` when its bytes fail a check. Unless
+        ``loads_are_private``, the result is the tier's own tensor: copy before handing it out.
+        """
+
+    @abc.abstractmethod
+    async def discard(self, obj: Any) -> None:
+        """Release the storage behind an object that ``remove`` took out of the tier."""
+
+    async def open(self) -> None:
+        """Prepare the backing storage; called once before the first operation."""
+
+    async def close(self) -> None:
+        """Release resources; committed entries of a persistent tier stay where they are."""
+
+    # ------------------------------------------------------------------ the write path
+    def admit(self, key: KeyLike, size: int) -> list[tuple[KeyLike, Any]] | None:
+        """Ask the evictor for room; ``None`` if refused, else the victims, now leaving."""
+        victims, status = self.evictor.update_on_put(self.cache_dict, size)
+        if status is not PutStatus.LEGAL:
+            return None
+        self._pending += size
+        chosen = []
+        for victim in victims:
+            obj = self.cache_dict[victim]
+            self._leaving.add(victim)
+            self._leaving_bytes += self.evictor.get_size(obj)
+            self.evictor.pin(victim)  # so no later put picks it again while it moves
+            chosen.append((victim, obj))
+        self.counters.evictions += len(chosen)
+        return chosen
+
+    async def reserve(self, size: int, timeout: float) -> None:
+        """Wait until ``size`` more bytes fit beside what the tier holds and writes, then hold them.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds; the caller then calls ``cancel``.
+        """
+        if not self._fits(size):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while not self._fits(size):
+                waiter = loop.create_future()
+                self._room_waiters.append(waiter)
+                await asyncio.wait_for(waiter, deadline - loop.time())
+        self._reserved += size
+
+    def cancel(self, key: KeyLike, size: int) -> None:
+        """Undo an ``admit`` that never reserved."""
+        self._pending -= size
+        self.evictor.update_on_remove(key, size)
+
+    def unreserve(self, key: KeyLike, size: int) -> None:
+        """Undo an ``admit`` + ``reserve`` whose write failed or was abandoned."""
+        self._reserved -= size
+        self.cancel(key, size)
+        self._notify()
+
+    async def write(self, key: KeyLike, tensor: torch.Tensor) -> Any:
+        return await self._write(key, tensor)
+
+    def commit(self, key: KeyLike, obj: Any, size: int) -> None:
+        """Make a written entry visible; the key must not be present."""
+        if key in self.cache_dict:
+            raise RuntimeError(f"{key!r} committed twice to tier {self.name!r}")
+        self._pending -= size
+        self._reserved -= size
+        self._committed += size
+        self.cache_dict[key] = obj
+
+    # ------------------------------------------------------------------ reads and removal
+    def lookup(self, key: KeyLike) -> Any:
+        return self.cache_dict.get(key)
+
+    def touch(self, key: KeyLike) -> None:
+        """Record a hit on ``key``."""
+        self.counters.hits += 1
+        self.evictor.update_on_get(key, self.cache_dict)
+
+    def pin(self, key: KeyLike) -> None:
+        self.evictor.pin(key)
+
+    def unpin(self, key: KeyLike) -> None:
+        self.evictor.unpin(key)
+
+    def is_leaving(self, key: KeyLike) -> bool:
+        return key in self._leaving
+
+    def remove(self, key: KeyLike) -> Any:
+        """Take ``key`` out of the tier (as victim gone, deleted, replaced or moved); its object."""
+        obj = self.cache_dict.pop(key, None)
+        if obj is None:
+            return None
+        size = self.evictor.get_size(obj)
+        self._committed -= size
+        if key in self._leaving:  # a victim: its evictor discharged it when it chose it
+            self._leaving.discard(key)
+            self._leaving_bytes -= size
+            self.evictor.unpin(key)
+        else:
+            self.evictor.update_on_remove(key, size)
+        self._notify()
+        return obj
+
+    # ------------------------------------------------------------------ observation
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes held or being written: committed entries plus reservations."""
+        return self._committed + self._reserved
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "entries": len(self.cache_dict),
+            "resident_bytes": self.resident_bytes,
+            "budget_bytes": self.budget,
+            **self.counters.as_dict(),
+        }
+
+    def audit(self, quiescent: bool = False) -> list[str]:
+        """Broken accounting invariants, as messages (empty when all hold)."""
+        problems = []
+        counted = sum(self.evictor.get_size(obj) for obj in self.cache_dict.values())
+        if counted != self._committed:
+            problems.append(f"{self.name}: committed {self._committed} != sum of sizes {counted}")
+        expected_charge = self._committed - self._leaving_bytes + self._pending
+        if self.evictor.charged_bytes != expected_charge:
+            problems.append(
+                f"{self.name}: evictor charged {self.evictor.charged_bytes} != {expected_charge}"
+            )
+        if self.resident_bytes > self.budget:
+            problems.append(f"{self.name}: resident {self.resident_bytes} > budget {self.budget}")
+        if quiescent and (self._pending or self._reserved or self._leaving):
+            problems.append(
+                f"{self.name}: idle yet pending={self._pending} reserved={self._reserved} "
+                f"leaving={len(self._leaving)}"
+            )
+        return problems
+
+    # ------------------------------------------------------------------ internals
+    def _fits(self, size: int) -> bool:
+        return self._committed + self._reserved + size <= self.budget
+
+    def _notify(self) -> None:
+        """Wake every task waiting in ``reserve``; each re-checks its own condition."""
+        waiters, self._room_waiters = self._room_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)

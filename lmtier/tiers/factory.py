@@ -1,0 +1,49 @@
+"""Tiers built from their config, with the device checks a config file cannot make."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lmtier.config import StoreConfig, TierConfig
+from lmtier.errors import ConfigError, DeviceUnavailableError
+from lmtier.evictor import make_evictor
+from lmtier.tiers.base import Tier
+from lmtier.tiers.disk import DiskTier
+from lmtier.tiers.memory import MemoryTier
+
+__all__ = ["build_tier", "build_tiers"]
+
+log = logging.getLogger(__name__)
+
+
+def build_tiers(config: StoreConfig) -> list[Tier]:
+    """The configured tiers in cascade order, less the CUDA tiers this machine cannot hold."""
+    tiers = [tier for spec in config.tiers if (tier := build_tier(spec)) is not None]
+    if not tiers:
+        raise ConfigError("no tier is usable on this machine")
+    return tiers
+
+
+def build_tier(spec: TierConfig) -> Tier | None:
+    """One tier, or ``None`` for a CUDA tier on a machine without CUDA that is not required."""
+    evictor = make_evictor(spec.evictor, spec.max_size_bytes)
+    if spec.kind == "disk":
+        assert spec.path is not None
+        return DiskTier(spec.name, evictor, spec.path, spec.durability)
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            if spec.required:
+                raise DeviceUnavailableError(
+                    f"tier {spec.name!r} requires {spec.device} but CUDA is not available"
+                )
+            log.info("tier %r skipped: CUDA is not available on this machine", spec.name)
+            return None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(
+                f"tier {spec.name!r}: {spec.device} does not exist "
+                f"({torch.cuda.device_count()} CUDA device(s))"
+            )
+    return MemoryTier(spec.name, evictor, device, pinned=spec.pinned)

@@ -1,0 +1,139 @@
+"""The tier contract against every backend, and what only the disk tier promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tensor_for
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tier_contract import TierContract, lru, store_in
+
+from lmtier.errors import CorruptEntryError, StorageError
+from lmtier.keys import CacheEngineKey
+from lmtier.tiers import DiskTier, MemoryTier, Tier
+
+
+class TestCpuMemoryTier(TierContract):
+    async def make_tier(self, budget: int) -> Tier:
+        return MemoryTier("cpu", lru(budget), torch.device("cpu"))
+
+
+@pytest.mark.cuda
+class TestCudaMemoryTier(TierContract):
+    async def make_tier(self, budget: int) -> Tier:
+        return MemoryTier("gpu", lru(budget), torch.device("cuda"))
+
+
+class TestDiskTier(TierContract):
+    @pytest.fixture(autouse=True)
+    def _root(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "disk"
+
+    async def make_tier(self, budget: int) -> Tier:
+        tier = DiskTier("disk", lru(budget), self.root)
+        await tier.open()
+        return tier
+
+
+async def open_disk(root: Path, budget: int = 1 << 20, durability: str = "none") -> DiskTier:
+    tier = DiskTier("disk", lru(budget), root, durability)
+    await tier.open()
+    return tier
+
+
+@pytest.mark.parametrize("durability", ["none", "fsync"])
+async def test_disk_files_are_safetensors_with_lmtier_metadata(
+    tmp_path: Path, durability: str
+) -> None:
+    tier = await open_disk(tmp_path, durability=durability)
+    key = CacheEngineKey("vllm", "llama", 2, 1, "c0ffee")
+    tensor = torch.randn(4, 16).to(torch.bfloat16)
+    await store_in(tier, key, tensor)
+    meta = tier.lookup(key)
+    assert torch.equal(load_file(meta.path)["kv"], tensor)
+    with safe_open(meta.path, "pt") as f:
+        header = f.metadata()
+    assert header["key"] == key.to_string() and header["format"] == "lmtier"
+    assert meta.size == tensor.numel() * 2 == tier.evictor.get_size(meta)
+    assert not [p for p in tmp_path.rglob(".tmp-*")], "a temporary file was left behind"
+
+
+@pytest.mark.parametrize(
+    "key", ["../../escape", "/etc/passwd", "a\x00b", "ключ/🔑", "x" * 5000, ".tmp-lookalike"]
+)
+async def test_hostile_keys_never_leave_the_folder(tmp_path: Path, key: str) -> None:
+    root = tmp_path / "root"
+    tier = await open_disk(root)
+    await store_in(tier, key, tensor_for("k"))
+    path = Path(tier.lookup(key).path)
+    assert path.resolve().is_relative_to(root.resolve())
+    assert key not in path.name
+    loaded = await tier.load(tier.lookup(key))
+    assert loaded is not None and torch.equal(loaded, tensor_for("k"))
+    assert [p.name for p in tmp_path.iterdir()] == ["root"]
+
+
+def _flip_last_byte(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+
+
+def _truncate(path: str) -> None:
+    os.truncate(path, os.path.getsize(path) - 3)
+
+
+def _other_version(path: str) -> None:
+    data = Path(path).read_bytes()
+    (length,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"]["version"] = "999"
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
+
+
+@pytest.mark.parametrize("damage", [_flip_last_byte, _truncate, _other_version])
+async def test_damaged_files_are_detected(tmp_path: Path, damage: object) -> None:
+    tier = await open_disk(tmp_path)
+    await store_in(tier, "k", tensor_for("k", numel=10_000))
+    meta = tier.lookup("k")
+    damage(meta.path)  # type: ignore[operator]
+    with pytest.raises(CorruptEntryError):
+        await tier.load(meta)
+
+
+async def test_a_vanished_file_reads_as_none(tmp_path: Path) -> None:
+    tier = await open_disk(tmp_path)
+    await store_in(tier, "k", tensor_for("k"))
+    os.unlink(tier.lookup("k").path)
+    assert await tier.load(tier.lookup("k")) is None
+
+
+async def test_an_unwritable_folder_is_a_storage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StorageError, match="cannot write"):
+        await open_disk(blocker / "sub")
+
+
+async def test_a_failed_write_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = await open_disk(tmp_path)
+
+    def full_disk(fd: int, buffers: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        await tier.write("k", tensor_for("k"))
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
