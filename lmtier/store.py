@@ -128,19 +128,23 @@ class TieredStore:
                 index, tier, obj = found
                 tier.pin(key)
                 try:
-                    try:
-                        data = await tier.load(obj)
-                    except CorruptEntryError as exc:
-                        self._drop_corrupt(tier, key, obj, exc)
-                        continue
+                    data = await tier.load(obj)
                     if data is None:  # moved or replaced while we read: look again
                         continue
-                    tier.touch(key)
-                    if index and self.config.promote_on_hit and not tier.is_leaving(key):
-                        await self._background(self._promote(index, key, obj, data))
-                    return await _deliver(data, target or tier.home_device, tier.loads_are_private)
+                    result = await _deliver(
+                        data, target or tier.home_device, tier.loads_are_private
+                    )
+                except CorruptEntryError as exc:
+                    self._drop_corrupt(tier, key, obj, exc)
+                    continue
                 finally:
                     tier.unpin(key)
+                tier.touch(key)
+                # Unpinned first: a promotion may wait for room that only this entry's eviction
+                # from its own tier would make; the move simply goes stale if that happens.
+                if index and self.config.promote_on_hit and not tier.is_leaving(key):
+                    await self._background(self._promote(index, key, obj, result))
+                return result
             return None
 
     async def get_many(
@@ -173,7 +177,7 @@ class TieredStore:
             "tiers": tiers,
             "entries": sum(t["entries"] for t in tiers.values()),
             "resident_bytes": sum(t["resident_bytes"] for t in tiers.values()),
-            "drops": self.tiers[-1].counters.drops,
+            "drops": sum(t["drops"] for t in tiers.values()),
             "corrupt": sum(t["corrupt"] for t in tiers.values()),
         }
 
@@ -197,22 +201,44 @@ class TieredStore:
         candidates: Sequence[Tier],
         source: tuple[Tier, Any] | None,
         arrival: str = "puts",
+        wait: bool = True,
     ) -> _Outcome:
         """Write ``data`` into the first candidate that takes it and commit it there.
 
         With a ``source`` this is a move: it commits only if the source still holds that
         object, and removes it in the same step.  Without one it is a put, replacing ``key``
-        wherever it is.
+        wherever it is.  When every candidate refuses only because its entries are in use or
+        in flight, it waits (``wait``) for one of them to change, up to the room timeout.
         """
         size = data.numel() * data.element_size()
+        could_fit = [tier for tier in candidates if size <= tier.budget]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.room_timeout_s
+        while True:
+            if source is not None and source[0].lookup(key) is not source[1]:
+                return _Outcome.STALE
+            outcome = await self._place_once(key, data, size, could_fit, source, arrival)
+            remaining = deadline - loop.time()
+            if outcome is not _Outcome.REFUSED or not wait or not could_fit or remaining <= 0:
+                return outcome
+            changes = [tier.changed() for tier in could_fit]
+            await asyncio.wait(changes, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _place_once(
+        self,
+        key: KeyLike,
+        data: torch.Tensor,
+        size: int,
+        candidates: Sequence[Tier],
+        source: tuple[Tier, Any] | None,
+        arrival: str,
+    ) -> _Outcome:
         for tier in candidates:
             victims = tier.admit(key, size)
             if victims is None:
                 continue
-            if victims:
-                await self._demote(tier, victims)
             try:
-                await tier.reserve(size, self.config.room_timeout_s)
+                await self._make_room(tier, victims, size)
             except TimeoutError:
                 tier.cancel(key, size)
                 tier.counters.room_timeouts += 1
@@ -242,6 +268,22 @@ class TieredStore:
             return _Outcome.PLACED
         return _Outcome.REFUSED
 
+    async def _make_room(self, tier: Tier, victims: list[tuple[KeyLike, Any]], size: int) -> None:
+        """Move the victims down, then reserve ``size`` bytes in ``tier``, within the room timeout.
+
+        The victims' moves run on as their own task if the timeout passes first, so an entry
+        is never left half moved.
+        """
+        timeout = self.config.room_timeout_s
+        if victims:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            await asyncio.wait(
+                {self._background_nowait(self._demote(tier, victims))}, timeout=timeout
+            )
+            timeout = max(0.0, deadline - loop.time())
+        await tier.reserve(size, timeout)
+
     async def _demote(self, tier: Tier, victims: list[tuple[KeyLike, Any]]) -> None:
         below = self.tiers[self.tiers.index(tier) + 1 :]
         await asyncio.gather(*(self._demote_one(tier, below, key, obj) for key, obj in victims))
@@ -265,12 +307,14 @@ class TieredStore:
         elif outcome is _Outcome.REFUSED and tier.lookup(key) is obj:
             tier.remove(key)
             tier.counters.drops += 1
-            await tier.discard(obj)
             self._notify_drop(key)
+            await tier.discard(obj)
 
     async def _promote(self, index: int, key: KeyLike, obj: Any, data: torch.Tensor) -> None:
         tier = self.tiers[index]
-        outcome = await self._place(key, data, self.tiers[:index], (tier, obj), "promotions_in")
+        outcome = await self._place(
+            key, data, self.tiers[:index], (tier, obj), "promotions_in", wait=False
+        )
         if outcome is _Outcome.PLACED:
             tier.counters.promotions_out += 1
 
@@ -296,6 +340,7 @@ class TieredStore:
         if tier.lookup(key) is obj:
             tier.remove(key)
             tier.counters.corrupt += 1
+            self._notify_drop(key)
             self._background_nowait(tier.discard(obj))
 
     def _notify_drop(self, key: KeyLike) -> None:

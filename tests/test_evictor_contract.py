@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from evictor_contract import lru_victims, run_contract
 
 from lmtier.evictor import DummyEvictor, LRUEvictor, evictor_names, make_evictor
+
+from evictor_contract import lru_victims, run_contract
 
 KNOWN_ORDER = {"lru": lru_victims}
 

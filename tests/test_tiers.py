@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tensor_for
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tier_contract import TierContract, lru, store_in
 
 from lmtier.errors import CorruptEntryError, StorageError
 from lmtier.keys import CacheEngineKey
 from lmtier.tiers import DiskTier, MemoryTier, Tier
+
+from conftest import tensor_for
+from tier_contract import TierContract, lru, store_in
 
 
 class TestCpuMemoryTier(TierContract):

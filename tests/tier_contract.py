@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tensor_for
 
 from lmtier.evictor import LRUEvictor
 from lmtier.tiers.base import Tier
+
+from conftest import tensor_for
 
 
 async def store_in(tier: Tier, key: str, tensor: torch.Tensor) -> list[tuple[Any, Any]]:

@@ -114,21 +114,19 @@ class Tier(abc.ABC):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             while not self._fits(size):
-                waiter = loop.create_future()
-                self._room_waiters.append(waiter)
-                await asyncio.wait_for(waiter, deadline - loop.time())
+                await asyncio.wait_for(self.changed(), deadline - loop.time())
         self._reserved += size
 
     def cancel(self, key: KeyLike, size: int) -> None:
         """Undo an ``admit`` that never reserved."""
         self._pending -= size
         self.evictor.update_on_remove(key, size)
+        self._notify()
 
     def unreserve(self, key: KeyLike, size: int) -> None:
         """Undo an ``admit`` + ``reserve`` whose write failed or was abandoned."""
         self._reserved -= size
         self.cancel(key, size)
-        self._notify()
 
     async def write(self, key: KeyLike, tensor: torch.Tensor) -> Any:
         return await self._write(key, tensor)
@@ -156,6 +154,8 @@ class Tier(abc.ABC):
 
     def unpin(self, key: KeyLike) -> None:
         self.evictor.unpin(key)
+        if not self.evictor.is_pinned(key):
+            self._notify()
 
     def is_leaving(self, key: KeyLike) -> bool:
         return key in self._leaving
@@ -214,8 +214,14 @@ class Tier(abc.ABC):
     def _fits(self, size: int) -> bool:
         return self._committed + self._reserved + size <= self.budget
 
+    def changed(self) -> asyncio.Future[None]:
+        """A future resolved at the tier's next release of bytes, charge or pins."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._room_waiters.append(waiter)
+        return waiter
+
     def _notify(self) -> None:
-        """Wake every task waiting in ``reserve``; each re-checks its own condition."""
+        """Wake every task waiting for a change; each re-checks its own condition."""
         waiters, self._room_waiters = self._room_waiters, []
         for waiter in waiters:
             if not waiter.done():

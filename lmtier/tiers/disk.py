@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -20,6 +21,7 @@ from lmtier.tiers.base import Tier
 
 __all__ = ["DiskTier"]
 
+log = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
 TEMP_PREFIX = ".tmp-"
 # Enough for a header and its key in one read when the index is rebuilt.
@@ -138,7 +140,11 @@ class DiskTier(Tier):
 
     async def discard(self, obj: Any) -> None:
         assert isinstance(obj, DiskCacheMetadata)
-        await asyncio.to_thread(Path(obj.path).unlink, missing_ok=True)
+        try:
+            await asyncio.to_thread(Path(obj.path).unlink, missing_ok=True)
+        except OSError as exc:  # the entry is gone from the index either way
+            self.counters.errors += 1
+            log.warning("disk tier %r could not remove %s: %s", self.name, obj.path, exc)
 
 
 def _complete_header(f: Any, head: bytes) -> bytes:

@@ -1,0 +1,45 @@
+"""Small stores for tests: a CPU memory tier plays the GPU tier so the cascade runs anywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmtier.config import StoreConfig, TierConfig
+from lmtier.keys import KeyLike
+from lmtier.store import TieredStore
+
+KIB = 1024
+
+
+def cascade_config(
+    root: Path,
+    top: int = 4 * KIB,
+    middle: int = 8 * KIB,
+    disk: int = 16 * KIB,
+    promote_on_hit: bool = True,
+    room_timeout_s: float = 30.0,
+) -> StoreConfig:
+    return StoreConfig(
+        tiers=(
+            TierConfig("gpu", "memory", top),
+            TierConfig("cpu", "memory", middle),
+            TierConfig("disk", "disk", disk, path=str(root / "disk")),
+        ),
+        promote_on_hit=promote_on_hit,
+        room_timeout_s=room_timeout_s,
+    )
+
+
+class DropLog:
+    """Records the keys a store drops, in order."""
+
+    def __init__(self) -> None:
+        self.keys: list[KeyLike] = []
+
+    def __call__(self, key: KeyLike) -> None:
+        self.keys.append(key)
+
+
+def make_store(root: Path, **kwargs: object) -> tuple[TieredStore, DropLog]:
+    drops = DropLog()
+    return TieredStore(cascade_config(root, **kwargs), on_drop=drops), drops  # type: ignore[arg-type]
