@@ -1,5 +1,6 @@
 """lmtier: an asyncio tiered KV-cache store (GPU -> pinned CPU -> disk)."""
 
+from lmtier.config import StoreConfig, TierConfig
 from lmtier.errors import (
     ConfigError,
     CorruptEntryError,
@@ -14,6 +15,7 @@ from lmtier.errors import (
 from lmtier.evictor import BaseEvictor, DummyEvictor, LRUEvictor, PutStatus
 from lmtier.keys import CacheEngineKey, KeyLike
 from lmtier.metadata import DiskCacheMetadata
+from lmtier.store import TieredStore
 
 __version__ = "0.1.0"
 
@@ -34,5 +36,8 @@ __all__ = [
     "PutStatus",
     "StorageError",
     "StoreClosedError",
+    "StoreConfig",
+    "TierConfig",
+    "TieredStore",
     "__version__",
 ]

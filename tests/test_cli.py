@@ -1,0 +1,59 @@
+"""The ``lmtier stress`` command: it passes on a sound store and fails on a broken one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lmtier.cli import main
+from lmtier.tiers.memory import MemoryTier
+
+SMALL = ["stress", "--tasks", "8", "--ops", "800", "--keys-per-task", "40", "--no-progress"]
+
+
+def test_stress_on_the_embedded_default_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(SMALL) == 0
+    out = capsys.readouterr().out
+    assert "OK: no wrong or lost entry" in out
+    assert "disk" in out and "verified bit-exact" in out
+
+
+def test_stress_with_a_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "tiers:\n"
+        "  - {name: cpu, kind: memory, device: cpu, max_size_mb: 2}\n"
+        f"  - {{name: disk, kind: disk, path: {tmp_path / 'd'}, max_size_mb: 4}}\n"
+    )
+    assert main([*SMALL, "--config", str(config)]) == 0
+    assert "cpu (2 MiB) -> disk (4 MiB)" in capsys.readouterr().out
+
+
+def test_stress_fails_when_the_store_returns_wrong_bytes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    original = MemoryTier.load
+
+    async def flipped(self: MemoryTier, obj: Any) -> torch.Tensor:
+        tensor = (await original(self, obj)).clone()
+        tensor.view(torch.int16)[0, 0, 0] ^= 1
+        return tensor
+
+    monkeypatch.setattr(MemoryTier, "load", flipped)
+    assert main(SMALL) == 1
+    assert "wrong bytes" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit, match="--tasks must be > 0"):
+        main(["stress", "--tasks", "0"])
+
+
+def test_a_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("tiers: [{name: x, kind: tape, max_size_gb: 1}]\n")
+    assert main(["stress", "--config", str(config)]) == 2
+    assert "kind" in capsys.readouterr().err
