@@ -18,6 +18,7 @@ from lmtier.evictor import PutStatus
 from lmtier.keys import KeyLike, check_key
 from lmtier.tiers.base import Tier
 from lmtier.tiers.factory import build_tiers
+from lmtier.tiers.memory import INLINE_COPY_BYTES
 
 __all__ = ["TieredStore"]
 
@@ -115,11 +116,21 @@ class TieredStore:
         return [statuses[key] for key, _ in items]
 
     async def get(
-        self, key: KeyLike, device: str | torch.device | None = None
+        self,
+        key: KeyLike,
+        device: str | torch.device | None = None,
+        *,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """A copy of the entry under ``key`` on ``device`` (default: its tier's), or None."""
+        """A copy of the entry under ``key`` on ``device`` (default: its tier's), or None.
+
+        With ``out`` (a tensor of the entry's shape and dtype, e.g. a preallocated engine
+        buffer) the entry is copied into it and ``out`` is returned; ``device`` is ignored.
+        """
         key = check_key(key)
         target = _as_device(device)
+        if out is not None:
+            serde.check_storable(out)
         async with _Operation(self):
             for _ in range(_MAX_LOOKUPS):
                 found = self._find(key)
@@ -131,9 +142,12 @@ class TieredStore:
                     data = await tier.load(obj)
                     if data is None:  # moved or replaced while we read: look again
                         continue
-                    result = await _deliver(
-                        data, target or tier.home_device, tier.loads_are_private
-                    )
+                    if out is not None:
+                        result = await _copy_into(out, data)
+                    else:
+                        result = await _deliver(
+                            data, target or tier.home_device, tier.loads_are_private
+                        )
                 except CorruptEntryError as exc:
                     self._drop_corrupt(tier, key, obj, exc)
                     continue
@@ -396,14 +410,33 @@ async def _deliver(data: torch.Tensor, device: torch.device, private: bool) -> t
     if private and data.device == device:
         return data
     if data.device.type == "cpu" and device.type == "cpu":
-        if data.numel() * data.element_size() < (1 << 20):
+        if data.numel() * data.element_size() < INLINE_COPY_BYTES:
             return data.clone()
-        return await asyncio.to_thread(data.clone)
+        # Allocated here, filled there: the event loop's thread reuses freed memory that a
+        # worker thread's allocator would hand out fresh (and page-fault on), ~2.5x slower.
+        out = torch.empty_like(data, memory_format=torch.contiguous_format)
+        await asyncio.to_thread(out.copy_, data)
+        return out
     return await asyncio.to_thread(_copy_across, data, device)
 
 
-def _copy_across(data: torch.Tensor, device: torch.device) -> torch.Tensor:
-    out = data.to(device, copy=True)
+async def _copy_into(out: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    if out.shape != data.shape or out.dtype != data.dtype:
+        raise InvalidValueError(
+            f"out is {out.dtype}{list(out.shape)} but the entry is {data.dtype}{list(data.shape)}"
+        )
+    small = data.numel() * data.element_size() < INLINE_COPY_BYTES
+    if small and out.device.type == "cpu" and data.device.type == "cpu":
+        return out.copy_(data)
+    await asyncio.to_thread(_copy_across, data, out.device, out)
+    return out
+
+
+def _copy_across(
+    data: torch.Tensor, device: torch.device, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A blocking copy of ``data`` to ``device`` (into ``out`` if given), for a worker thread."""
+    out = data.to(device, copy=True) if out is None else out.copy_(data)
     if out.device.type == "cuda" or data.device.type == "cuda":
         torch.cuda.synchronize(out.device if out.device.type == "cuda" else data.device)
     return out

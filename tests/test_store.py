@@ -241,3 +241,19 @@ async def test_stats_has_every_counter_per_tier(tmp_path: Path) -> None:
     assert list(tiers) == ["gpu", "cpu", "disk"]
     assert all(set(t) == expected for t in tiers.values())
     assert cascade_config(tmp_path).tiers[0].max_size_bytes == tiers["gpu"]["budget_bytes"]
+
+
+async def test_get_into_a_preallocated_buffer(tmp_path: Path) -> None:
+    store, _ = make_store(tmp_path)
+    async with store:
+        await store.put("a", tensor_for("a"))
+        for _ in range(6):  # a on disk too
+            await store.put(f"x{_}", tensor_for("x"))
+        for key in ("a", "x5"):
+            out = torch.empty(256, dtype=torch.int32)
+            got = await store.get(key, out=out)
+            assert got is out and torch.equal(out, tensor_for(key if key == "a" else "x"))
+        with pytest.raises(InvalidValueError, match="out is"):
+            await store.get("a", out=torch.empty(3, dtype=torch.int32))
+        assert store.audit() == []
+        assert await store.get("a") is not None
