@@ -34,7 +34,7 @@ CONFIG_ENV = "LMTIER_CONFIG"
 _KINDS = ("disk", "memory")
 _DURABILITIES = ("fsync", "none")
 _SIZE_UNITS = {"max_size_gb": GB, "max_size_mb": MB}
-_TOP_KEYS = ("promote_on_hit", "room_timeout_s", "tiers")
+_TOP_KEYS = ("namespace", "promote_on_hit", "room_timeout_s", "tiers")
 _TIER_KEYS = (
     "device",
     "durability",
@@ -49,7 +49,7 @@ _TIER_KEYS = (
 )
 _KIND_ONLY = {"memory": ("device", "pinned"), "disk": ("durability", "path")}
 # Env values for these stay verbatim: YAML would read a path such as "~" or "null" as None.
-_STR_FIELDS = frozenset({"device", "durability", "evictor", "kind", "name", "path"})
+_STR_FIELDS = frozenset({"device", "durability", "evictor", "kind", "name", "namespace", "path"})
 _REQUIRED = object()
 
 
@@ -79,6 +79,9 @@ class StoreConfig:
     tiers: tuple[TierConfig, ...]
     promote_on_hit: bool = True
     room_timeout_s: float = 30.0  # how long a put waits for in-flight demotions to free room
+    # What makes cached KV incompatible beyond the key (dtype, KV layout, weights revision):
+    # persistent tiers keep each namespace apart, so one never reads another's entries.
+    namespace: str = ""
 
 
 def _type_error(where: str, key: str, expected: str, value: object) -> ConfigError:
@@ -225,6 +228,7 @@ def parse_config(data: object, source: str = "<config>") -> StoreConfig:
         tiers=tiers,
         promote_on_hit=_bool(data, "promote_on_hit", source, True),
         room_timeout_s=float(room_timeout_s),
+        namespace=_str(data, "namespace", source, ""),
     )
 
 

@@ -64,6 +64,12 @@ class EntryHeader:
     nbytes: int
     checksum: str
     payload_offset: int
+    namespace: str = ""
+
+    @property
+    def file_size(self) -> int:
+        """The size of a complete file with this header."""
+        return self.payload_offset + self.nbytes
 
 
 def check_storable(value: object) -> torch.Tensor:
@@ -95,7 +101,12 @@ def payload_checksum(payload: memoryview | bytes) -> str:
 
 
 def encode_header(
-    key: KeyLike, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int, checksum: str
+    key: KeyLike,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    nbytes: int,
+    checksum: str,
+    namespace: str = "",
 ) -> bytes:
     """The length prefix and JSON header that precede a payload of ``nbytes`` bytes."""
     is_engine_key = isinstance(key, CacheEngineKey)
@@ -103,6 +114,7 @@ def encode_header(
         "__metadata__": {
             "format": FORMAT_TAG,
             "version": str(FORMAT_VERSION),
+            "namespace": namespace,
             "key_type": "engine" if is_engine_key else "str",
             "key": key.to_string() if isinstance(key, CacheEngineKey) else key,
             "checksum": checksum,
@@ -151,6 +163,7 @@ def decode_header(data: bytes) -> EntryHeader:
         shape = tuple(int(d) for d in info["shape"])
         start, end = (int(x) for x in info["data_offsets"])
         checksum = str(meta["checksum"])
+        namespace = str(meta.get("namespace", ""))
     except CorruptEntryError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -161,4 +174,4 @@ def decode_header(data: bytes) -> EntryHeader:
         numel *= dim
     if start != 0 or nbytes != numel * dtype.itemsize or nbytes <= 0:
         raise CorruptEntryError(f"header offsets {start}..{end} do not match {dtype}{list(shape)}")
-    return EntryHeader(key, dtype, shape, nbytes, checksum, PREFIX_BYTES + length)
+    return EntryHeader(key, dtype, shape, nbytes, checksum, PREFIX_BYTES + length, namespace)

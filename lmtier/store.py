@@ -140,7 +140,8 @@ class TieredStore:
                 tier.pin(key)
                 try:
                     data = await tier.load(obj)
-                    if data is None:  # moved or replaced while we read: look again
+                    if data is None:  # moved or replaced while we read, or lost: look again
+                        self._drop_bad(tier, key, obj, "its storage vanished", "errors")
                         continue
                     if out is not None:
                         result = await _copy_into(out, data)
@@ -149,7 +150,10 @@ class TieredStore:
                             data, target or tier.home_device, tier.loads_are_private
                         )
                 except CorruptEntryError as exc:
-                    self._drop_corrupt(tier, key, obj, exc)
+                    self._drop_bad(tier, key, obj, str(exc), "corrupt")
+                    continue
+                except OSError as exc:
+                    self._drop_bad(tier, key, obj, f"read failed: {exc}", "errors")
                     continue
                 finally:
                     tier.unpin(key)
@@ -308,12 +312,11 @@ class TieredStore:
             try:
                 data = await tier.load(obj)
             except CorruptEntryError as exc:
-                self._drop_corrupt(tier, key, obj, exc)
+                self._drop_bad(tier, key, obj, str(exc), "corrupt")
                 return
             except OSError as exc:
-                tier.counters.errors += 1
-                log.warning("tier %r could not read victim %r: %s", tier.name, key, exc)
-                data = None
+                self._drop_bad(tier, key, obj, f"read failed: {exc}", "errors")
+                return
             if data is not None:
                 outcome = await self._place(key, data, below, (tier, obj), "demotions_in")
         if outcome is _Outcome.PLACED:
@@ -349,13 +352,15 @@ class TieredStore:
                 removed.append((tier, obj))
         return removed
 
-    def _drop_corrupt(self, tier: Tier, key: KeyLike, obj: Any, exc: Exception) -> None:
-        log.warning("tier %r dropped corrupt entry %r: %s", tier.name, key, exc)
-        if tier.lookup(key) is obj:
-            tier.remove(key)
-            tier.counters.corrupt += 1
-            self._notify_drop(key)
-            self._background_nowait(tier.discard(obj))
+    def _drop_bad(self, tier: Tier, key: KeyLike, obj: Any, why: str, counter: str) -> None:
+        """Drop an entry whose stored bytes cannot be served (if the tier still holds it)."""
+        if tier.lookup(key) is not obj:
+            return  # it moved or was replaced meanwhile: nothing is wrong
+        log.warning("tier %r dropped %r: %s", tier.name, key, why)
+        tier.remove(key)
+        tier.counters.count(counter)
+        self._notify_drop(key)
+        self._background_nowait(tier.discard(obj))
 
     def _notify_drop(self, key: KeyLike) -> None:
         if self._on_drop is not None:

@@ -140,6 +140,15 @@ class Tier(abc.ABC):
         self._committed += size
         self.cache_dict[key] = obj
 
+    def adopt(self, key: KeyLike, obj: Any, size: int) -> None:
+        """Index an entry that already exists in storage (found when the tier opens)."""
+        if key in self.cache_dict or not self._fits(size):
+            raise ValueError(f"tier {self.name!r} cannot adopt {key!r} ({size} bytes)")
+        victims, status = self.evictor.update_on_put(self.cache_dict, size)
+        assert status is PutStatus.LEGAL and not victims, "an entry that fits needs no victims"
+        self._committed += size
+        self.cache_dict[key] = obj
+
     # ------------------------------------------------------------------ reads and removal
     def lookup(self, key: KeyLike) -> Any:
         return self.cache_dict.get(key)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import fcntl
 import logging
 import os
+import time
 import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +17,36 @@ import torch
 from lmtier import serde
 from lmtier.errors import CorruptEntryError, StorageError
 from lmtier.evictor import BaseEvictor
-from lmtier.keys import KeyLike, key_to_text
+from lmtier.keys import KeyLike
 from lmtier.metadata import DiskCacheMetadata
 from lmtier.tiers.base import Tier
+from lmtier.tiers.disk_files import (
+    LOCK_NAME,
+    SUFFIX,
+    TEMP_PREFIX,
+    FoundEntry,
+    key_digest,
+    namespace_folder,
+    read_header,
+    scan_folder,
+    tensor_from,
+)
 
-__all__ = ["DiskTier"]
+__all__ = ["DiskTier", "Recovery"]
 
 log = logging.getLogger(__name__)
-SUFFIX = ".safetensors"
-TEMP_PREFIX = ".tmp-"
-# Enough for a header and its key in one read when the index is rebuilt.
-HEADER_READ_BYTES = 4096
+
+
+@dataclass
+class Recovery:
+    """What opening the tier found in its folder."""
+
+    indexed: int = 0  # entries adopted into the index
+    evicted: int = 0  # intact entries over the budget, oldest first, removed
+    duplicates: int = 0  # older files of a key that has a newer one, removed
+    unreadable: int = 0  # files that are not intact entries of this namespace, left alone
+    temp_removed: int = 0  # temporary files of interrupted writes, removed
+    seconds: float = 0.0
 
 
 class DiskTier(Tier):
@@ -33,7 +54,10 @@ class DiskTier(Tier):
 
     Every write goes to a new, unique file name through a temporary file and a rename, so a
     reader never sees a half-written file and a replaced entry's old file is never rewritten
-    in place.  ``durability="fsync"`` also syncs the file before the rename and its folder after.
+    in place.  ``durability="fsync"`` also syncs the file before the rename and its folder
+    after.  Each ``namespace`` has its own sub-folder; one store at a time holds it (a lock
+    file, released on close or when the process dies).  Opening rebuilds the index from the
+    files' headers.
     """
 
     loads_are_private = True
@@ -44,36 +68,83 @@ class DiskTier(Tier):
         evictor: BaseEvictor,
         root: str | os.PathLike[str],
         durability: str = "none",
+        namespace: str = "",
     ) -> None:
         super().__init__(name, evictor)
         if durability not in ("none", "fsync"):
             raise ValueError(f"durability must be 'none' or 'fsync', got {durability!r}")
-        self.root = Path(root).expanduser().resolve()
+        self.namespace = namespace
+        self.root = namespace_folder(Path(root).expanduser().resolve(), namespace)
         self.fsync = durability == "fsync"
+        self.recovery = Recovery()
+        self._lock_fd: int | None = None
 
     @property
     def home_device(self) -> torch.device:
         return torch.device("cpu")
 
+    # ------------------------------------------------------------------ open and close
     async def open(self) -> None:
-        await asyncio.to_thread(self._prepare_root)
+        await asyncio.to_thread(self._open_folder)
 
-    def _prepare_root(self) -> None:
+    def _open_folder(self) -> None:
+        started = time.perf_counter()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f"{TEMP_PREFIX}probe-{uuid.uuid4().hex}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            self._lock_fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise StorageError(
                 exc.errno, f"disk tier {self.name!r} cannot write to {self.root}: {exc.strerror}"
             ) from exc
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise StorageError(
+                f"disk tier {self.name!r}: {self.root} is in use by another store "
+                f"(it holds {self.root / LOCK_NAME})"
+            ) from None
+        self._recover()
+        self.recovery.seconds = time.perf_counter() - started
+        if self.recovery.indexed or self.recovery.unreadable or self.recovery.temp_removed:
+            log.info("disk tier %r reopened %s: %s", self.name, self.root, asdict(self.recovery))
+
+    def _recover(self) -> None:
+        """Index the entries on disk, newest kept within the budget; clear interrupted writes."""
+        scan = scan_folder(self.root, self.namespace)
+        for temp in scan.temp_files:
+            temp.unlink(missing_ok=True)
+        self.recovery.temp_removed = len(scan.temp_files)
+        self.recovery.unreadable = len(scan.unreadable)
+        for path, why in scan.unreadable[:10]:
+            log.warning("disk tier %r skipped %s: %s", self.name, path, why)
+        newest_first = sorted(scan.entries, key=lambda e: e.mtime_ns, reverse=True)
+        kept: dict[KeyLike, FoundEntry] = {}
+        room = self.budget
+        for entry in newest_first:
+            if entry.key in kept:
+                self.recovery.duplicates += 1
+            elif entry.meta.size <= room:
+                kept[entry.key] = entry
+                room -= entry.meta.size
+                continue
+            else:
+                self.recovery.evicted += 1
+            Path(entry.meta.path).unlink(missing_ok=True)
+        for key, entry in reversed(kept.items()):  # least recent first, as LRU expects
+            self.adopt(key, entry.meta, entry.meta.size)
+        self.recovery.indexed = len(kept)
+
+    async def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     # ------------------------------------------------------------------ primitives
     def path_for(self, key: KeyLike) -> Path:
         """A new, unique file for ``key``: its name hashes the key, never contains it."""
-        digest = hashlib.blake2b(key_to_text(key).encode("utf-8", "surrogatepass"), digest_size=16)
-        name = digest.hexdigest()
+        name = key_digest(key)
         return self.root / name[:2] / f"{name}-{uuid.uuid4().hex[:12]}{SUFFIX}"
 
     async def _write(self, key: KeyLike, tensor: torch.Tensor) -> DiskCacheMetadata:
@@ -84,9 +155,11 @@ class DiskTier(Tier):
         payload = serde.payload_view(cpu)
         checksum = serde.payload_checksum(payload)
         shape = tuple(cpu.shape)
-        header = serde.encode_header(key, cpu.dtype, shape, payload.nbytes, checksum)
+        header = serde.encode_header(
+            key, cpu.dtype, shape, payload.nbytes, checksum, self.namespace
+        )
         path = self.path_for(key)
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(TEMP_PREFIX + path.name)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -111,8 +184,7 @@ class DiskTier(Tier):
     def _read_file(self, meta: DiskCacheMetadata) -> torch.Tensor | None:
         try:
             with open(meta.path, "rb", buffering=0) as f:
-                head = f.read(HEADER_READ_BYTES)
-                header = serde.decode_header(_complete_header(f, head))
+                header, start = read_header(f)
                 if (header.nbytes, header.dtype, header.shape, header.checksum) != (
                     meta.size,
                     meta.dtype,
@@ -120,23 +192,9 @@ class DiskTier(Tier):
                     meta.checksum,
                 ):
                     raise CorruptEntryError(f"{meta.path}: header does not match the index")
-                tensor = torch.empty(header.shape, dtype=header.dtype)
-                payload = serde.payload_view(tensor)
-                body = head[header.payload_offset :][: header.nbytes]
-                payload[: len(body)] = body
-                filled = len(body)
-                while filled < header.nbytes:
-                    got = f.readinto(payload[filled:])
-                    if not got:
-                        raise CorruptEntryError(
-                            f"{meta.path}: payload ends at {filled} of {header.nbytes} bytes"
-                        )
-                    filled += got
+                return tensor_from(header, start, f, meta.path)
         except FileNotFoundError:
             return None
-        if serde.payload_checksum(payload) != header.checksum:
-            raise CorruptEntryError(f"{meta.path}: payload checksum mismatch")
-        return tensor
 
     async def discard(self, obj: Any) -> None:
         assert isinstance(obj, DiskCacheMetadata)
@@ -145,14 +203,6 @@ class DiskTier(Tier):
         except OSError as exc:  # the entry is gone from the index either way
             self.counters.errors += 1
             log.warning("disk tier %r could not remove %s: %s", self.name, obj.path, exc)
-
-
-def _complete_header(f: Any, head: bytes) -> bytes:
-    """``head`` extended until it holds the whole header (long keys exceed the first read)."""
-    need = serde.PREFIX_BYTES + serde.header_length(head)
-    if len(head) < need:
-        head += f.read(need - len(head))
-    return head
 
 
 def _write_all(fd: int, buffers: list[bytes | memoryview]) -> None:

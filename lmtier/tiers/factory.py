@@ -20,18 +20,20 @@ log = logging.getLogger(__name__)
 
 def build_tiers(config: StoreConfig) -> list[Tier]:
     """The configured tiers in cascade order, less the CUDA tiers this machine cannot hold."""
-    tiers = [tier for spec in config.tiers if (tier := build_tier(spec)) is not None]
+    tiers = [
+        tier for spec in config.tiers if (tier := build_tier(spec, config.namespace)) is not None
+    ]
     if not tiers:
         raise ConfigError("no tier is usable on this machine")
     return tiers
 
 
-def build_tier(spec: TierConfig) -> Tier | None:
+def build_tier(spec: TierConfig, namespace: str = "") -> Tier | None:
     """One tier, or ``None`` for a CUDA tier on a machine without CUDA that is not required."""
     evictor = make_evictor(spec.evictor, spec.max_size_bytes)
     if spec.kind == "disk":
         assert spec.path is not None
-        return DiskTier(spec.name, evictor, spec.path, spec.durability)
+        return DiskTier(spec.name, evictor, spec.path, spec.durability, namespace)
     device = torch.device(spec.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -1,0 +1,163 @@
+"""A disk tier's folder on its own: entry file names, header reads, and a scan of every file.
+
+Shared by the disk tier (reads, restart recovery) and ``lmtier inspect``; no index, no asyncio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from lmtier import serde
+from lmtier.errors import CorruptEntryError
+from lmtier.keys import KeyLike, key_to_text
+from lmtier.metadata import DiskCacheMetadata
+
+__all__ = [
+    "LOCK_NAME",
+    "SUFFIX",
+    "TEMP_PREFIX",
+    "FolderScan",
+    "FoundEntry",
+    "key_digest",
+    "namespace_folder",
+    "read_entry",
+    "read_header",
+    "scan_folder",
+]
+
+SUFFIX = ".safetensors"
+TEMP_PREFIX = ".tmp-"
+LOCK_NAME = "LOCK"
+# Enough for a header and its key in one read; longer headers take a second read.
+HEADER_READ_BYTES = 4096
+_HEX = frozenset(string.hexdigits.lower())
+
+
+def namespace_folder(root: Path, namespace: str) -> Path:
+    """The folder under ``root`` that holds one namespace's entries."""
+    digest = hashlib.blake2b(namespace.encode("utf-8", "surrogatepass"), digest_size=8)
+    return root / f"ns-{digest.hexdigest()}"
+
+
+def key_digest(key: KeyLike) -> str:
+    """The hex hash that names a key's files (key text never becomes a path)."""
+    text = key_to_text(key).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(text, digest_size=16).hexdigest()
+
+
+def read_header(f: BinaryIO) -> tuple[serde.EntryHeader, bytes]:
+    """The header at the start of an open file, and the bytes read past it (payload start)."""
+    head = f.read(HEADER_READ_BYTES)
+    need = serde.PREFIX_BYTES + serde.header_length(head)
+    if len(head) < need:
+        head += f.read(need - len(head))
+    header = serde.decode_header(head)
+    return header, head[header.payload_offset :]
+
+
+def read_entry(path: str | Path, verify: bool = True) -> tuple[serde.EntryHeader, int, int]:
+    """Check a file's header (and with ``verify`` its payload); its header, size and mtime.
+
+    Raises ``CorruptEntryError`` for a file that is not a complete, intact entry.
+    """
+    with open(path, "rb", buffering=0) as f:
+        header, start = read_header(f)
+        stat = os.fstat(f.fileno())
+        if stat.st_size != header.file_size:
+            raise CorruptEntryError(
+                f"{path}: {stat.st_size} bytes, the header promises {header.file_size}"
+            )
+        if verify:
+            payload = start + f.read()
+            if serde.payload_checksum(payload) != header.checksum:
+                raise CorruptEntryError(f"{path}: payload checksum mismatch")
+    return header, stat.st_size, stat.st_mtime_ns
+
+
+def metadata_for(path: str | Path, header: serde.EntryHeader) -> DiskCacheMetadata:
+    return DiskCacheMetadata(str(path), header.nbytes, header.shape, header.dtype, header.checksum)
+
+
+@dataclass(frozen=True)
+class FoundEntry:
+    """An intact entry file of the scanned namespace."""
+
+    key: KeyLike
+    meta: DiskCacheMetadata
+    file_bytes: int
+    mtime_ns: int
+
+
+@dataclass
+class FolderScan:
+    """What a namespace folder holds."""
+
+    entries: list[FoundEntry] = field(default_factory=list)
+    temp_files: list[Path] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
+
+
+def scan_folder(folder: Path, namespace: str, verify: bool = False) -> FolderScan:
+    """Read every entry header under ``folder`` (payloads too with ``verify``)."""
+    scan = FolderScan()
+    if not folder.is_dir():
+        return scan
+    with os.scandir(folder) as top:
+        shards = sorted(e.path for e in top if e.is_dir() and _is_shard(e.name))
+    for name in os.listdir(folder):
+        if name.startswith(TEMP_PREFIX):
+            scan.temp_files.append(folder / name)
+    for shard in shards:
+        with os.scandir(shard) as files:
+            names = [e.name for e in files]
+        for name in names:
+            path = Path(shard, name)
+            if name.startswith(TEMP_PREFIX):
+                scan.temp_files.append(path)
+            elif name.endswith(SUFFIX):
+                _scan_file(path, namespace, verify, scan)
+    return scan
+
+
+def _scan_file(path: Path, namespace: str, verify: bool, scan: FolderScan) -> None:
+    try:
+        header, size, mtime_ns = read_entry(path, verify)
+    except FileNotFoundError:
+        return  # removed while we looked
+    except (CorruptEntryError, OSError) as exc:
+        scan.unreadable.append((path, str(exc)))
+        return
+    if header.namespace != namespace:
+        scan.unreadable.append((path, f"namespace {header.namespace!r}, not {namespace!r}"))
+        return
+    if not path.name.startswith(key_digest(header.key)):
+        scan.unreadable.append((path, "file name does not match the key in its header"))
+        return
+    scan.entries.append(FoundEntry(header.key, metadata_for(path, header), size, mtime_ns))
+
+
+def _is_shard(name: str) -> bool:
+    return len(name) == 2 and set(name) <= _HEX
+
+
+def tensor_from(header: serde.EntryHeader, start: bytes, f: BinaryIO, path: str) -> torch.Tensor:
+    """Read the payload that follows a header into a new tensor and verify its checksum."""
+    tensor = torch.empty(header.shape, dtype=header.dtype)
+    payload = serde.payload_view(tensor)
+    filled = min(len(start), header.nbytes)
+    payload[:filled] = start[:filled]
+    while filled < header.nbytes:
+        got = f.readinto(payload[filled:])  # type: ignore[attr-defined]
+        if not got:
+            raise CorruptEntryError(f"{path}: payload ends at {filled} of {header.nbytes} bytes")
+        filled += got
+    if serde.payload_checksum(payload) != header.checksum:
+        raise CorruptEntryError(f"{path}: payload checksum mismatch")
+    return tensor
