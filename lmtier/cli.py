@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lmtier.config import load_config
 from lmtier.errors import LmtierError
+from lmtier.inspect import inspect_path
 from lmtier.store import TieredStore
 from lmtier.stress import StressOptions, default_stress_config, format_report, run_stress
 
@@ -37,12 +38,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     stress.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
     stress.add_argument("--seed", type=int, default=defaults.seed)
     stress.add_argument("--no-progress", action="store_true")
+    inspect = commands.add_parser(
+        "inspect",
+        help="verify every file of a disk tier's folder (header and checksum)",
+        description="PATH is a disk tier's configured path (or one of its ns-* folders). "
+        "Lists entries, bytes, corrupt or foreign files and leftover temporary files; "
+        "exits 1 while any remain.",
+    )
+    inspect.add_argument("path", type=Path)
+    inspect.add_argument("--repair", action="store_true", help="remove corrupt and temporary files")
+    inspect.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command == "inspect":
+            return _inspect(args.path, args.repair, not args.no_progress and sys.stderr.isatty())
         options = StressOptions(
             tasks=_positive("--tasks", args.tasks),
             ops=_positive("--ops", args.ops),
@@ -71,6 +84,28 @@ async def _stress(config_path: Path | None, options: StressOptions) -> int:
             report = await run_stress(store, options)
         print(format_report(report))
     return 0 if report.ok else 1
+
+
+def _inspect(path: Path, repair: bool, progress: bool) -> int:
+    reports = inspect_path(path, repair=repair, progress=progress)
+    if not reports:
+        print(f"{path}: no disk tier folder (ns-*) here")
+        return 0
+    for report in reports:
+        scan = report.scan
+        names = ", ".join(repr(n) for n in sorted(report.namespaces)) or "-"
+        print(
+            f"{report.folder}: {report.entries} entries, {report.payload_bytes:,} bytes "
+            f"(namespace {names}); {len(scan.unreadable)} corrupt or foreign, "
+            f"{len(scan.temp_files)} temporary"
+        )
+        for bad, why in scan.unreadable:
+            print(f"  corrupt  {bad}: {why}")
+        for temp in scan.temp_files:
+            print(f"  temp     {temp}")
+        if repair:
+            print(f"  repaired: removed {report.removed} file(s)")
+    return 1 if any(report.problems for report in reports) else 0
 
 
 def _positive(flag: str, value: int) -> int:

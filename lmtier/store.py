@@ -32,6 +32,7 @@ _MAX_LOOKUPS = 4
 class _Outcome(enum.Enum):
     PLACED = enum.auto()
     REFUSED = enum.auto()  # no candidate tier took it
+    FAILED = enum.auto()  # a tier took it but could not write it (and no later tier did)
     STALE = enum.auto()  # the moved entry was deleted or replaced meanwhile
 
 
@@ -237,6 +238,7 @@ class TieredStore:
                 return _Outcome.STALE
             outcome = await self._place_once(key, data, size, could_fit, source, arrival)
             remaining = deadline - loop.time()
+            # Only a refusal because entries are in use or in flight is worth waiting out.
             if outcome is not _Outcome.REFUSED or not wait or not could_fit or remaining <= 0:
                 return outcome
             changes = [tier.changed() for tier in could_fit]
@@ -251,6 +253,7 @@ class TieredStore:
         source: tuple[Tier, Any] | None,
         arrival: str,
     ) -> _Outcome:
+        result = _Outcome.REFUSED
         for tier in candidates:
             victims = tier.admit(key, size)
             if victims is None:
@@ -267,6 +270,7 @@ class TieredStore:
                 tier.unreserve(key, size)
                 tier.counters.errors += 1
                 log.warning("tier %r could not write %r: %s", tier.name, key, exc)
+                result = _Outcome.FAILED
                 continue
             if source is None:
                 replaced = self._remove_everywhere(key)
@@ -284,7 +288,7 @@ class TieredStore:
             for old_tier, old_obj in replaced:
                 await old_tier.discard(old_obj)
             return _Outcome.PLACED
-        return _Outcome.REFUSED
+        return result
 
     async def _make_room(self, tier: Tier, victims: list[tuple[KeyLike, Any]], size: int) -> None:
         """Move the victims down, then reserve ``size`` bytes in ``tier``, within the room timeout.
@@ -321,7 +325,7 @@ class TieredStore:
                 outcome = await self._place(key, data, below, (tier, obj), "demotions_in")
         if outcome is _Outcome.PLACED:
             tier.counters.demotions_out += 1
-        elif outcome is _Outcome.REFUSED and tier.lookup(key) is obj:
+        elif outcome is not _Outcome.STALE and tier.lookup(key) is obj:
             tier.remove(key)
             tier.counters.drops += 1
             self._notify_drop(key)

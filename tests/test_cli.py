@@ -57,3 +57,52 @@ def test_a_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFix
     config.write_text("tiers: [{name: x, kind: tape, max_size_gb: 1}]\n")
     assert main(["stress", "--config", str(config)]) == 2
     assert "kind" in capsys.readouterr().err
+
+
+async def _two_entries(root: Path) -> Path:
+    from lmtier import StoreConfig, TierConfig, TieredStore
+
+    tiers = (TierConfig("disk", "disk", 1 << 20, path=str(root)),)
+    async with TieredStore(StoreConfig(tiers, namespace="m|bf16")) as store:
+        await store.put("a", torch.ones(64))
+        await store.put("b", torch.zeros(64))
+        return Path(store.tiers[0].lookup("a").path)  # type: ignore[attr-defined]
+
+
+async def test_inspect_finds_corrupt_files_and_repairs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = await _two_entries(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "2 entries, 512 bytes (namespace 'm|bf16'); 0 corrupt" in capsys.readouterr().out
+    with open(a_file, "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x01")
+    (a_file.parent / ".tmp-left-over").write_bytes(b"x")
+    assert main(["inspect", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "checksum mismatch" in out and ".tmp-left-over" in out
+    assert main(["inspect", str(tmp_path), "--repair"]) == 0
+    assert "removed 2 file(s)" in capsys.readouterr().out
+    assert not a_file.exists()
+    assert main(["inspect", str(tmp_path)]) == 0
+
+
+def test_inspect_of_a_missing_path_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", str(tmp_path / "nope")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+async def test_repair_refuses_while_a_store_uses_the_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmtier import StoreConfig, TierConfig, TieredStore
+
+    tiers = (TierConfig("disk", "disk", 1 << 20, path=str(tmp_path)),)
+    async with TieredStore(StoreConfig(tiers)) as store:
+        await store.put("a", torch.ones(4))
+        assert main(["inspect", str(tmp_path), "--repair"]) == 2
+        assert "in use by a running store" in capsys.readouterr().err
+        assert main(["inspect", str(tmp_path)]) == 0  # a read-only look is fine

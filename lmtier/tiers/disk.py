@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import time
@@ -30,6 +29,7 @@ from lmtier.tiers.disk_files import (
     read_header,
     scan_folder,
     tensor_from,
+    try_lock,
 )
 
 __all__ = ["DiskTier", "Recovery"]
@@ -91,20 +91,16 @@ class DiskTier(Tier):
         started = time.perf_counter()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock_fd = try_lock(self.root)
         except OSError as exc:
             raise StorageError(
                 exc.errno, f"disk tier {self.name!r} cannot write to {self.root}: {exc.strerror}"
             ) from exc
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock_fd is None:
             raise StorageError(
                 f"disk tier {self.name!r}: {self.root} is in use by another store "
                 f"(it holds {self.root / LOCK_NAME})"
-            ) from None
+            )
         self._recover()
         self.recovery.seconds = time.perf_counter() - started
         if self.recovery.indexed or self.recovery.unreadable or self.recovery.temp_removed:

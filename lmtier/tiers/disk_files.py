@@ -5,9 +5,11 @@ Shared by the disk tier (reads, restart recovery) and ``lmtier inspect``; no ind
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +32,7 @@ __all__ = [
     "read_entry",
     "read_header",
     "scan_folder",
+    "try_lock",
 ]
 
 SUFFIX = ".safetensors"
@@ -50,6 +53,21 @@ def key_digest(key: KeyLike) -> str:
     """The hex hash that names a key's files (key text never becomes a path)."""
     text = key_to_text(key).encode("utf-8", "surrogatepass")
     return hashlib.blake2b(text, digest_size=16).hexdigest()
+
+
+def try_lock(folder: Path) -> int | None:
+    """Take ``folder``'s lock file: its descriptor (close it to release), or None if held.
+
+    The kernel releases an flock when its holder dies, so a crashed store never locks out
+    the next one.
+    """
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def read_header(f: BinaryIO) -> tuple[serde.EntryHeader, bytes]:
@@ -93,6 +111,7 @@ class FoundEntry:
     meta: DiskCacheMetadata
     file_bytes: int
     mtime_ns: int
+    namespace: str = ""
 
 
 @dataclass
@@ -104,8 +123,17 @@ class FolderScan:
     unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
 
 
-def scan_folder(folder: Path, namespace: str, verify: bool = False) -> FolderScan:
-    """Read every entry header under ``folder`` (payloads too with ``verify``)."""
+def scan_folder(
+    folder: Path,
+    namespace: str | None,
+    verify: bool = False,
+    on_file: Callable[[], object] | None = None,
+) -> FolderScan:
+    """Read every entry header under ``folder`` (payloads too with ``verify``).
+
+    Entries of another namespace count as unreadable, unless ``namespace`` is None.
+    ``on_file`` is called once per file looked at (for progress bars).
+    """
     scan = FolderScan()
     if not folder.is_dir():
         return scan
@@ -123,10 +151,12 @@ def scan_folder(folder: Path, namespace: str, verify: bool = False) -> FolderSca
                 scan.temp_files.append(path)
             elif name.endswith(SUFFIX):
                 _scan_file(path, namespace, verify, scan)
+            if on_file is not None:
+                on_file()
     return scan
 
 
-def _scan_file(path: Path, namespace: str, verify: bool, scan: FolderScan) -> None:
+def _scan_file(path: Path, namespace: str | None, verify: bool, scan: FolderScan) -> None:
     try:
         header, size, mtime_ns = read_entry(path, verify)
     except FileNotFoundError:
@@ -134,13 +164,15 @@ def _scan_file(path: Path, namespace: str, verify: bool, scan: FolderScan) -> No
     except (CorruptEntryError, OSError) as exc:
         scan.unreadable.append((path, str(exc)))
         return
-    if header.namespace != namespace:
+    if namespace is not None and header.namespace != namespace:
         scan.unreadable.append((path, f"namespace {header.namespace!r}, not {namespace!r}"))
         return
     if not path.name.startswith(key_digest(header.key)):
         scan.unreadable.append((path, "file name does not match the key in its header"))
         return
-    scan.entries.append(FoundEntry(header.key, metadata_for(path, header), size, mtime_ns))
+    scan.entries.append(
+        FoundEntry(header.key, metadata_for(path, header), size, mtime_ns, header.namespace)
+    )
 
 
 def _is_shard(name: str) -> bool:

@@ -1,0 +1,165 @@
+"""Disk faults injected through the tier's I/O: full disk, lost files, read errors, races."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lmtier import PutStatus, StoreConfig, TierConfig, TieredStore
+from lmtier.tiers import DiskTier, disk_files
+from lmtier.tiers import disk as disk_module
+
+from conftest import tensor_for
+
+KIB = 1024
+
+
+def cpu_then_disk(root: Path, cpu: int = 2 * KIB, disk: int = 8 * KIB) -> TieredStore:
+    tiers = (
+        TierConfig("cpu", "memory", cpu),
+        TierConfig("disk", "disk", disk, path=str(root)),
+    )
+    return TieredStore(StoreConfig(tiers, room_timeout_s=5))
+
+
+def disk_of(store: TieredStore) -> DiskTier:
+    tier = store.tiers[-1]
+    assert isinstance(tier, DiskTier)
+    return tier
+
+
+async def test_a_full_disk_drops_victims_and_the_store_keeps_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dropped: list[object] = []
+    store = cpu_then_disk(tmp_path)
+    store._on_drop = dropped.append
+    async with store:
+        await store.put("a", tensor_for("a"))
+        await store.put("b", tensor_for("b"))
+
+        def no_space(fd: int, buffers: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "writev", no_space)
+        assert await store.put("c", tensor_for("c")) is PutStatus.LEGAL  # a cannot go down
+        assert dropped == ["a"] and await store.contains("a") is None
+        assert disk_of(store).counters.errors == 1 and store.tiers[0].counters.drops == 1
+        assert await store.put("big", tensor_for("big", numel=1024)) is PutStatus.ILLEGAL
+        got = await store.get("c")
+        assert got is not None and torch.equal(got, tensor_for("c"))
+        assert store.audit() == []
+        monkeypatch.undo()
+        await store.put("d", tensor_for("d"))
+        assert await store.contains("b") == "disk"
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+async def test_files_lost_behind_the_stores_back_become_misses(tmp_path: Path) -> None:
+    async with cpu_then_disk(tmp_path) as store:
+        for key in "abcd":
+            await store.put(key, tensor_for(key))
+        disk = disk_of(store)
+        os.unlink(disk.lookup("a").path)
+        assert await store.get("a") is None
+        shutil.rmtree(disk.root)  # the whole folder vanishes
+        assert await store.get("b") is None
+        assert disk.counters.errors == 2 and len(disk.cache_dict) == 0
+        assert store.audit() == []
+        for key in "efgh":  # and writes recreate what they need
+            await store.put(key, tensor_for(key))
+        got = await store.get("e")
+        assert got is not None and torch.equal(got, tensor_for("e"))
+        assert store.audit() == []
+
+
+async def test_a_read_error_is_a_counted_miss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with cpu_then_disk(tmp_path) as store:
+        for key in "abcd":
+            await store.put(key, tensor_for(key))
+
+        def io_error(self: DiskTier, meta: Any) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(DiskTier, "_read_file", io_error)
+        assert await store.get("a") is None
+        assert disk_of(store).counters.errors == 1 and store.audit() == []
+        assert await store.get("d") is not None  # the memory tier still serves
+
+
+def gate_open(
+    monkeypatch: pytest.MonkeyPatch, after: bool
+) -> tuple[threading.Event, threading.Event]:
+    """Block disk reads just before (or just after) they open their file."""
+    reached, release = threading.Event(), threading.Event()
+    real_open = open
+    real_read_header = disk_files.read_header
+
+    def gated_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if not after:
+            reached.set()
+            release.wait(5)
+        return real_open(path, *args, **kwargs)
+
+    def gated_read_header(f: Any) -> Any:
+        if after:
+            reached.set()
+            release.wait(5)
+        return real_read_header(f)
+
+    monkeypatch.setattr(disk_module, "open", gated_open, raising=False)
+    monkeypatch.setattr(disk_module, "read_header", gated_read_header)
+    return reached, release
+
+
+@pytest.mark.parametrize("delete_after_open", [False, True])
+async def test_a_read_racing_a_delete_returns_the_data_or_a_miss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, delete_after_open: bool
+) -> None:
+    async with cpu_then_disk(tmp_path) as store:
+        for key in "abcd":
+            await store.put(key, tensor_for(key))
+        assert await store.contains("a") == "disk"
+        reached, release = gate_open(monkeypatch, after=delete_after_open)
+        reader = asyncio.create_task(store.get("a"))
+        await asyncio.to_thread(reached.wait, 5)
+        assert await store.delete("a") is True
+        await asyncio.sleep(0.05)  # the delete's unlink has run
+        release.set()
+        got = await reader
+        if delete_after_open:
+            assert got is not None and torch.equal(got, tensor_for("a"))
+        else:
+            assert got is None
+        assert store.audit() == []
+        assert disk_of(store).counters.errors == 0, "a race is not an error"
+
+
+async def test_a_read_racing_an_eviction_keeps_its_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiers = (TierConfig("disk", "disk", KIB, path=str(tmp_path)),)
+    async with TieredStore(StoreConfig(tiers, room_timeout_s=5)) as store:
+        await store.put("a", tensor_for("a"))
+        reached, release = gate_open(monkeypatch, after=True)
+        reader = asyncio.create_task(store.get("a"))
+        await asyncio.to_thread(reached.wait, 5)
+        writer = asyncio.create_task(store.put("b", tensor_for("b")))  # must evict a: pinned
+        await asyncio.sleep(0.05)
+        assert not writer.done() and await store.contains("a") == "disk"
+        release.set()
+        got = await reader
+        assert got is not None and torch.equal(got, tensor_for("a"))
+        assert await writer is PutStatus.LEGAL
+        assert await store.contains("a") is None and await store.contains("b") == "disk"
+        assert store.audit() == []
