@@ -140,9 +140,8 @@ class TieredStore:
                 index, tier, obj = found
                 tier.pin(key)
                 try:
-                    data = await tier.load(obj)
-                    if data is None:  # moved or replaced while we read, or lost: look again
-                        self._drop_bad(tier, key, obj, "its storage vanished", "errors")
+                    data = await self._load_or_drop(tier, key, obj)
+                    if data is None:  # moved, replaced or lost while we read: look again
                         continue
                     if out is not None:
                         result = await _copy_into(out, data)
@@ -150,12 +149,6 @@ class TieredStore:
                         result = await _deliver(
                             data, target or tier.home_device, tier.loads_are_private
                         )
-                except CorruptEntryError as exc:
-                    self._drop_bad(tier, key, obj, str(exc), "corrupt")
-                    continue
-                except OSError as exc:
-                    self._drop_bad(tier, key, obj, f"read failed: {exc}", "errors")
-                    continue
                 finally:
                     tier.unpin(key)
                 tier.touch(key)
@@ -313,16 +306,10 @@ class TieredStore:
     async def _demote_one(self, tier: Tier, below: list[Tier], key: KeyLike, obj: Any) -> None:
         outcome = _Outcome.REFUSED
         if below:
-            try:
-                data = await tier.load(obj)
-            except CorruptEntryError as exc:
-                self._drop_bad(tier, key, obj, str(exc), "corrupt")
+            data = await self._load_or_drop(tier, key, obj)
+            if data is None:
                 return
-            except OSError as exc:
-                self._drop_bad(tier, key, obj, f"read failed: {exc}", "errors")
-                return
-            if data is not None:
-                outcome = await self._place(key, data, below, (tier, obj), "demotions_in")
+            outcome = await self._place(key, data, below, (tier, obj), "demotions_in")
         if outcome is _Outcome.PLACED:
             tier.counters.demotions_out += 1
         elif outcome is not _Outcome.STALE and tier.lookup(key) is obj:
@@ -355,6 +342,20 @@ class TieredStore:
             if obj is not None:
                 removed.append((tier, obj))
         return removed
+
+    async def _load_or_drop(self, tier: Tier, key: KeyLike, obj: Any) -> torch.Tensor | None:
+        """``tier.load(obj)``, or None after dropping an entry whose bytes cannot be served."""
+        try:
+            data = await tier.load(obj)
+        except CorruptEntryError as exc:
+            self._drop_bad(tier, key, obj, str(exc), "corrupt")
+            return None
+        except OSError as exc:
+            self._drop_bad(tier, key, obj, f"read failed: {exc}", "errors")
+            return None
+        if data is None:
+            self._drop_bad(tier, key, obj, "its storage vanished", "errors")
+        return data
 
     def _drop_bad(self, tier: Tier, key: KeyLike, obj: Any, why: str, counter: str) -> None:
         """Drop an entry whose stored bytes cannot be served (if the tier still holds it)."""

@@ -17,26 +17,17 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import xxhash
+from timing import median_time
 
 from lmtier.evictor import LRUEvictor
 from lmtier.serde import payload_view
 from lmtier.tiers import DiskTier
 
 MB = 1024**2
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
 
 
 def checksums(repeats: int) -> None:

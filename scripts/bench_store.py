@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import statistics
-import time
-from collections.abc import Awaitable, Callable
 
 import torch
+from timing import amedian_time, median_time
 
 from lmtier import StoreConfig, TierConfig, TieredStore
 
@@ -26,24 +24,6 @@ MB = 1024**2
 
 def cpu_store(budget: int) -> TieredStore:
     return TieredStore(StoreConfig(tiers=(TierConfig("cpu", "memory", budget),)))
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
-
-
-async def amedian_time(fn: Callable[[], Awaitable[object]], repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        await fn()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
 
 
 async def hit_latency_4k(entries: int, repeats: int) -> tuple[float, float]:
