@@ -1,4 +1,4 @@
-"""The ``lmtier`` command."""
+"""The ``lmtier`` command: stress, replay and inspect."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from pathlib import Path
 from lmtier.config import load_config
 from lmtier.errors import LmtierError
 from lmtier.inspect import inspect_path
+from lmtier.replay.report import check_plotting, format_table, write_csv, write_plot
+from lmtier.replay.sweep import ReplayOptions, run_sweep
+from lmtier.replay.traces import FORMATS, read_trace
 from lmtier.store import TieredStore
 from lmtier.stress import StressOptions, default_stress_config, format_report, run_stress
 
@@ -23,52 +26,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmtier", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_stress(commands)
+    _add_replay(commands)
+    _add_inspect(commands)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    args.progress = not args.no_progress and sys.stderr.isatty()
+    try:
+        return int(args.run(args))
+    except (LmtierError, ValueError) as exc:
+        print(f"lmtier: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------- stress
+def _add_stress(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     stress = commands.add_parser(
         "stress",
         help="overfill every tier from concurrent tasks and verify every entry bit-exact",
         description="Without --config: a small gpu -> cpu -> disk cascade (gpu skipped "
         "without CUDA) with its disk tier in a temporary folder, removed afterwards.",
     )
-    stress.add_argument("--config", type=Path, help="a store config YAML (default: embedded)")
     defaults = StressOptions()
-    stress.add_argument("--tasks", type=int, default=defaults.tasks)
-    stress.add_argument("--ops", type=int, default=defaults.ops)
-    stress.add_argument("--keys-per-task", type=int, default=defaults.keys_per_task)
-    stress.add_argument("--min-tokens", type=int, default=defaults.min_tokens)
-    stress.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
+    stress.add_argument("--config", type=Path, help="a store config YAML (default: embedded)")
+    stress.add_argument("--tasks", type=_positive, default=defaults.tasks, help="concurrency")
+    stress.add_argument("--ops", type=_positive, default=defaults.ops)
+    stress.add_argument("--duration", type=float, help="stop after this many seconds")
+    stress.add_argument("--keys-per-task", type=_positive, default=defaults.keys_per_task)
+    stress.add_argument("--min-tokens", type=_positive, default=defaults.min_tokens)
+    stress.add_argument("--max-tokens", type=_positive, default=defaults.max_tokens)
+    stress.add_argument(
+        "--size-dist", choices=("uniform", "lognormal"), default=defaults.size_distribution
+    )
+    stress.add_argument("--get-fraction", type=float, default=defaults.get_fraction)
+    stress.add_argument("--delete-fraction", type=float, default=defaults.delete_fraction)
     stress.add_argument("--seed", type=int, default=defaults.seed)
     stress.add_argument("--no-progress", action="store_true")
-    inspect = commands.add_parser(
-        "inspect",
-        help="verify every file of a disk tier's folder (header and checksum)",
-        description="PATH is a disk tier's configured path (or one of its ns-* folders). "
-        "Lists entries, bytes, corrupt or foreign files and leftover temporary files; "
-        "exits 1 while any remain.",
+    stress.set_defaults(run=_run_stress)
+
+
+def _run_stress(args: argparse.Namespace) -> int:
+    options = StressOptions(
+        tasks=args.tasks,
+        ops=args.ops,
+        keys_per_task=args.keys_per_task,
+        min_tokens=args.min_tokens,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        get_fraction=args.get_fraction,
+        delete_fraction=args.delete_fraction,
+        size_distribution=args.size_dist,
+        duration_s=args.duration,
+        progress=args.progress,
     )
-    inspect.add_argument("path", type=Path)
-    inspect.add_argument("--repair", action="store_true", help="remove corrupt and temporary files")
-    inspect.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        if args.command == "inspect":
-            return _inspect(args.path, args.repair, not args.no_progress and sys.stderr.isatty())
-        options = StressOptions(
-            tasks=_positive("--tasks", args.tasks),
-            ops=_positive("--ops", args.ops),
-            keys_per_task=_positive("--keys-per-task", args.keys_per_task),
-            min_tokens=_positive("--min-tokens", args.min_tokens),
-            max_tokens=max(_positive("--max-tokens", args.max_tokens), args.min_tokens),
-            seed=args.seed,
-            progress=not args.no_progress and sys.stderr.isatty(),
-        )
-        return asyncio.run(_stress(args.config, options))
-    except LmtierError as exc:
-        print(f"lmtier: error: {exc}", file=sys.stderr)
-        return 2
+    return asyncio.run(_stress(args.config, options))
 
 
 async def _stress(config_path: Path | None, options: StressOptions) -> int:
@@ -86,10 +100,96 @@ async def _stress(config_path: Path | None, options: StressOptions) -> int:
     return 0 if report.ok else 1
 
 
-def _inspect(path: Path, repair: bool, progress: bool) -> int:
-    reports = inspect_path(path, repair=repair, progress=progress)
+# ---------------------------------------------------------------------- replay
+def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    replay = commands.add_parser(
+        "replay",
+        help="replay a request trace through the tiers; hit ratios beside OPT and the ceiling",
+        description="Each request looks up its blocks in order: a hit is read (and promoted), "
+        "a miss is put. Sizes-only mode runs the same evictors and cascade without data; "
+        "--real puts real tensors through a real store (memory tiers over a disk tier in a "
+        "temporary folder, or --config's tiers) and checks every hit's bytes.",
+    )
+    defaults = ReplayOptions()
+    replay.add_argument("trace", type=Path, help="a JSONL trace")
+    replay.add_argument("--format", choices=sorted(FORMATS), help="default: detected")
+    replay.add_argument("--limit", type=_positive, help="replay only the first N requests")
+    replay.add_argument("--real", action="store_true", help="real tensors through a real store")
+    replay.add_argument(
+        "--capacities", type=_floats, default=defaults.capacities,
+        help="total capacities as fractions of the trace's distinct blocks (default: %(default)s)",
+    )  # fmt: skip
+    replay.add_argument(
+        "--split", type=_floats, default=defaults.shares,
+        help="how a capacity divides among tiers, fastest first, e.g. 1,4,16 (default: one tier)",
+    )  # fmt: skip
+    replay.add_argument("--policies", type=_names, default=defaults.policies, help="e.g. lru")
+    replay.add_argument(
+        "--bytes-per-token", type=_positive,
+        help=f"KV bytes per token (sizes-only default {defaults.bytes_per_token}, an 8B model "
+        "in bf16; --real default 16, to fit in memory)",
+    )  # fmt: skip
+    replay.add_argument("--config", type=Path, help="--real: tier kinds from this config")
+    replay.add_argument("--no-promote", action="store_true", help="lower hits stay where they are")
+    replay.add_argument("--csv", type=Path, help="write the results here")
+    replay.add_argument("--plot", type=Path, help="plot hit ratio vs capacity (needs matplotlib)")
+    replay.add_argument("--no-progress", action="store_true")
+    replay.set_defaults(run=_run_replay)
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    if args.plot:
+        check_plotting()
+    trace = read_trace(args.trace, args.format, args.limit)
+    default_bytes = 16 if args.real else ReplayOptions().bytes_per_token
+    options = ReplayOptions(
+        capacities=args.capacities,
+        policies=args.policies,
+        shares=args.split,
+        bytes_per_token=args.bytes_per_token or default_bytes,
+        real=args.real,
+        promote_on_hit=not args.no_promote,
+        config=args.config,
+        progress=args.progress,
+    )
+    print(
+        f"{args.trace}: {trace.format}, {len(trace.requests):,} requests, "
+        f"{trace.references:,} block references, {trace.distinct_blocks:,} distinct blocks of "
+        f"{trace.block_tokens} tokens ({options.bytes_per_token * trace.block_tokens:,} bytes); "
+        f"{'real' if options.real else 'sizes-only'} mode",
+        flush=True,
+    )
+    sweep = run_sweep(trace, options)
+    print(format_table(sweep.results, sweep.optimum))
+    if args.csv:
+        write_csv(args.csv, sweep.results, sweep.optimum)
+    if args.plot:
+        write_plot(args.plot, sweep.results, sweep.optimum)
+    wrong = sum(result.wrong for result in sweep.results)
+    if wrong:
+        print(f"FAILED: {wrong} hit(s) returned bytes that were not the block's")
+    return 1 if wrong else 0
+
+
+# ---------------------------------------------------------------------- inspect
+def _add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    inspect = commands.add_parser(
+        "inspect",
+        help="verify every file of a disk tier's folder (header and checksum)",
+        description="PATH is a disk tier's configured path (or one of its ns-* folders). "
+        "Lists entries, bytes, corrupt or foreign files and leftover temporary files; "
+        "exits 1 while any remain.",
+    )
+    inspect.add_argument("path", type=Path)
+    inspect.add_argument("--repair", action="store_true", help="remove corrupt and temporary files")
+    inspect.add_argument("--no-progress", action="store_true")
+    inspect.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    reports = inspect_path(args.path, repair=args.repair, progress=args.progress)
     if not reports:
-        print(f"{path}: no disk tier folder (ns-*) here")
+        print(f"{args.path}: no disk tier folder (ns-*) here")
         return 0
     for report in reports:
         scan = report.scan
@@ -103,15 +203,31 @@ def _inspect(path: Path, repair: bool, progress: bool) -> int:
             print(f"  corrupt  {bad}: {why}")
         for temp in scan.temp_files:
             print(f"  temp     {temp}")
-        if repair:
+        if args.repair:
             print(f"  repaired: removed {report.removed} file(s)")
     return 1 if any(report.problems for report in reports) else 0
 
 
-def _positive(flag: str, value: int) -> int:
+# ---------------------------------------------------------------------- argument types
+def _positive(text: str) -> int:
+    value = int(text)
     if value <= 0:
-        raise SystemExit(f"lmtier: error: {flag} must be > 0, got {value}")
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"every value must be > 0: {text}")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 if __name__ == "__main__":

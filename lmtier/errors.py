@@ -9,6 +9,7 @@ keeps working for code that does not know lmtier::
     ├── LmtierTypeError        (TypeError)    a key or value of the wrong type
     ├── ConfigError            (ValueError)   a missing, malformed or invalid configuration
     │   └── DeviceUnavailableError            a configured device that this machine lacks
+    ├── TraceError             (ValueError)   a request trace that cannot be parsed (with its line)
     ├── StorageError           (OSError)      a tier's storage cannot be used (unwritable path, ...)
     ├── CorruptEntryError      (ValueError)   stored bytes that fail their header or checksum
     └── StoreClosedError       (RuntimeError) an operation on a closed store
@@ -26,6 +27,7 @@ __all__ = [
     "LmtierTypeError",
     "StorageError",
     "StoreClosedError",
+    "TraceError",
 ]
 
 
@@ -51,6 +53,10 @@ class ConfigError(LmtierError, ValueError):
 
 class DeviceUnavailableError(ConfigError):
     """A tier asks for a device this machine does not have."""
+
+
+class TraceError(LmtierError, ValueError):
+    """A request trace that cannot be read; the message names the file and line."""
 
 
 class StorageError(LmtierError, OSError):

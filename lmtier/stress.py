@@ -35,7 +35,28 @@ class StressOptions:
     # Fractions of ops after a task's first fill; the rest are puts.
     get_fraction: float = 0.4
     delete_fraction: float = 0.05
+    # "uniform" between min and max tokens, or "lognormal" (many small, a few large entries)
+    size_distribution: str = "uniform"
+    duration_s: float | None = None  # stop after this long even if ops remain
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if (
+            not 0 <= self.get_fraction + self.delete_fraction <= 1
+            or min(self.get_fraction, self.delete_fraction) < 0
+        ):
+            raise ValueError("get and delete fractions must be >= 0 and sum to at most 1")
+        if self.size_distribution not in ("uniform", "lognormal"):
+            raise ValueError(f"unknown size distribution {self.size_distribution!r}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
+
+    def draw_tokens(self, rng: random.Random) -> int:
+        if self.size_distribution == "uniform":
+            return rng.randint(self.min_tokens, self.max_tokens)
+        # median at a quarter of the range, a long tail up to max_tokens
+        median = self.min_tokens + (self.max_tokens - self.min_tokens) / 4
+        return int(min(self.max_tokens, max(self.min_tokens, rng.lognormvariate(0, 0.8) * median)))
 
 
 @dataclass
@@ -91,6 +112,7 @@ async def run_stress(store: TieredStore, options: StressOptions) -> StressReport
     store._on_drop = lambda key: dropped_at.__setitem__(key, clock)
     bar = tqdm(total=options.ops, desc="stress", unit="op", disable=not options.progress)
     per_task = options.ops // options.tasks
+    deadline = None if options.duration_s is None else time.perf_counter() + options.duration_s
 
     async def check(key: str, got: torch.Tensor | None) -> None:
         state = expected.get(key)
@@ -114,6 +136,8 @@ async def run_stress(store: TieredStore, options: StressOptions) -> StressReport
         rng = random.Random(options.seed * 1_000_003 + task)
         keys = [f"stress/{task}/{i}" for i in range(options.keys_per_task)]
         for op in range(per_task):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
             key = keys[op] if op < len(keys) else rng.choice(keys)
             roll = 1.0 if op < len(keys) else rng.random()
             clock += 1
@@ -126,7 +150,7 @@ async def run_stress(store: TieredStore, options: StressOptions) -> StressReport
                 report.get_latencies.append(time.perf_counter() - started)
                 await check(key, got)
             else:
-                tokens = rng.randint(options.min_tokens, options.max_tokens)
+                tokens = options.draw_tokens(rng)
                 put_time = clock
                 status = await store.put(key, pattern_tensor(key, op, tokens))
                 report.put_latencies.append(time.perf_counter() - started)

@@ -48,8 +48,21 @@ def test_stress_fails_when_the_store_returns_wrong_bytes(
 
 
 def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit, match="--tasks must be > 0"):
+    with pytest.raises(SystemExit):
         main(["stress", "--tasks", "0"])
+    assert "--tasks: must be > 0" in capsys.readouterr().err
+    assert main(["stress", "--get-fraction", "0.9", "--delete-fraction", "0.2"]) == 2
+    assert "sum to at most 1" in capsys.readouterr().err
+
+
+def test_stress_with_a_duration_and_lognormal_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    args = [*SMALL, "--ops", "1000000", "--duration", "2", "--size-dist", "lognormal",
+            "--get-fraction", "0.6", "--delete-fraction", "0.1"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "OK: no wrong or lost entry" in out
+    ops = int(out.split(" ops in ")[0].rsplit("\n", 1)[-1])
+    assert 0 < ops < 1_000_000
 
 
 def test_a_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,166 @@
+"""Replaying a trace as an engine would: each request's blocks looked up, hits read, misses put."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from lmtier.replay.cascade_sim import CascadeSim, SimTier
+from lmtier.replay.optimal import belady_hits, ceiling_hits
+from lmtier.replay.traces import Trace
+from lmtier.store import TieredStore
+
+__all__ = [
+    "ReplayResult",
+    "block_tensor",
+    "capacity_blocks",
+    "optimum",
+    "replay_real",
+    "replay_sizes_only",
+]
+
+
+@dataclass
+class ReplayResult:
+    """Hits per tier of one replay, with the tiers' own counters at the end."""
+
+    policy: str
+    fraction: float  # total capacity as a fraction of the trace's footprint
+    tier_names: list[str]
+    capacities: list[int]  # bytes
+    block_bytes: int
+    references: int = 0
+    block_hits: list[int] = field(default_factory=list)
+    prefix_hits: list[int] = field(default_factory=list)
+    wrong: int = 0  # real mode: hits whose bytes were not the block's
+    counters: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.block_hits = [0] * len(self.tier_names)
+        self.prefix_hits = [0] * len(self.tier_names)
+
+    def record(self, tier: int | None, prefix: bool) -> None:
+        self.references += 1
+        if tier is not None:
+            self.block_hits[tier] += 1
+            if prefix:
+                self.prefix_hits[tier] += 1
+
+    @property
+    def block_hit_ratio(self) -> float:
+        return sum(self.block_hits) / max(self.references, 1)
+
+    @property
+    def prefix_hit_ratio(self) -> float:
+        return sum(self.prefix_hits) / max(self.references, 1)
+
+
+def capacity_blocks(trace: Trace, fraction: float) -> int:
+    """A capacity of ``fraction`` of the trace's distinct blocks, rounded down."""
+    return math.floor(fraction * trace.distinct_blocks)
+
+
+def split_capacity(blocks: int, shares: Sequence[float]) -> list[int]:
+    """``blocks`` divided among tiers in proportion to ``shares`` (each rounded down)."""
+    total = sum(shares)
+    return [math.floor(blocks * share / total) for share in shares]
+
+
+def _replay(
+    trace: Trace,
+    result: ReplayResult,
+    access: Callable[[int], int | None],
+    progress: bool,
+) -> None:
+    started = time.perf_counter()
+    for request in tqdm(trace.requests, desc="replay", unit="req", disable=not progress):
+        prefix = True
+        for block in request.hash_ids:
+            tier = access(block)
+            prefix = prefix and tier is not None
+            result.record(tier, prefix)
+    result.seconds = time.perf_counter() - started
+
+
+def replay_sizes_only(
+    trace: Trace,
+    tier_names: list[str],
+    capacities: list[int],
+    policy: str,
+    block_bytes: int,
+    fraction: float,
+    promote_on_hit: bool = True,
+    progress: bool = False,
+) -> ReplayResult:
+    """Replay through the cascade's decisions alone (no data): every block is read or put."""
+    sim = CascadeSim(
+        [SimTier(n, c, policy) for n, c in zip(tier_names, capacities, strict=True)],
+        promote_on_hit,
+    )
+    result = ReplayResult(policy, fraction, tier_names, capacities, block_bytes)
+
+    def access(block: int) -> int | None:
+        tier = sim.get(block)
+        if tier is None:
+            sim.put(block, block_bytes)
+        return tier
+
+    _replay(trace, result, access, progress)
+    result.counters = {t.name: t.counters.as_dict() for t in sim.tiers}
+    return result
+
+
+def block_tensor(block: int, nbytes: int) -> torch.Tensor:
+    """A block's stand-in KV: its id in the first 8 bytes, a fixed pattern after."""
+    tensor = torch.arange(nbytes, dtype=torch.int64).remainder_(251).to(torch.uint8)
+    tensor[:8] = torch.tensor(list(block.to_bytes(8, "little", signed=True)), dtype=torch.uint8)
+    return tensor
+
+
+async def replay_real(
+    trace: Trace, store: TieredStore, block_bytes: int, fraction: float, policy: str,
+    progress: bool = False,
+) -> ReplayResult:  # fmt: skip
+    """Replay through a real store with real tensors; every hit's bytes are checked."""
+    names = [tier.name for tier in store.tiers]
+    result = ReplayResult(policy, fraction, names, [t.budget for t in store.tiers], block_bytes)
+    template = block_tensor(0, block_bytes)
+    started = time.perf_counter()
+    for request in tqdm(trace.requests, desc="replay", unit="req", disable=not progress):
+        prefix = True
+        for block in request.hash_ids:
+            where = await store.contains(block_key(block))
+            got = await store.get(block_key(block)) if where is not None else None
+            if got is None:
+                tier = None
+                await store.put(block_key(block), block_tensor(block, block_bytes))
+            else:
+                tier = names.index(where)  # type: ignore[arg-type]
+                if not _is_block(got, block, template):
+                    result.wrong += 1
+            prefix = prefix and tier is not None
+            result.record(tier, prefix)
+    result.seconds = time.perf_counter() - started
+    result.counters = {name: dict(stats) for name, stats in store.stats()["tiers"].items()}
+    return result
+
+
+def block_key(block: int) -> str:
+    return f"block-{block}"
+
+
+def _is_block(got: torch.Tensor, block: int, template: torch.Tensor) -> bool:
+    head = int.from_bytes(bytes(got[:8].tolist()), "little", signed=True)
+    return head == block and torch.equal(got[8:], template[8:])
+
+
+def optimum(trace: Trace, capacity: int) -> tuple[float, float]:
+    """OPT's and the infinite cache's block hit ratios for ``capacity`` blocks."""
+    refs = [block for request in trace.requests for block in request.hash_ids]
+    return belady_hits(refs, capacity) / len(refs), ceiling_hits(refs) / len(refs)

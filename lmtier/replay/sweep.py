@@ -1,0 +1,125 @@
+"""A replay sweep: every policy at every capacity, with OPT and the ceiling beside them."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmtier.config import StoreConfig, TierConfig, load_config
+from lmtier.errors import ConfigError
+from lmtier.replay.run import (
+    ReplayResult,
+    capacity_blocks,
+    optimum,
+    replay_real,
+    replay_sizes_only,
+    split_capacity,
+)
+from lmtier.replay.traces import Trace
+from lmtier.store import TieredStore
+
+__all__ = ["ReplayOptions", "SweepResult", "run_sweep"]
+
+# 8B-class model in bf16: 32 layers x 8 KV heads x 128 dims x 2 (K and V) x 2 bytes.
+DEFAULT_BYTES_PER_TOKEN = 128 * 1024
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    capacities: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25)
+    policies: tuple[str, ...] = ("lru",)
+    shares: tuple[float, ...] = (1.0,)  # how the capacity divides among tiers, fastest first
+    bytes_per_token: int = DEFAULT_BYTES_PER_TOKEN
+    real: bool = False
+    promote_on_hit: bool = True
+    config: Path | None = None  # real mode: tier kinds and devices from here, budgets replaced
+    progress: bool = False
+
+
+@dataclass
+class SweepResult:
+    trace: Trace
+    block_bytes: int
+    results: list[ReplayResult]
+    optimum: dict[float, tuple[float, float]]  # fraction -> (OPT, ceiling) block hit ratios
+
+
+def run_sweep(trace: Trace, options: ReplayOptions) -> SweepResult:
+    block_bytes = options.bytes_per_token * trace.block_tokens
+    results = []
+    best = {}
+    for fraction in options.capacities:
+        blocks = capacity_blocks(trace, fraction)
+        per_tier = split_capacity(blocks, options.shares)
+        if min(per_tier) <= 0:
+            raise ConfigError(
+                f"capacity {fraction:g} of {trace.distinct_blocks} blocks split {options.shares} "
+                "leaves a tier with no block"
+            )
+        capacities = [n * block_bytes for n in per_tier]
+        best[fraction] = optimum(trace, sum(per_tier))
+        for policy in options.policies:
+            if options.real:
+                result = asyncio.run(
+                    _real(trace, options, capacities, policy, block_bytes, fraction)
+                )
+            else:
+                names = _default_names(len(capacities))
+                result = replay_sizes_only(
+                    trace, names, capacities, policy, block_bytes, fraction,
+                    options.promote_on_hit, options.progress,
+                )  # fmt: skip
+            results.append(result)
+    return SweepResult(trace, block_bytes, results, best)
+
+
+def _default_names(count: int) -> list[str]:
+    return {1: ["cpu"], 2: ["cpu", "disk"], 3: ["gpu", "cpu", "disk"]}.get(
+        count, [f"tier{i}" for i in range(count)]
+    )
+
+
+async def _real(
+    trace: Trace,
+    options: ReplayOptions,
+    capacities: list[int],
+    policy: str,
+    block_bytes: int,
+    fraction: float,
+) -> ReplayResult:
+    with tempfile.TemporaryDirectory(prefix="lmtier-replay-") as folder:
+        config = _real_config(options, capacities, policy, Path(folder))
+        async with TieredStore(config) as store:
+            return await replay_real(trace, store, block_bytes, fraction, policy, options.progress)
+
+
+def _real_config(
+    options: ReplayOptions, capacities: list[int], policy: str, folder: Path
+) -> StoreConfig:
+    """The tiers to replay through: the config's (budgets replaced) or memory tiers over disk."""
+    if options.config is not None:
+        specs = list(load_config(options.config).tiers)
+        if len(specs) != len(capacities):
+            raise ConfigError(
+                f"{options.config} has {len(specs)} tiers but --split gives {len(capacities)}"
+            )
+    else:
+        names = _default_names(len(capacities))
+        specs = [TierConfig(name, "memory", 1) for name in names]
+        if len(specs) > 1:
+            specs[-1] = TierConfig(names[-1], "disk", 1, path=str(folder))
+        if len(specs) == 3 and torch.cuda.is_available():
+            specs[0] = TierConfig(names[0], "memory", 1, device="cuda")
+    tiers = tuple(
+        TierConfig(
+            spec.name, spec.kind, capacity, policy, spec.device, spec.pinned,
+            str(folder / spec.name) if spec.kind == "disk" else None, spec.required,
+            spec.durability,
+        )
+        for spec, capacity in zip(specs, capacities, strict=True)
+    )  # fmt: skip
+    return StoreConfig(tiers, promote_on_hit=options.promote_on_hit)
