@@ -173,6 +173,27 @@ class TieredStore:
                 return tier.name
         return None
 
+    def pin(self, key: KeyLike) -> str | None:
+        """Keep ``key`` from being evicted in any tier until ``unpin``; the tier holding it.
+
+        Nothing is pinned (and None returned) when no tier holds ``key``. Pins are counted and
+        follow the entry when it is promoted or demoted.
+        """
+        key = check_key(key)
+        self._check_open()
+        for tier in self.tiers:
+            if tier.lookup(key) is not None:
+                for each in self.tiers:
+                    each.pin(key)
+                return tier.name
+        return None
+
+    def unpin(self, key: KeyLike) -> None:
+        """Release one ``pin`` of ``key``."""
+        key = check_key(key)
+        for tier in self.tiers:
+            tier.unpin(key)
+
     async def delete(self, key: KeyLike) -> bool:
         """Remove ``key`` from every tier; whether it was there."""
         key = check_key(key)

@@ -1,0 +1,130 @@
+"""What an engine calls: look up a prompt's cached prefix, retrieve it, store new chunks."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+from lmtier.engine.chunks import ChunkKey, ChunkSpec, token_chunks
+from lmtier.errors import InvalidValueError, LmtierTypeError
+from lmtier.evictor import PutStatus
+from lmtier.keys import CacheEngineKey
+from lmtier.store import TieredStore
+
+__all__ = ["KVCacheEngine", "Tokens"]
+
+Tokens = Sequence[int] | torch.Tensor
+
+
+class KVCacheEngine:
+    """Chunked prefix caching on a TieredStore.
+
+    KV tensors carry the tokens along ``token_dim`` (2 in the default layout
+    ``[num_layers, 2 (K and V), num_tokens, num_kv_heads, head_dim]``); each full chunk of
+    ``spec.chunk_size`` tokens is one store entry.  ``lookup`` pins the chunks it counts so that
+    they survive until ``retrieve`` or ``release``.
+    """
+
+    def __init__(self, store: TieredStore, spec: ChunkSpec, token_dim: int = 2) -> None:
+        self._store = store
+        self.spec = spec
+        self.token_dim = token_dim
+        self._pins: Counter[CacheEngineKey] = Counter()
+
+    def chunks(self, tokens: Tokens) -> list[ChunkKey]:
+        return token_chunks(self.spec, tokens)
+
+    async def lookup(self, tokens: Tokens) -> int:
+        """How many leading tokens are cached (in any tier); those chunks are now pinned."""
+        hit = 0
+        for chunk in self.chunks(tokens):
+            if self._store.pin(chunk.key) is None:
+                break
+            self._pins[chunk.key] += 1
+            hit = chunk.end
+        return hit
+
+    def release(self, tokens: Tokens) -> None:
+        """Drop the pins a ``lookup`` of ``tokens`` took, without retrieving."""
+        for chunk in self.chunks(tokens):
+            self._unpin(chunk.key)
+
+    async def store(self, tokens: Tokens, kv: torch.Tensor | Sequence[torch.Tensor]) -> int:
+        """Store the chunks of ``tokens`` not cached yet; how many tokens the store now holds.
+
+        ``kv`` is the KV of all ``tokens`` (tokens along ``token_dim``) or one tensor per
+        chunk.  One ``put_many`` per call.
+        """
+        chunks = self.chunks(tokens)
+        pieces = self._split(kv, chunks, len(tokens))
+        missing = [
+            (chunk.key, piece)
+            for chunk, piece in zip(chunks, pieces, strict=True)
+            if await self._store.contains(chunk.key) is None
+        ]
+        statuses = await self._store.put_many(missing)
+        stored = {
+            key
+            for (key, _), status in zip(missing, statuses, strict=True)
+            if status is PutStatus.LEGAL
+        }
+        held = 0
+        for chunk in chunks:
+            if chunk.key not in stored and await self._store.contains(chunk.key) is None:
+                break
+            held = chunk.end
+        return held
+
+    async def retrieve(
+        self, tokens: Tokens, device: str | torch.device | None = None
+    ) -> tuple[int, torch.Tensor | None]:
+        """The cached prefix of ``tokens``: its length and its KV on ``device``.
+
+        Releases the pins of a preceding ``lookup`` of these tokens.
+        """
+        chunks = self.chunks(tokens)
+        try:
+            got = await self._store.get_many([chunk.key for chunk in chunks], device)
+        finally:
+            for chunk in chunks:
+                self._unpin(chunk.key)
+        prefix: list[torch.Tensor] = []
+        for piece in got:
+            if piece is None:
+                break
+            prefix.append(piece)
+        if not prefix:
+            return 0, None
+        return chunks[len(prefix) - 1].end, torch.cat(prefix, dim=self.token_dim)
+
+    def _split(
+        self, kv: torch.Tensor | Sequence[torch.Tensor], chunks: list[ChunkKey], count: int
+    ) -> list[torch.Tensor]:
+        if isinstance(kv, torch.Tensor):
+            if kv.dim() <= self.token_dim or kv.shape[self.token_dim] != count:
+                raise InvalidValueError(
+                    f"kv of shape {list(kv.shape)} does not hold {count} tokens on dim "
+                    f"{self.token_dim}"
+                )
+            return [kv.narrow(self.token_dim, c.start, c.end - c.start) for c in chunks]
+        pieces = list(kv)
+        if len(pieces) < len(chunks):
+            raise InvalidValueError(f"{len(pieces)} KV chunks for {len(chunks)} token chunks")
+        for chunk, piece in zip(chunks, pieces, strict=False):
+            if not isinstance(piece, torch.Tensor):
+                raise LmtierTypeError(f"a KV chunk must be a tensor, got {type(piece).__name__}")
+            if piece.shape[self.token_dim] != chunk.end - chunk.start:
+                raise InvalidValueError(
+                    f"KV chunk for tokens {chunk.start}..{chunk.end} holds "
+                    f"{piece.shape[self.token_dim]} tokens"
+                )
+        return pieces[: len(chunks)]
+
+    def _unpin(self, key: CacheEngineKey) -> None:
+        if self._pins[key] > 0:
+            self._pins[key] -= 1
+            if not self._pins[key]:
+                del self._pins[key]
+            self._store.unpin(key)
