@@ -136,7 +136,7 @@ async def replay_real(
         prefix = True
         for block in request.hash_ids:
             where = await store.contains(block_key(block))
-            got = await store.get(block_key(block)) if where is not None else None
+            got = await store.get(block_key(block), "cpu") if where is not None else None
             if got is None:
                 tier = None
                 await store.put(block_key(block), block_tensor(block, block_bytes))
