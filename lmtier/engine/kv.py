@@ -85,8 +85,13 @@ class KVCacheEngine:
         Releases the pins of a preceding ``lookup`` of these tokens.
         """
         chunks = self.chunks(tokens)
+        prefix_keys = []
+        for chunk in chunks:  # only the cached prefix: chunks after a gap are of no use
+            if await self._store.contains(chunk.key) is None:
+                break
+            prefix_keys.append(chunk.key)
         try:
-            got = await self._store.get_many([chunk.key for chunk in chunks], device)
+            got = await self._store.get_many(prefix_keys, device)
         finally:
             for chunk in chunks:
                 self._unpin(chunk.key)
