@@ -17,8 +17,8 @@ from lmtier.errors import CorruptEntryError, InvalidValueError, StoreClosedError
 from lmtier.evictor import PutStatus
 from lmtier.keys import KeyLike, check_key
 from lmtier.tiers.base import Tier
+from lmtier.tiers.copies import copy_to
 from lmtier.tiers.factory import build_tiers
-from lmtier.tiers.memory import INLINE_COPY_BYTES
 
 __all__ = ["TieredStore"]
 
@@ -140,15 +140,13 @@ class TieredStore:
                 index, tier, obj = found
                 tier.pin(key)
                 try:
-                    data = await self._load_or_drop(tier, key, obj)
+                    data = await self._load_or_drop(tier, key, obj, out)
                     if data is None:  # moved, replaced or lost while we read: look again
                         continue
-                    if out is not None:
-                        result = await _copy_into(out, data)
-                    else:
-                        result = await _deliver(
-                            data, target or tier.home_device, tier.loads_are_private
-                        )
+                    result = data
+                    if out is None:
+                        home = target or tier.home_device
+                        result = await copy_to(data, home, tier.loads_are_private)
                 finally:
                     tier.unpin(key)
                 tier.touch(key)
@@ -364,10 +362,13 @@ class TieredStore:
                 removed.append((tier, obj))
         return removed
 
-    async def _load_or_drop(self, tier: Tier, key: KeyLike, obj: Any) -> torch.Tensor | None:
-        """``tier.load(obj)``, or None after dropping an entry whose bytes cannot be served."""
+    async def _load_or_drop(
+        self, tier: Tier, key: KeyLike, obj: Any, out: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """``tier.load(obj)`` (into ``out`` if given), or None after dropping an entry whose
+        bytes cannot be served."""
         try:
-            data = await tier.load(obj)
+            data = await (tier.load(obj) if out is None else tier.load_into(obj, out))
         except CorruptEntryError as exc:
             self._drop_bad(tier, key, obj, str(exc), "corrupt")
             return None
@@ -434,43 +435,6 @@ class _Operation:
         store._active -= 1
         if not store._active:
             store._idle_event().set()
-
-
-async def _deliver(data: torch.Tensor, device: torch.device, private: bool) -> torch.Tensor:
-    """``data`` on ``device`` as a tensor the caller owns."""
-    if private and data.device == device:
-        return data
-    if data.device.type == "cpu" and device.type == "cpu":
-        if data.numel() * data.element_size() < INLINE_COPY_BYTES:
-            return data.clone()
-        # Allocated here, filled there: the event loop's thread reuses freed memory that a
-        # worker thread's allocator would hand out fresh (and page-fault on), ~2.5x slower.
-        out = torch.empty_like(data, memory_format=torch.contiguous_format)
-        await asyncio.to_thread(out.copy_, data)
-        return out
-    return await asyncio.to_thread(_copy_across, data, device)
-
-
-async def _copy_into(out: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-    if out.shape != data.shape or out.dtype != data.dtype:
-        raise InvalidValueError(
-            f"out is {out.dtype}{list(out.shape)} but the entry is {data.dtype}{list(data.shape)}"
-        )
-    small = data.numel() * data.element_size() < INLINE_COPY_BYTES
-    if small and out.device.type == "cpu" and data.device.type == "cpu":
-        return out.copy_(data)
-    await asyncio.to_thread(_copy_across, data, out.device, out)
-    return out
-
-
-def _copy_across(
-    data: torch.Tensor, device: torch.device, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """A blocking copy of ``data`` to ``device`` (into ``out`` if given), for a worker thread."""
-    out = data.to(device, copy=True) if out is None else out.copy_(data)
-    if out.device.type == "cuda" or data.device.type == "cuda":
-        torch.cuda.synchronize(out.device if out.device.type == "cuda" else data.device)
-    return out
 
 
 def _as_device(device: str | torch.device | None) -> torch.device | None:

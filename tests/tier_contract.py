@@ -51,6 +51,16 @@ class TierContract:
             assert torch.equal(loaded.cpu(), tensor)
         assert tier.audit(quiescent=True) == []
 
+    async def test_load_into_a_preallocated_buffer(self) -> None:
+        tier = await self.make_tier(1 << 20)
+        tensor = torch.randn(3, 100).to(torch.bfloat16)
+        await store_in(tier, "k", tensor)
+        out = torch.empty(3, 100, dtype=torch.bfloat16)
+        assert await tier.load_into(tier.lookup("k"), out) is out
+        assert torch.equal(out, tensor)
+        with pytest.raises(ValueError, match="out is"):
+            await tier.load_into(tier.lookup("k"), torch.empty(300, dtype=torch.bfloat16))
+
     async def test_stored_copy_is_independent_of_the_callers_tensor(self) -> None:
         tier = await self.make_tier(1 << 20)
         tensor = tensor_for("k")

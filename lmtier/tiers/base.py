@@ -12,6 +12,7 @@ import torch
 from lmtier.evictor import BaseEvictor, PutStatus
 from lmtier.keys import KeyLike
 from lmtier.metrics import TierCounters
+from lmtier.tiers.copies import copy_into
 
 __all__ = ["Tier"]
 
@@ -77,6 +78,12 @@ class Tier(abc.ABC):
         Raises ``CorruptEntryError`` when its bytes fail a check. Unless
         ``loads_are_private``, the result is the tier's own tensor: copy before handing it out.
         """
+
+    async def load_into(self, obj: Any, out: torch.Tensor) -> torch.Tensor | None:
+        """Fill ``out`` (the entry's shape and dtype, any device) with a stored object; ``out``,
+        or None if it vanished.  Backends that can read straight into ``out`` override this."""
+        data = await self.load(obj)
+        return None if data is None else await copy_into(out, data)
 
     @abc.abstractmethod
     async def discard(self, obj: Any) -> None:

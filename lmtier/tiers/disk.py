@@ -19,6 +19,7 @@ from lmtier.evictor import BaseEvictor
 from lmtier.keys import KeyLike
 from lmtier.metadata import DiskCacheMetadata
 from lmtier.tiers.base import Tier
+from lmtier.tiers.copies import check_out
 from lmtier.tiers.disk_files import (
     LOCK_NAME,
     SUFFIX,
@@ -177,7 +178,9 @@ class DiskTier(Tier):
         assert isinstance(obj, DiskCacheMetadata)
         return await asyncio.to_thread(self._read_file, obj)
 
-    def _read_file(self, meta: DiskCacheMetadata) -> torch.Tensor | None:
+    def _read_file(
+        self, meta: DiskCacheMetadata, out: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         try:
             with open(meta.path, "rb", buffering=0) as f:
                 header, start = read_header(f)
@@ -188,9 +191,17 @@ class DiskTier(Tier):
                     meta.checksum,
                 ):
                     raise CorruptEntryError(f"{meta.path}: header does not match the index")
-                return tensor_from(header, start, f, meta.path)
+                return tensor_from(header, start, f, meta.path, out)
         except FileNotFoundError:
             return None
+
+    async def load_into(self, obj: Any, out: torch.Tensor) -> torch.Tensor | None:
+        """Read straight into ``out`` when it is contiguous host memory: no buffer between."""
+        assert isinstance(obj, DiskCacheMetadata)
+        check_out(out, obj.shape or (), obj.dtype or out.dtype)
+        if out.device.type != "cpu" or not out.is_contiguous():
+            return await super().load_into(obj, out)
+        return await asyncio.to_thread(self._read_file, obj, out)
 
     async def discard(self, obj: Any) -> None:
         assert isinstance(obj, DiskCacheMetadata)

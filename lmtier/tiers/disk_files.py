@@ -187,9 +187,16 @@ def _is_shard(name: str) -> bool:
     return len(name) == 2 and set(name) <= _HEX
 
 
-def tensor_from(header: serde.EntryHeader, start: bytes, f: BinaryIO, path: str) -> torch.Tensor:
-    """Read the payload that follows a header into a new tensor and verify its checksum."""
-    tensor = torch.empty(header.shape, dtype=header.dtype)
+def tensor_from(
+    header: serde.EntryHeader,
+    start: bytes,
+    f: BinaryIO,
+    path: str,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Read the payload that follows a header into ``out`` (contiguous host memory of the
+    entry's shape) or a new tensor, and verify its checksum."""
+    tensor = torch.empty(header.shape, dtype=header.dtype) if out is None else out
     payload = serde.payload_view(tensor)
     filled = min(len(start), header.nbytes)
     payload[:filled] = start[:filled]

@@ -13,13 +13,12 @@ import torch
 from lmtier.evictor import BaseEvictor
 from lmtier.keys import KeyLike
 from lmtier.tiers.base import Tier
+from lmtier.tiers.copies import INLINE_COPY_BYTES
 
 __all__ = ["MemoryTier"]
 
 log = logging.getLogger(__name__)
 
-# Below this, a copy costs less than the ~100 us thread hop that would keep it off the loop.
-INLINE_COPY_BYTES = 1 << 20
 _said_unpinned = False
 
 
