@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from lmtier.bench import BenchOptions, Row, format_rows, run_bench
 from lmtier.config import load_config
 from lmtier.errors import LmtierError
 from lmtier.inspect import inspect_path
@@ -29,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_stress(commands)
     _add_replay(commands)
     _add_inspect(commands)
+    _add_bench(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -206,6 +211,39 @@ def _run_inspect(args: argparse.Namespace) -> int:
         if args.repair:
             print(f"  repaired: removed {report.removed} file(s)")
     return 1 if any(report.problems for report in reports) else 0
+
+
+# ---------------------------------------------------------------------- bench
+def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="data paths beside raw baselines measured in the same run, as ratios",
+        description="Medians of several repetitions; each ratio is baseline time / lmtier "
+        "time, measured side by side (1.0: as fast as the raw operation).",
+    )
+    bench.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    bench.add_argument("--folder", type=Path, help="where disk rows write (default: /tmp)")
+    bench.add_argument("--fsync", action="store_true", help="disk rows with durability fsync")
+    bench.add_argument("--restart-entries", type=_positive, default=BenchOptions().restart_entries)
+    bench.add_argument("--no-progress", action="store_true")
+    bench.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    options = BenchOptions(args.quick, args.folder, args.fsync, args.restart_entries)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
+    print(
+        f"lmtier bench: torch {torch.__version__}, {os.cpu_count()} CPUs, {device}; "
+        f"medians of {options.repeats}",
+        flush=True,
+    )
+
+    def progress(row: Row) -> None:
+        if args.progress:
+            print(f"  measured {row.name}", file=sys.stderr, flush=True)
+
+    print(format_rows(run_bench(options, progress)))
+    return 0
 
 
 # ---------------------------------------------------------------------- argument types
