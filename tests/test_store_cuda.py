@@ -55,3 +55,20 @@ async def test_cuda_tier_copies_are_independent(tmp_path: Path) -> None:
         source.zero_()
         got = await store.get("a", device="cpu")
         assert got is not None and torch.equal(got, tensor_for("a"))
+
+
+async def test_copies_wait_for_work_queued_on_the_engines_stream(tmp_path: Path) -> None:
+    """A put right after a kernel that writes its tensor must copy the written values."""
+    async with TieredStore(gpu_cpu_disk(tmp_path)) as store:
+        for i in range(8):
+            source = torch.empty(256, dtype=torch.int32, device="cuda")
+            torch.cuda._sleep(20_000_000)  # a long kernel ahead on the current stream
+            source.fill_(i)  # queued behind it
+            assert await store.put(f"s{i}", source) is PutStatus.LEGAL
+            host = torch.empty(256, dtype=torch.int32).pin_memory()
+            assert await store.get(f"s{i}", out=host) is host
+            assert torch.equal(host, torch.full((256,), i, dtype=torch.int32))
+        for i in range(8):  # the early ones were demoted to the pinned cpu tier and to disk
+            got = await store.get(f"s{i}", device="cpu")
+            assert got is not None and torch.equal(got, torch.full((256,), i, dtype=torch.int32))
+        assert store.audit() == []

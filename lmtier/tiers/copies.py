@@ -8,7 +8,7 @@ import torch
 
 from lmtier.errors import InvalidValueError
 
-__all__ = ["INLINE_COPY_BYTES", "check_out", "copy_into", "copy_to"]
+__all__ = ["INLINE_COPY_BYTES", "check_out", "copy_blocking", "copy_into", "copy_to"]
 
 # Below this, a copy costs less than the ~100 us thread hop that would keep it off the loop.
 INLINE_COPY_BYTES = 1 << 20
@@ -34,7 +34,9 @@ async def copy_to(data: torch.Tensor, device: torch.device, private: bool) -> to
         out = torch.empty_like(data, memory_format=torch.contiguous_format)
         await asyncio.to_thread(out.copy_, data)
         return out
-    return await asyncio.to_thread(_copy_across, data, device)
+    out = torch.empty(data.shape, dtype=data.dtype, device=device)
+    await asyncio.to_thread(copy_blocking, out, data)
+    return out
 
 
 async def copy_into(out: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
@@ -43,15 +45,37 @@ async def copy_into(out: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     small = data.numel() * data.element_size() < INLINE_COPY_BYTES
     if small and out.device.type == "cpu" and data.device.type == "cpu":
         return out.copy_(data)
-    await asyncio.to_thread(_copy_across, data, out.device, out)
+    await asyncio.to_thread(copy_blocking, out, data)
     return out
 
 
-def _copy_across(
-    data: torch.Tensor, device: torch.device, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """A blocking copy of ``data`` to ``device`` (into ``out`` if given), for a worker thread."""
-    out = data.to(device, copy=True) if out is None else out.copy_(data)
-    if out.device.type == "cuda" or data.device.type == "cuda":
-        torch.cuda.synchronize(out.device if out.device.type == "cuda" else data.device)
-    return out
+def copy_blocking(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``, returning once it is done; for a worker thread.
+
+    A copy to or from a GPU runs on a side stream of its direction (host->device and
+    device->host use separate copy engines), after the work already queued on the current
+    stream (an engine's compute that wrote ``src``), so it neither waits behind nor blocks the
+    engine's later kernels, and only this copy's completion is awaited.
+    """
+    if dst.device.type != "cuda" and src.device.type != "cuda":
+        dst.copy_(src)
+        return
+    device = dst.device if dst.device.type == "cuda" else src.device
+    stream = _side_stream(device, to_device=dst.device.type == "cuda")
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)
+        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        done.record(stream)
+    done.synchronize()
+
+
+_SIDE_STREAMS: dict[tuple[torch.device, bool], torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device, to_device: bool) -> torch.cuda.Stream:
+    key = (device, to_device)
+    stream = _SIDE_STREAMS.get(key)
+    if stream is None:
+        stream = _SIDE_STREAMS.setdefault(key, torch.cuda.Stream(device))  # type: ignore[no-untyped-call]
+    return stream

@@ -19,7 +19,7 @@ from lmtier.evictor import BaseEvictor
 from lmtier.keys import KeyLike
 from lmtier.metadata import DiskCacheMetadata
 from lmtier.tiers.base import Tier
-from lmtier.tiers.copies import check_out
+from lmtier.tiers.copies import check_out, copy_blocking
 from lmtier.tiers.disk_files import (
     LOCK_NAME,
     SUFFIX,
@@ -148,7 +148,11 @@ class DiskTier(Tier):
         return await asyncio.to_thread(self._write_file, key, tensor)
 
     def _write_file(self, key: KeyLike, tensor: torch.Tensor) -> DiskCacheMetadata:
-        cpu = tensor.detach().to("cpu").contiguous()
+        cpu = tensor.detach()
+        if cpu.device.type != "cpu":
+            cpu = torch.empty(cpu.shape, dtype=cpu.dtype)
+            copy_blocking(cpu, tensor.detach())
+        cpu = cpu.contiguous()
         payload = serde.payload_view(cpu)
         checksum = serde.payload_checksum(payload)
         shape = tuple(cpu.shape)

@@ -13,7 +13,7 @@ import torch
 from lmtier.evictor import BaseEvictor
 from lmtier.keys import KeyLike
 from lmtier.tiers.base import Tier
-from lmtier.tiers.copies import INLINE_COPY_BYTES
+from lmtier.tiers.copies import INLINE_COPY_BYTES, copy_blocking
 
 __all__ = ["MemoryTier"]
 
@@ -45,28 +45,20 @@ class MemoryTier(Tier):
         self._trim_pool(keep=size)
 
     async def _write(self, key: KeyLike, tensor: torch.Tensor) -> torch.Tensor:
-        # Taken here, on the event loop: the pool is only ever touched from the loop.
-        nbytes = tensor.numel() * tensor.element_size()
-        buffer = self._take_buffer(nbytes)
-        if (
-            self.device.type != "cuda"
-            and tensor.device.type != "cuda"
-            and nbytes < INLINE_COPY_BYTES
-        ):
-            return self._copy_in(tensor, buffer)
-        return await asyncio.to_thread(self._copy_in, tensor, buffer)
-
-    def _copy_in(self, tensor: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
-        if buffer is None:
-            stored = torch.empty(
-                tensor.shape, dtype=tensor.dtype, device=self.device, pin_memory=self.pinned
-            )
+        # Allocated here, on the event loop: the pool is only ever touched from the loop.
+        stored = self._allocate(tensor)
+        host_only = self.device.type != "cuda" and tensor.device.type != "cuda"
+        if host_only and stored.numel() * stored.element_size() < INLINE_COPY_BYTES:
+            stored.copy_(tensor.detach())
         else:
-            stored = buffer.view(tensor.dtype).view(tensor.shape)
-        stored.copy_(tensor.detach())
-        if self.device.type == "cuda" or tensor.device.type == "cuda":
-            torch.cuda.synchronize(self.device if self.device.type == "cuda" else tensor.device)
+            await asyncio.to_thread(copy_blocking, stored, tensor.detach())
         return stored
+
+    def _allocate(self, like: torch.Tensor) -> torch.Tensor:
+        buffer = self._take_buffer(like.numel() * like.element_size())
+        if buffer is not None:
+            return buffer.view(like.dtype).view(like.shape)
+        return torch.empty(like.shape, dtype=like.dtype, device=self.device, pin_memory=self.pinned)
 
     async def load(self, obj: Any) -> torch.Tensor:
         assert isinstance(obj, torch.Tensor)
