@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from collections import deque
@@ -13,7 +12,7 @@ import torch
 from lmtier.evictor import BaseEvictor
 from lmtier.keys import KeyLike
 from lmtier.tiers.base import Tier
-from lmtier.tiers.copies import INLINE_COPY_BYTES, copy_blocking
+from lmtier.tiers.copies import copy_async
 
 __all__ = ["MemoryTier"]
 
@@ -47,11 +46,7 @@ class MemoryTier(Tier):
     async def _write(self, key: KeyLike, tensor: torch.Tensor) -> torch.Tensor:
         # Allocated here, on the event loop: the pool is only ever touched from the loop.
         stored = self._allocate(tensor)
-        host_only = self.device.type != "cuda" and tensor.device.type != "cuda"
-        if host_only and stored.numel() * stored.element_size() < INLINE_COPY_BYTES:
-            stored.copy_(tensor.detach())
-        else:
-            await asyncio.to_thread(copy_blocking, stored, tensor.detach())
+        await copy_async(stored, tensor.detach())
         return stored
 
     def _allocate(self, like: torch.Tensor) -> torch.Tensor:
