@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import torch
 
@@ -17,6 +18,8 @@ __all__ = [
     "copy_to",
 ]
 
+# How long to poll a GPU copy's completion from the loop before waiting in a thread.
+POLL_SECONDS = 300e-6
 # Below this, a copy costs less than the ~100 us thread hop that would keep it off the loop.
 INLINE_COPY_BYTES = 1 << 20
 
@@ -51,8 +54,9 @@ async def copy_async(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` without blocking the event loop for long.
 
     Small host copies run inline; large ones in a worker thread.  A GPU copy whose host side is
-    pinned is queued on a side stream from here and its completion event polled (no thread hop:
-    a 2 MiB PCIe copy takes about the ~100 us a hop costs); other GPU copies go to a thread.
+    pinned is queued on a side stream from here and its completion polled for up to
+    ``POLL_SECONDS`` (a 2 MiB PCIe copy takes about the ~100 us a thread hop costs), then
+    awaited in a thread; other GPU copies go to a thread.
     """
     on_gpu = dst.device.type == "cuda" or src.device.type == "cuda"
     if not on_gpu:
@@ -65,10 +69,14 @@ async def copy_async(dst: torch.Tensor, src: torch.Tensor) -> None:
         await asyncio.to_thread(copy_blocking, dst, src)
         return
     done = _queue_on_side_stream(dst, src)
-    delay = 0.0
+    # Yield to the loop while a short copy finishes; any timed sleep rounds up to the
+    # selector's 1 ms, so a longer copy is waited for in a thread instead.
+    give_up = time.perf_counter() + POLL_SECONDS
     while not done.query():  # type: ignore[no-untyped-call]
-        await asyncio.sleep(delay)
-        delay = min(max(2 * delay, 20e-6), 1e-3)
+        if time.perf_counter() > give_up:
+            await asyncio.to_thread(done.synchronize)
+            return
+        await asyncio.sleep(0)
 
 
 def copy_blocking(dst: torch.Tensor, src: torch.Tensor) -> None:
