@@ -1,0 +1,22 @@
+"""`lmtier bench` produces its table (figures are not asserted: machines are noisy)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from lmtier.bench import Row, cpu_put_get, disk_rows, format_rows
+
+MiB = 1024**2
+
+
+def test_bench_rows_measure_and_format(tmp_path: Path) -> None:
+    rows = asyncio.run(cpu_put_get(MiB, 2)) + disk_rows(MiB, 2, tmp_path, fsync=False)
+    assert [r.name for r in rows] == [
+        "cpu put+get(out=) 1 MiB", "cpu put+get new tensor 1 MiB",
+        "disk write 1 MiB", "disk read 1 MiB (checksum)",
+    ]  # fmt: skip
+    assert all(r.ratio is not None and r.ratio > 0 for r in rows)
+    table = format_rows([*rows, Row("restart", "1 entries/s", "", None)])
+    assert table.splitlines()[0].startswith("measure") and "GB/s" in table
+    assert not list(tmp_path.rglob("*.safetensors")), "benchmark files were left behind"
