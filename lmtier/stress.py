@@ -114,7 +114,7 @@ async def run_stress(store: TieredStore, options: StressOptions) -> StressReport
     per_task = options.ops // options.tasks
     deadline = None if options.duration_s is None else time.perf_counter() + options.duration_s
 
-    async def check(key: str, got: torch.Tensor | None) -> None:
+    def check(key: str, got: torch.Tensor | None) -> None:
         state = expected.get(key)
         if state is None:
             if got is not None:
@@ -148,7 +148,7 @@ async def run_stress(store: TieredStore, options: StressOptions) -> StressReport
             elif roll < options.delete_fraction + options.get_fraction:
                 got = await store.get(key)
                 report.get_latencies.append(time.perf_counter() - started)
-                await check(key, got)
+                check(key, got)
             else:
                 tokens = options.draw_tokens(rng)
                 put_time = clock
@@ -168,7 +168,7 @@ async def run_stress(store: TieredStore, options: StressOptions) -> StressReport
     await asyncio.gather(*(worker(task) for task in range(options.tasks)))
     bar.close()
     for key in list(expected):  # read everything back
-        await check(key, await store.get(key))
+        check(key, await store.get(key))
     report.seconds = time.perf_counter() - started
     report.problems.extend(store.audit())
     report.stats = store.stats()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -115,11 +115,12 @@ def _real_config(
         if len(specs) == 3 and torch.cuda.is_available():
             specs[0] = TierConfig(names[0], "memory", 1, device="cuda")
     tiers = tuple(
-        TierConfig(
-            spec.name, spec.kind, capacity, policy, spec.device, spec.pinned,
-            str(folder / spec.name) if spec.kind == "disk" else None, spec.required,
-            spec.durability,
+        replace(
+            spec,
+            max_size_bytes=capacity,
+            evictor=policy,
+            path=str(folder / spec.name) if spec.kind == "disk" else None,
         )
         for spec, capacity in zip(specs, capacities, strict=True)
-    )  # fmt: skip
+    )
     return StoreConfig(tiers, promote_on_hit=options.promote_on_hit)

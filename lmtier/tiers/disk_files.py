@@ -72,12 +72,17 @@ def try_lock(folder: Path) -> int | None:
 
 def read_header(f: BinaryIO) -> tuple[serde.EntryHeader, bytes]:
     """The header at the start of an open file, and the bytes read past it (payload start)."""
-    head = f.read(HEADER_READ_BYTES)
+    header, head = _read_whole_header(f.read)
+    return header, head[header.payload_offset :]
+
+
+def _read_whole_header(read: Callable[[int], bytes]) -> tuple[serde.EntryHeader, bytes]:
+    """Read a file's first bytes, more if its header is longer; the header and all read."""
+    head = read(HEADER_READ_BYTES)
     need = serde.PREFIX_BYTES + serde.header_length(head)
     if len(head) < need:
-        head += f.read(need - len(head))
-    header = serde.decode_header(head)
-    return header, head[header.payload_offset :]
+        head += read(need - len(head))
+    return serde.decode_header(head), head
 
 
 def read_entry(path: str, verify: bool = True) -> tuple[serde.EntryHeader, int, int]:
@@ -88,11 +93,7 @@ def read_entry(path: str, verify: bool = True) -> tuple[serde.EntryHeader, int, 
     # Plain descriptors: a restart reads 100k headers, and file objects cost a third more.
     fd = os.open(path, os.O_RDONLY)
     try:
-        head = os.read(fd, HEADER_READ_BYTES)
-        need = serde.PREFIX_BYTES + serde.header_length(head)
-        if len(head) < need:
-            head += os.read(fd, need - len(head))
-        header = serde.decode_header(head)
+        header, head = _read_whole_header(lambda size: os.read(fd, size))
         stat = os.fstat(fd)
         if stat.st_size != header.file_size:
             raise CorruptEntryError(
