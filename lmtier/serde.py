@@ -27,6 +27,7 @@ __all__ = [
     "encode_header",
     "header_length",
     "payload_checksum",
+    "payload_hasher",
     "payload_view",
 ]
 
@@ -98,6 +99,11 @@ def payload_view(tensor: torch.Tensor) -> memoryview:
 
 def payload_checksum(payload: memoryview | bytes) -> str:
     return xxhash.xxh3_64_hexdigest(payload)
+
+
+def payload_hasher() -> xxhash.xxh3_64:
+    """A streaming form of ``payload_checksum``: ``update`` piece by piece, then ``hexdigest``."""
+    return xxhash.xxh3_64()
 
 
 def encode_header(

@@ -88,6 +88,14 @@ def _flip_last_byte(path: str) -> None:
         f.write(bytes([last[0] ^ 0xFF]))
 
 
+def _flip_a_middle_byte(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        middle = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([middle[0] ^ 0xFF]))
+
+
 def _truncate(path: str) -> None:
     os.truncate(path, os.path.getsize(path) - 3)
 
@@ -102,10 +110,13 @@ def _other_version(path: str) -> None:
     Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
 
 
-@pytest.mark.parametrize("damage", [_flip_last_byte, _truncate, _other_version])
-async def test_damaged_files_are_detected(tmp_path: Path, damage: object) -> None:
-    tier = await open_disk(tmp_path)
-    await store_in(tier, "k", tensor_for("k", numel=10_000))
+@pytest.mark.parametrize("numel", [10_000, 1_500_000], ids=["one-read", "read-in-pieces"])
+@pytest.mark.parametrize(
+    "damage", [_flip_last_byte, _flip_a_middle_byte, _truncate, _other_version]
+)
+async def test_damaged_files_are_detected(tmp_path: Path, damage: object, numel: int) -> None:
+    tier = await open_disk(tmp_path, budget=8 << 20)
+    await store_in(tier, "k", tensor_for("k", numel=numel))
     meta = tier.lookup("k")
     damage(meta.path)  # type: ignore[operator]
     with pytest.raises(CorruptEntryError):
