@@ -321,6 +321,9 @@ class TieredStore:
     async def _demote(self, tier: Tier, victims: list[tuple[KeyLike, Any]]) -> None:
         below = self.tiers[self.tiers.index(tier) + 1 :]
         await asyncio.gather(*(self._demote_one(tier, below, key, obj) for key, obj in victims))
+        # The caller's list is the last reference to the moved objects: without it a memory
+        # tier can reuse their buffers for the write that waited for this room.
+        victims.clear()
 
     async def _demote_one(self, tier: Tier, below: list[Tier], key: KeyLike, obj: Any) -> None:
         outcome = _Outcome.REFUSED

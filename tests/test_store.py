@@ -257,3 +257,27 @@ async def test_get_into_a_preallocated_buffer(tmp_path: Path) -> None:
             await store.get("a", out=torch.empty(3, dtype=torch.int32))
         assert store.audit() == []
         assert await store.get("a") is not None
+
+
+async def test_a_full_memory_tier_writes_into_the_buffers_of_its_demoted_entries(
+    tmp_path: Path,
+) -> None:
+    config = StoreConfig(
+        tiers=(
+            TierConfig("cpu", "memory", 4 * KIB),
+            TierConfig("disk", "disk", 64 * KIB, path=str(tmp_path)),
+        )
+    )
+    async with TieredStore(config) as store:
+        cpu = store.tiers[0]
+        for i in range(4):
+            await store.put(f"first{i}", tensor_for(f"first{i}"))
+        buffers = {cpu.lookup(f"first{i}").untyped_storage().data_ptr() for i in range(4)}
+        for i in range(12):  # each put demotes one entry to disk
+            await store.put(f"k{i}", tensor_for(f"k{i}"))
+            assert cpu.lookup(f"k{i}").untyped_storage().data_ptr() in buffers
+        assert store.stats()["tiers"]["cpu"]["demotions_out"] == 12
+        for i in range(12):
+            got = await store.get(f"k{i}")
+            assert got is not None and torch.equal(got, tensor_for(f"k{i}"))
+        assert store.audit() == []

@@ -145,7 +145,13 @@ class DiskTier(Tier):
         return self.root / name[:2] / f"{name}-{uuid.uuid4().hex[:12]}{SUFFIX}"
 
     async def _write(self, key: KeyLike, tensor: torch.Tensor) -> DiskCacheMetadata:
-        return await asyncio.to_thread(self._write_file, key, tensor)
+        # The worker lets go of the tensor before it answers: a finished executor job can
+        # outlive the await it answered, and a memory tier reuses a demoted tensor's buffer
+        # only once nothing else refers to it.
+        return await asyncio.to_thread(self._write_taken, key, [tensor])
+
+    def _write_taken(self, key: KeyLike, holder: list[torch.Tensor]) -> DiskCacheMetadata:
+        return self._write_file(key, holder.pop())
 
     def _write_file(self, key: KeyLike, tensor: torch.Tensor) -> DiskCacheMetadata:
         cpu = tensor.detach()

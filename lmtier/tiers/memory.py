@@ -53,6 +53,7 @@ class MemoryTier(Tier):
         buffer = self._take_buffer(like.numel() * like.element_size())
         if buffer is not None:
             return buffer.view(like.dtype).view(like.shape)
+        self._trim_pool()  # a buffer spared for this write is still in use: free it instead
         return torch.empty(like.shape, dtype=like.dtype, device=self.device, pin_memory=self.pinned)
 
     async def load(self, obj: Any) -> torch.Tensor:
@@ -94,8 +95,14 @@ class MemoryTier(Tier):
         return None
 
     def _trim_pool(self, keep: int = -1) -> None:
-        """Free pooled tensors until pooled plus resident bytes fit the budget; ``keep`` last."""
+        """Free pooled tensors until pooled plus resident bytes fit the budget.
+
+        ``keep`` is the size of a write just reserved: one pooled buffer of that size is spared,
+        as the write will take it (its bytes are already counted as reserved).
+        """
         excess = self._pool_bytes + self.resident_bytes - self.budget
+        if self._pool.get(keep):
+            excess -= keep
         for nbytes in sorted(self._pool, key=lambda n: n == keep):
             bucket = self._pool[nbytes]
             while bucket and excess > 0:
