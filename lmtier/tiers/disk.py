@@ -19,6 +19,7 @@ from lmtier.evictor import BaseEvictor
 from lmtier.keys import KeyLike
 from lmtier.metadata import DiskCacheMetadata
 from lmtier.tiers.base import Tier
+from lmtier.tiers.batching import ThreadBatcher
 from lmtier.tiers.copies import check_out, copy_blocking
 from lmtier.tiers.disk_files import (
     LOCK_NAME,
@@ -36,6 +37,10 @@ from lmtier.tiers.disk_files import (
 __all__ = ["DiskTier", "Recovery"]
 
 log = logging.getLogger(__name__)
+
+# Writes smaller than this share worker-thread hops; larger ones take a thread each, so that
+# several run in parallel.
+BATCHED_WRITE_BYTES = 1 << 20
 
 
 @dataclass
@@ -79,6 +84,9 @@ class DiskTier(Tier):
         self.fsync = durability == "fsync"
         self.recovery = Recovery()
         self._lock_fd: int | None = None
+        self._small_writes = ThreadBatcher()
+        # Removals have their own queue: a file unlinked must never wait behind a slow write.
+        self._removals = ThreadBatcher()
 
     @property
     def home_device(self) -> torch.device:
@@ -148,6 +156,8 @@ class DiskTier(Tier):
         # The worker lets go of the tensor before it answers: a finished executor job can
         # outlive the await it answered, and a memory tier reuses a demoted tensor's buffer
         # only once nothing else refers to it.
+        if tensor.numel() * tensor.element_size() < BATCHED_WRITE_BYTES:
+            return await self._small_writes.call(self._write_taken, key, [tensor])
         return await asyncio.to_thread(self._write_taken, key, [tensor])
 
     def _write_taken(self, key: KeyLike, holder: list[torch.Tensor]) -> DiskCacheMetadata:
@@ -216,7 +226,7 @@ class DiskTier(Tier):
     async def discard(self, obj: Any) -> None:
         assert isinstance(obj, DiskCacheMetadata)
         try:
-            await asyncio.to_thread(Path(obj.path).unlink, missing_ok=True)
+            await self._removals.call(Path(obj.path).unlink, True)
         except OSError as exc:  # the entry is gone from the index either way
             self.counters.errors += 1
             log.warning("disk tier %r could not remove %s: %s", self.name, obj.path, exc)
