@@ -260,6 +260,35 @@ async def demotion_throughput(folder: Path, nbytes: int, count: int, rounds: int
                raw_s / spill_s)  # fmt: skip
 
 
+async def small_disk_writes(folder: Path, nbytes: int, count: int, repeats: int) -> Row:
+    """``put_many`` of small entries into a disk tier, against raw writes of the same bytes to
+    new files, all in one worker thread (the least any thread-hopping writer pays)."""
+    tensors = [torch.randint(0, 255, (nbytes,), dtype=torch.uint8) for _ in range(count)]
+    tiers = (TierConfig("disk", "disk", 4 * count * nbytes, path=str(folder / "small")),)
+    raw_folder = folder / "small-raw"
+    raw_folder.mkdir(exist_ok=True)
+
+    def raw_writes() -> None:
+        for tensor in tensors:
+            with open(raw_folder / uuid.uuid4().hex, "wb", buffering=0) as f:
+                f.write(payload_view(tensor))
+
+    store_s, raw_s = [], []
+    async with _store(*tiers) as store:
+        for round_ in range(repeats):
+            items = [(f"r{round_}-{i}", tensor) for i, tensor in enumerate(tensors)]
+            started = time.perf_counter()
+            await store.put_many(items)
+            store_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            await asyncio.to_thread(raw_writes)
+            raw_s.append(time.perf_counter() - started)
+    total = count * nbytes
+    lm, raw = statistics.median(store_s), statistics.median(raw_s)
+    return Row(f"disk put_many {count} x {nbytes // KiB} KiB", _gbs(total, lm),
+               _gbs(total, raw) + " raw, one thread", raw / lm)  # fmt: skip
+
+
 def checksum_rows(repeats: int) -> list[Row]:
     source = torch.randint(0, 255, (64 * MiB,), dtype=torch.uint8)
     target = torch.empty_like(source)
@@ -340,6 +369,7 @@ def run_bench(options: BenchOptions, on_row: Callable[[Row], None] | None = None
         folder = Path(name)
         for nbytes in (2 * MiB, 16 * MiB):
             add(disk_rows(nbytes, repeats, folder, options.fsync))
+        add(asyncio.run(small_disk_writes(folder, 16 * KiB, 64, repeats)))
         add(asyncio.run(demotion_throughput(folder, 2 * MiB, 16, repeats)))
         add(checksum_rows(repeats))
         add(restart_row(folder, 10_000 if options.quick else options.restart_entries))
