@@ -52,7 +52,9 @@ class MemoryTier(Tier):
     def _allocate(self, like: torch.Tensor) -> torch.Tensor:
         buffer = self._take_buffer(like.numel() * like.element_size())
         if buffer is not None:
-            return buffer.view(like.dtype).view(like.shape)
+            if buffer.dtype == like.dtype and buffer.shape == like.shape:
+                return buffer  # the usual case, chunks of one shape: no view to make
+            return buffer.reshape(-1).view(torch.uint8).view(like.dtype).view(like.shape)
         self._trim_pool()  # a buffer spared for this write is still in use: free it instead
         return torch.empty(like.shape, dtype=like.dtype, device=self.device, pin_memory=self.pinned)
 
@@ -81,7 +83,7 @@ class MemoryTier(Tier):
     # object for as long as it reads it.
 
     def _take_buffer(self, nbytes: int) -> torch.Tensor | None:
-        """A flat byte view of a pooled tensor of ``nbytes`` that nobody uses, or None."""
+        """A pooled tensor of ``nbytes`` (any shape and dtype) that nobody uses, or None."""
         bucket = self._pool.get(nbytes)
         if not bucket:
             return None
@@ -90,7 +92,7 @@ class MemoryTier(Tier):
             # References: the local name and getrefcount's argument, nothing else.
             if sys.getrefcount(candidate) <= 2:
                 self._pool_bytes -= nbytes
-                return candidate.reshape(-1).view(torch.uint8)
+                return candidate
             bucket.append(candidate)
         return None
 
