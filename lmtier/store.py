@@ -405,7 +405,11 @@ class TieredStore:
 
     async def _background(self, work: Coroutine[Any, Any, T]) -> T:
         """Run ``work`` to completion even if the caller is cancelled: moves never stop halfway."""
-        return await asyncio.shield(self._background_nowait(work))
+        # As asyncio.shield, but the task answers the caller itself as it ends, which saves
+        # the event-loop turn a done callback costs (a tenth of a small put).
+        answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._background_nowait(_answering(work, answer))
+        return await answer
 
     def _background_nowait(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.ensure_future(work)
@@ -417,6 +421,23 @@ class TieredStore:
         if self._idle is None:
             self._idle = asyncio.Event()
         return self._idle
+
+
+async def _answering(work: Coroutine[Any, Any, T], answer: asyncio.Future[T]) -> None:
+    """Run ``work`` and hand its outcome to ``answer``, unless its waiter gave up on it."""
+    try:
+        result = await work
+    except asyncio.CancelledError:
+        answer.cancel()
+        raise
+    except Exception as exc:
+        if answer.done():
+            log.warning("work whose caller was cancelled failed", exc_info=exc)
+        else:
+            answer.set_exception(exc)
+    else:
+        if not answer.done():
+            answer.set_result(result)
 
 
 class _Operation:

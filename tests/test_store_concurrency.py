@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from lmtier import PutStatus
@@ -198,3 +199,21 @@ async def test_a_cancelled_put_leaves_exact_accounting(tmp_path: Path) -> None:
         release.set()
     assert store.audit() == []
     assert sum(len(t.cache_dict) for t in store.tiers) == 2  # the move was finished, not torn
+
+
+async def test_an_error_inside_a_put_reaches_its_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = one_tier_over_disk(tmp_path)
+    async with store:
+        top = store.tiers[0]
+
+        def broken_admit(key: object, size: int) -> None:
+            raise RuntimeError("evictor bug")
+
+        monkeypatch.setattr(top, "admit", broken_admit)
+        with pytest.raises(RuntimeError, match="evictor bug"):
+            await store.put("a", tensor_for("a"))
+        monkeypatch.undo()
+        assert await store.put("a", tensor_for("a")) is PutStatus.LEGAL
+        assert store.audit() == []
