@@ -105,6 +105,8 @@ class MemoryTier(Tier):
         excess = self._pool_bytes + self.resident_bytes - self.budget
         if self._pool.get(keep):
             excess -= keep
+        if excess <= 0:
+            return
         for nbytes in sorted(self._pool, key=lambda n: n == keep):
             bucket = self._pool[nbytes]
             while bucket and excess > 0:
