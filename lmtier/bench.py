@@ -39,6 +39,7 @@ class BenchOptions:
     folder: Path | None = None  # where disk rows write (a temporary folder inside it)
     fsync: bool = False  # disk rows with durability fsync, baselines fsync'ed alike
     restart_entries: int = 100_000
+    peers: bool = False  # rows beside LMCache 0.5.6's local backends (lmtier.bench_peers)
 
     @property
     def repeats(self) -> int:
@@ -190,11 +191,15 @@ def disk_rows(nbytes: int, repeats: int, folder: Path, fsync: bool) -> list[Row]
             os.close(fd)
         written.append(str(path))
 
-    write_tier, write_raw = [], []
-    for _ in range(repeats):  # alternate, so page-cache writeback weighs on both alike
-        write_tier.append(median_time(lambda: written.append(
-            tier._write_file("k", tensor).path), 1))  # fmt: skip
-        write_raw.append(median_time(raw_write, 1))
+    write_tier: list[float] = []
+    write_raw: list[float] = []
+    for i in range(repeats):  # alternate, and swap who goes first, so writeback weighs alike
+        pair = [
+            (write_tier, lambda: written.append(tier._write_file("k", tensor).path)),
+            (write_raw, raw_write),
+        ]
+        for samples, write in pair if i % 2 else pair[::-1]:
+            samples.append(median_time(write, 1))
     meta = tier._write_file("k", tensor)
     out = torch.empty_like(tensor)
     raw_out = memoryview(payload_view(torch.empty_like(tensor)))
@@ -373,6 +378,11 @@ def run_bench(options: BenchOptions, on_row: Callable[[Row], None] | None = None
         add(asyncio.run(demotion_throughput(folder, 2 * MiB, 16, repeats)))
         add(checksum_rows(repeats))
         add(restart_row(folder, 10_000 if options.quick else options.restart_entries))
+        if options.peers:
+            from lmtier.bench_peers import peer_rows  # imports LMCache: only when asked
+
+            for nbytes in (2 * MiB, 16 * MiB):
+                add(peer_rows(nbytes, repeats, folder))
     if torch.cuda.is_available():
         add(asyncio.run(gpu_rows(2 * MiB, repeats * 4)))
     return rows
