@@ -136,6 +136,15 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )  # fmt: skip
     replay.add_argument("--config", type=Path, help="--real: tier kinds from this config")
     replay.add_argument("--no-promote", action="store_true", help="lower hits stay where they are")
+    replay.add_argument(
+        "--admission", type=_names, default=defaults.admission,
+        help="admission policies, comma-separated: POLICY for the last tier or TIER=POLICY "
+        "(all, second_hit; default: every tier admits all)",
+    )  # fmt: skip
+    replay.add_argument(
+        "--admission-window", type=_positive,
+        help="second_hit's memory in entries (default: 4x the tier's capacity)",
+    )  # fmt: skip
     replay.add_argument("--csv", type=Path, help="write the results here")
     replay.add_argument("--plot", type=Path, help="plot hit ratio vs capacity (needs matplotlib)")
     replay.add_argument("--no-progress", action="store_true")
@@ -156,6 +165,8 @@ def _run_replay(args: argparse.Namespace) -> int:
         promote_on_hit=not args.no_promote,
         config=args.config,
         progress=args.progress,
+        admission=args.admission,
+        admission_window=args.admission_window,
     )
     print(
         f"{args.trace}: {trace.format}, {len(trace.requests):,} requests, "
