@@ -101,3 +101,23 @@ def test_replay_command_on_a_window_and_on_the_generator(
     assert "synthetic:zipf" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["replay", str(TRACE), "--part", "2"])
+
+
+# ---------------------------------------------------------------------- the policy report
+def test_the_policy_report_covers_every_registered_policy(tmp_path: Path) -> None:
+    from lmtier.evictor.registry import evictor_names
+    from lmtier.replay.policy_report import main as report
+
+    args = ["--limit", "300", "--capacities", "0.05,0.25", "--admission-capacities", "0.25",
+            "--jobs", "1", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert report(args) == 0
+    text = (tmp_path / "policies.md").read_text()
+    for workload in ("conversation trace", "first half", "second half", "synthetic:zipf"):
+        assert f"## {workload}" in text and f"### {workload}" in text
+    for policy in evictor_names():
+        assert text.count(f"\n| {policy} | 0.") == 4  # its row in each workload's table
+        assert f"| {policy} | 25% | second_hit |" in text
+    assert "| OPT |" in text and "| ceiling |" in text
+    rows = (tmp_path / "policies.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 * (2 * (1 + len(evictor_names())) + 2 * len(evictor_names()))
+    assert (tmp_path / "policies.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
