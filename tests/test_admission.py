@@ -197,3 +197,30 @@ async def test_the_store_and_the_sim_decide_alike_with_admission(tmp_path: Path)
         for counter, value in tier.counters.as_dict().items():
             assert real[tier.name][counter] == value, (tier.name, counter)
     assert sum(t.counters.admission_rejects for t in sim.tiers) > 0
+
+
+# ---------------------------------------------------------------------- the replay
+def test_replay_admission_writes_less_to_disk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+
+    from lmtier.cli import main
+
+    trace = str(Path(__file__).parent / "data" / "conversation_trace.jsonl")
+    written = {}
+    for admission in ("all", "second_hit"):
+        out = tmp_path / f"{admission}.csv"
+        args = ["replay", trace, "--limit", "600", "--capacities", "0.1", "--split", "1,4",
+                "--admission", admission, "--csv", str(out), "--no-progress"]  # fmt: skip
+        assert main(args) == 0
+        disk = next(r for r in csv.DictReader(out.open()) if r["tier"] == "disk")
+        assert disk["admission"] == ("" if admission == "all" else "disk=second_hit")
+        written[admission] = int(disk["bytes_written"])
+        assert (int(disk["admission_rejects"]) > 0) is (admission == "second_hit")
+    assert 0 < written["second_hit"] < written["all"] / 2
+    assert "lru+disk=second_hit" in capsys.readouterr().out
+    assert main(["replay", trace, "--limit", "50", "--admission", "ssd=second_hit"]) == 2
+    assert "no tier named 'ssd'" in capsys.readouterr().err
+    assert main(["replay", trace, "--limit", "50", "--admission", "third_hit"]) == 2
+    assert "unknown admission policy" in capsys.readouterr().err
