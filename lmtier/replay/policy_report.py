@@ -367,6 +367,7 @@ def _write_plot(result: ReportResult, path: Path) -> None:
         axes.plot(fractions, [r.block_hit for r in opt], "k--", label="OPT (Belady)")
         axes.plot(fractions, [r.ceiling for r in opt], "k:", label="infinite cache")
         axes.set_xscale("log")
+        axes.set_ylim(bottom=0)
         axes.set_title(workload.name)
         axes.set_xlabel("capacity (fraction of distinct blocks)")
         axes.set_ylabel("block hit ratio")
