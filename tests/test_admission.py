@@ -224,3 +224,50 @@ def test_replay_admission_writes_less_to_disk(
     assert "no tier named 'ssd'" in capsys.readouterr().err
     assert main(["replay", trace, "--limit", "50", "--admission", "third_hit"]) == 2
     assert "unknown admission policy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_nothing_is_lost_and_accounting_holds_with_admission(
+    tmp_path: Path, seed: int
+) -> None:
+    """Random puts, gets and deletes: a get returns the last admitted value unless it was
+    dropped (and reported); a put no tier admits keeps the older value."""
+    rng = random.Random(seed)
+    drops = DropLog()
+    config = StoreConfig(
+        tiers=(
+            TierConfig("gpu", "memory", 3 * CHUNK, admission="second_hit", admission_window=8),
+            TierConfig("cpu", "memory", 4 * CHUNK),
+            TierConfig("disk", "disk", 8 * CHUNK, path=str(tmp_path), admission="second_hit"),
+        )
+    )
+    expected: dict[str, torch.Tensor] = {}
+    async with TieredStore(config, on_drop=drops) as store:
+        for step in range(250):
+            key = f"k{rng.randrange(20)}"
+            action = rng.random()
+            if action < 0.5:
+                tensor = torch.full((rng.choice([64, 128, 256]),), float(step))
+                status = await store.put(key, tensor)
+                forget(drops, expected)  # an older value of key may go while this one lands
+                if status is PutStatus.LEGAL:
+                    expected[key] = tensor
+            elif action < 0.9:
+                got = await store.get(key)
+                want = expected.get(key)
+                assert (got is None) == (want is None), (step, key)
+                if want is not None:
+                    assert torch.equal(got, want)  # type: ignore[arg-type]
+            else:
+                assert await store.delete(key) == (key in expected)
+                expected.pop(key, None)
+            forget(drops, expected)
+            assert store.audit() == [], step
+        tiers = store.stats()["tiers"]
+    assert tiers["disk"]["admission_rejects"] > 0 and tiers["gpu"]["admission_rejects"] > 0
+
+
+def forget(drops: DropLog, expected: dict[str, torch.Tensor]) -> None:
+    for dropped in drops.keys:
+        expected.pop(dropped, None)  # type: ignore[call-overload]
+    drops.keys.clear()
