@@ -9,6 +9,7 @@ whole report is a few minutes of CPU; independent replays run in worker processe
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import multiprocessing
 import os
@@ -45,6 +46,8 @@ DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "tests" / "data" / "conver
 
 @dataclass(frozen=True)
 class ReportOptions:
+    """What the report replays: the trace (its halves and the generator derive from it)."""
+
     trace: Path = DEFAULT_TRACE
     policies: tuple[str, ...] = ()  # default: every registered evictor
     capacities: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25)
@@ -75,6 +78,8 @@ class Row:
 
 @dataclass
 class ReportResult:
+    """Every row of a report run, with the workloads' statistics and the time it took."""
+
     options: ReportOptions
     policies: tuple[str, ...]
     workloads: list[Workload]
@@ -330,8 +335,6 @@ def _admission_table(result: ReportResult, workload: str) -> list[str]:
 
 
 def _write_csv(result: ReportResult, path: Path) -> None:
-    import csv
-
     with path.open("w", newline="") as handle:
         out = csv.writer(handle)
         out.writerow(["workload", "policy", "capacity_fraction", "disk_admission",
@@ -393,7 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--admission-capacities", type=_floats, default=defaults.admission_capacities,
         help="capacities of the cpu -> disk admission rows (0: none)",
     )  # fmt: skip
-    parser.add_argument("--limit", type=int, help="the first N requests of each workload only")
+    parser.add_argument(
+        "--limit", type=_positive, help="the first N requests of each workload only"
+    )
     parser.add_argument(
         "--jobs", type=int, default=min(4, os.cpu_count() or 1), help="worker processes"
     )
@@ -416,6 +421,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"policy report: {len(result.rows)} rows in {result.seconds:.0f} s -> "
           + ", ".join(str(p) for p in paths))  # fmt: skip
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
 
 
 def _floats(text: str) -> tuple[float, ...]:

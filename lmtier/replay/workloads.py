@@ -28,6 +28,7 @@ class Workload:
     synthetic: SyntheticSpec | None = None  # the generator's parameters for synthetic:...
 
     def load(self) -> Trace:
+        """The requests this workload names."""
         return load_trace(self.source, limit=self.limit, part=self.part, synthetic=self.synthetic)
 
 
