@@ -19,7 +19,9 @@ from lmtier.errors import LmtierError
 from lmtier.inspect import inspect_path
 from lmtier.replay.report import check_plotting, format_table, write_csv, write_plot
 from lmtier.replay.sweep import ReplayOptions, run_sweep
-from lmtier.replay.traces import FORMATS, read_trace
+from lmtier.replay.synthetic import SYNTHETIC_PREFIX, SyntheticSpec, parse_synthetic
+from lmtier.replay.traces import FORMATS, WINDOWS, parse_part, trace_stats
+from lmtier.replay.workloads import load_trace
 from lmtier.store import TieredStore
 from lmtier.stress import StressOptions, default_stress_config, format_report, run_stress
 
@@ -116,9 +118,32 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "temporary folder, or --config's tiers) and checks every hit's bytes.",
     )
     defaults = ReplayOptions()
-    replay.add_argument("trace", type=Path, help="a JSONL trace")
+    replay.add_argument(
+        "trace", help="a JSONL trace, or synthetic:zipf (a generated multi-turn chat workload)"
+    )
     replay.add_argument("--format", choices=sorted(FORMATS), help="default: detected")
     replay.add_argument("--limit", type=_positive, help="replay only the first N requests")
+    window = replay.add_mutually_exclusive_group()
+    window.add_argument(
+        "--part", type=_part, metavar="K/N",
+        help="replay only the K-th of N consecutive slices of the requests (after --limit), "
+        "cold: e.g. 2/2 is the second half",
+    )  # fmt: skip
+    window.add_argument(
+        "--window",
+        choices=sorted(WINDOWS),
+        help="a named part: first-half (1/2), second-half (2/2)",
+    )
+    synthetic = replay.add_argument_group("synthetic:zipf parameters")
+    spec = SyntheticSpec()
+    synthetic.add_argument("--requests", type=_positive, help=f"default {spec.requests}")
+    synthetic.add_argument(
+        "--sessions", type=_positive, help=f"users, Zipf-popular (default {spec.sessions})"
+    )
+    synthetic.add_argument(
+        "--zipf-alpha", type=float, help=f"Zipf exponent of users (default {spec.alpha})"
+    )
+    synthetic.add_argument("--seed", type=int, help=f"default {spec.seed}")
     replay.add_argument("--real", action="store_true", help="real tensors through a real store")
     replay.add_argument(
         "--capacities", type=_floats, default=defaults.capacities,
@@ -136,6 +161,15 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )  # fmt: skip
     replay.add_argument("--config", type=Path, help="--real: tier kinds from this config")
     replay.add_argument("--no-promote", action="store_true", help="lower hits stay where they are")
+    replay.add_argument(
+        "--admission", type=_names, default=defaults.admission,
+        help="admission policies, comma-separated: POLICY for the last tier or TIER=POLICY "
+        "(all, second_hit; default: every tier admits all)",
+    )  # fmt: skip
+    replay.add_argument(
+        "--admission-window", type=_positive,
+        help="second_hit's memory in entries (default: 4x the tier's capacity)",
+    )  # fmt: skip
     replay.add_argument("--csv", type=Path, help="write the results here")
     replay.add_argument("--plot", type=Path, help="plot hit ratio vs capacity (needs matplotlib)")
     replay.add_argument("--no-progress", action="store_true")
@@ -145,7 +179,16 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 def _run_replay(args: argparse.Namespace) -> int:
     if args.plot:
         check_plotting()
-    trace = read_trace(args.trace, args.format, args.limit)
+    part = WINDOWS[args.window] if args.window else args.part
+    synthetic = None
+    if args.trace.startswith(SYNTHETIC_PREFIX):
+        synthetic = parse_synthetic(
+            args.trace, requests=args.requests, sessions=args.sessions, alpha=args.zipf_alpha,
+            seed=args.seed,
+        )  # fmt: skip
+    elif any(v is not None for v in (args.requests, args.sessions, args.zipf_alpha, args.seed)):
+        raise LmtierError("--requests, --sessions, --zipf-alpha and --seed are for synthetic:zipf")
+    trace = load_trace(args.trace, args.format, args.limit, part, synthetic)
     default_bytes = 16 if args.real else ReplayOptions().bytes_per_token
     options = ReplayOptions(
         capacities=args.capacities,
@@ -156,10 +199,12 @@ def _run_replay(args: argparse.Namespace) -> int:
         promote_on_hit=not args.no_promote,
         config=args.config,
         progress=args.progress,
+        admission=args.admission,
+        admission_window=args.admission_window,
     )
+    where = f" part {part[0]}/{part[1]}" if part else ""
     print(
-        f"{args.trace}: {trace.format}, {len(trace.requests):,} requests, "
-        f"{trace.references:,} block references, {trace.distinct_blocks:,} distinct blocks of "
+        f"{args.trace}{where}: {trace.format}, {trace_stats(trace).describe()}; blocks of "
         f"{trace.block_tokens} tokens ({options.bytes_per_token * trace.block_tokens:,} bytes); "
         f"{'real' if options.real else 'sizes-only'} mode",
         flush=True,
@@ -267,6 +312,13 @@ def _floats(text: str) -> tuple[float, ...]:
     if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"every value must be > 0: {text}")
     return values
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        return parse_part(text)
+    except LmtierError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _names(text: str) -> tuple[str, ...]:

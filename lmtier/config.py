@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import yaml
 
+from lmtier.admission import ADMISSION_POLICIES
 from lmtier.errors import ConfigError
 from lmtier.evictor.registry import evictor_names
 
@@ -36,6 +37,8 @@ _DURABILITIES = ("fsync", "none")
 _SIZE_UNITS = {"max_size_gb": GB, "max_size_mb": MB}
 _TOP_KEYS = ("namespace", "promote_on_hit", "room_timeout_s", "tiers")
 _TIER_KEYS = (
+    "admission",
+    "admission_window",
     "device",
     "durability",
     "evictor",
@@ -49,7 +52,9 @@ _TIER_KEYS = (
 )
 _KIND_ONLY = {"memory": ("device", "pinned"), "disk": ("durability", "path")}
 # Env values for these stay verbatim: YAML would read a path such as "~" or "null" as None.
-_STR_FIELDS = frozenset({"device", "durability", "evictor", "kind", "name", "namespace", "path"})
+_STR_FIELDS = frozenset(
+    {"admission", "device", "durability", "evictor", "kind", "name", "namespace", "path"}
+)
 _REQUIRED = object()
 
 
@@ -66,6 +71,8 @@ class TierConfig:
     path: str | None = None  # disk tiers: the folder, ~ expanded
     required: bool = False  # a cuda tier on a machine without CUDA is skipped unless required
     durability: str = "none"  # disk tiers: "none" or "fsync"
+    admission: str = "all"  # "all" or "second_hit" (a chunk is admitted when offered twice)
+    admission_window: int | None = None  # second_hit's memory in entries; None: 4x capacity
 
     @property
     def max_size_gb(self) -> float:
@@ -198,7 +205,18 @@ def _parse_tier(raw: object, index: int, source: str) -> TierConfig:
         path=path,
         required=_bool(raw, "required", where, False),
         durability=_choice(raw, "durability", where, _DURABILITIES, "none"),
+        admission=_choice(raw, "admission", where, ADMISSION_POLICIES, "all"),
+        admission_window=_window(raw, where),
     )
+
+
+def _window(raw: Mapping[Any, Any], where: str) -> int | None:
+    value = _field(raw, "admission_window", where, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _type_error(where, "admission_window", "a whole number of entries > 0", value)
+    return value
 
 
 def parse_config(data: object, source: str = "<config>") -> StoreConfig:

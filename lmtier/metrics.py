@@ -23,6 +23,8 @@ class TierCounters:
     corrupt: int = 0  # entries dropped because their bytes failed a check
     errors: int = 0  # writes or reads that failed (the entry went elsewhere or was a miss)
     room_timeouts: int = 0  # puts that gave up waiting for demotions to free room
+    admission_rejects: int = 0  # offers (puts, demotions, promotions) its admission refused
+    bytes_in: int = 0  # bytes committed into the tier: puts, demotions and promotions in
 
     def count(self, event: str) -> None:
         setattr(self, event, getattr(self, event) + 1)

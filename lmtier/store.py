@@ -150,6 +150,9 @@ class TieredStore:
                 finally:
                     tier.unpin(key)
                 tier.touch(key)
+                size = tier.evictor.get_size(obj)
+                for each in self.tiers:  # reuse evidence for every tier's admission policy
+                    each.admission.observe(key, size)
                 # Unpinned first: a promotion may wait for room that only this entry's eviction
                 # from its own tier would make; the move simply goes stale if that happens.
                 if index and self.config.promote_on_hit and not tier.is_leaving(key):
@@ -240,20 +243,24 @@ class TieredStore:
         object, and removes it in the same step.  Without one it is a put, replacing ``key``
         wherever it is.  When every candidate refuses only because its entries are in use or
         in flight, it waits (``wait``) for one of them to change, up to the room timeout.
+        A tier's admission policy is asked once per call, when the search first reaches it;
+        its refusal is final and never waited out.
         """
         size = data.numel() * data.element_size()
         could_fit = [tier for tier in candidates if size <= tier.budget]
+        admitted: dict[Tier, bool] = {}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.room_timeout_s
         while True:
             if source is not None and source[0].lookup(key) is not source[1]:
                 return _Outcome.STALE
-            outcome = await self._place_once(key, data, size, could_fit, source, arrival)
+            outcome = await self._place_once(key, data, size, could_fit, source, arrival, admitted)
             remaining = deadline - loop.time()
             # Only a refusal because entries are in use or in flight is worth waiting out.
-            if outcome is not _Outcome.REFUSED or not wait or not could_fit or remaining <= 0:
+            waitable = [tier for tier in could_fit if admitted.get(tier, True)]
+            if outcome is not _Outcome.REFUSED or not wait or not waitable or remaining <= 0:
                 return outcome
-            changes = [tier.changed() for tier in could_fit]
+            changes = [tier.changed() for tier in waitable]
             await asyncio.wait(changes, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
 
     async def _place_once(
@@ -264,9 +271,14 @@ class TieredStore:
         candidates: Sequence[Tier],
         source: tuple[Tier, Any] | None,
         arrival: str,
+        admitted: dict[Tier, bool],
     ) -> _Outcome:
         result = _Outcome.REFUSED
         for tier in candidates:
+            if tier not in admitted:  # asking records the offer, so only once per placement
+                admitted[tier] = tier.admits(key, size)
+            if not admitted[tier]:
+                continue
             victims = tier.admit(key, size)
             if victims is None:
                 continue

@@ -137,16 +137,23 @@ def test_tier_hits_add_up_to_one_lru_of_their_summed_capacity(fraction: float) -
     assert sum(tiered.prefix_hits) == sum(single.prefix_hits)
 
 
-def test_real_mode_makes_the_same_decisions_as_sizes_only() -> None:
+@pytest.mark.parametrize("admission", [(), ("second_hit",), ("gpu=second_hit", "disk=second_hit")])
+def test_real_mode_makes_the_same_decisions_as_sizes_only(admission: tuple[str, ...]) -> None:
     trace = conversation(60)
-    common = {"capacities": (0.1,), "shares": (1.0, 1.0, 2.0), "bytes_per_token": 2}
+    common = {"capacities": (0.1,), "shares": (1.0, 1.0, 2.0), "bytes_per_token": 2,
+              "admission": admission}  # fmt: skip
     real = run_sweep(trace, ReplayOptions(real=True, **common)).results[0]  # type: ignore[arg-type]
     sizes = run_sweep(trace, ReplayOptions(**common)).results[0]  # type: ignore[arg-type]
     assert real.wrong == 0
     assert real.block_hits == sizes.block_hits and real.prefix_hits == sizes.prefix_hits
+    assert real.admission == sizes.admission
+    counters = ("hits", "evictions", "demotions_in", "promotions_in", "drops", "bytes_in",
+                "admission_rejects")  # fmt: skip
     for tier in ("gpu", "cpu", "disk"):
-        for counter in ("hits", "evictions", "demotions_in", "promotions_in", "drops"):
+        for counter in counters:
             assert real.counters[tier][counter] == sizes.counters[tier][counter], (tier, counter)
+    if admission:
+        assert sizes.counters["disk"]["admission_rejects"] > 0
 
 
 # ---------------------------------------------------------------------- the command

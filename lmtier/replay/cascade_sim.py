@@ -11,6 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from lmtier.admission import make_admission
 from lmtier.evictor import PutStatus, make_evictor
 from lmtier.metadata import DiskCacheMetadata
 from lmtier.metrics import TierCounters
@@ -28,9 +29,12 @@ class SimTier:
     name: str
     capacity: int
     policy: str = "lru"
+    admission: str = "all"
+    admission_window: int | None = None
 
     def __post_init__(self) -> None:
         self.evictor = make_evictor(self.policy, self.capacity)
+        self.admission_policy = make_admission(self.admission, self.capacity, self.admission_window)
         self.cache_dict: OrderedDict[Any, DiskCacheMetadata] = OrderedDict()
         self.counters = TierCounters()
 
@@ -51,6 +55,8 @@ class CascadeSim:
                 continue
             tier.counters.hits += 1
             tier.evictor.update_on_get(key, tier.cache_dict)
+            for each in self.tiers:
+                each.admission_policy.observe(key, obj.size)
             if index and self.promote_on_hit:
                 source = (tier, obj)
                 if self._place(key, obj.size, 0, index, source, "promotions_in"):
@@ -73,6 +79,11 @@ class CascadeSim:
     ) -> bool:
         for index in range(start, stop):
             tier = self.tiers[index]
+            if size > tier.capacity:  # the store never offers a tier what cannot fit it
+                continue
+            if not tier.admission_policy.admits(key, size):
+                tier.counters.admission_rejects += 1
+                continue
             victims, status = tier.evictor.update_on_put(tier.cache_dict, size)
             if status is not PutStatus.LEGAL:
                 continue
@@ -94,6 +105,7 @@ class CascadeSim:
                 src_tier.evictor.update_on_remove(key, size)
             tier.cache_dict[key] = _sized(size)
             tier.counters.count(arrival)
+            tier.counters.bytes_in += size
             return True
         return False
 

@@ -17,6 +17,7 @@ from lmtier.store import TieredStore
 
 __all__ = [
     "ReplayResult",
+    "admission_label",
     "block_tensor",
     "capacity_blocks",
     "optimum",
@@ -40,6 +41,7 @@ class ReplayResult:
     wrong: int = 0  # real mode: hits whose bytes were not the block's
     counters: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
+    admission: str = ""  # the tiers whose admission is not "all", e.g. "disk=second_hit"
 
     def __post_init__(self) -> None:
         self.block_hits = [0] * len(self.tier_names)
@@ -97,13 +99,23 @@ def replay_sizes_only(
     fraction: float,
     promote_on_hit: bool = True,
     progress: bool = False,
+    admission: Sequence[str] | None = None,
+    admission_window: int | None = None,
 ) -> ReplayResult:
-    """Replay through the cascade's decisions alone (no data): every block is read or put."""
+    """Replay through the cascade's decisions alone (no data): every block is read or put.
+
+    ``admission`` names each tier's admission policy (default: all admit everything).
+    """
+    policies = list(admission) if admission is not None else ["all"] * len(tier_names)
     sim = CascadeSim(
-        [SimTier(n, c, policy) for n, c in zip(tier_names, capacities, strict=True)],
+        [
+            SimTier(n, c, policy, a, admission_window)
+            for n, c, a in zip(tier_names, capacities, policies, strict=True)
+        ],
         promote_on_hit,
     )
     result = ReplayResult(policy, fraction, tier_names, capacities, block_bytes)
+    result.admission = admission_label(tier_names, policies)
 
     def access(block: int) -> int | None:
         tier = sim.get(block)
@@ -114,6 +126,11 @@ def replay_sizes_only(
     _replay(trace, result, access, progress)
     result.counters = {t.name: t.counters.as_dict() for t in sim.tiers}
     return result
+
+
+def admission_label(tier_names: Sequence[str], policies: Sequence[str]) -> str:
+    """``name=policy`` for each tier that does not admit everything, or ``""``."""
+    return ",".join(f"{n}={p}" for n, p in zip(tier_names, policies, strict=True) if p != "all")
 
 
 def block_tensor(block: int, nbytes: int) -> torch.Tensor:
@@ -130,6 +147,7 @@ async def replay_real(
     """Replay through a real store with real tensors; every hit's bytes are checked."""
     names = [tier.name for tier in store.tiers]
     result = ReplayResult(policy, fraction, names, [t.budget for t in store.tiers], block_bytes)
+    result.admission = admission_label(names, [t.admission.name for t in store.tiers])
     template = block_tensor(0, block_bytes)
     started = time.perf_counter()
     for request in tqdm(trace.requests, desc="replay", unit="req", disable=not progress):

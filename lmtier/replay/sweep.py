@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from lmtier.admission import ADMISSION_POLICIES
 from lmtier.config import StoreConfig, TierConfig, load_config
 from lmtier.errors import ConfigError
 from lmtier.replay.run import (
@@ -22,7 +24,7 @@ from lmtier.replay.run import (
 from lmtier.replay.traces import Trace
 from lmtier.store import TieredStore
 
-__all__ = ["ReplayOptions", "SweepResult", "run_sweep"]
+__all__ = ["ReplayOptions", "SweepResult", "resolve_admission", "run_sweep"]
 
 # 8B-class model in bf16: 32 layers x 8 KV heads x 128 dims x 2 (K and V) x 2 bytes.
 DEFAULT_BYTES_PER_TOKEN = 128 * 1024
@@ -38,6 +40,9 @@ class ReplayOptions:
     promote_on_hit: bool = True
     config: Path | None = None  # real mode: tier kinds and devices from here, budgets replaced
     progress: bool = False
+    # Admission per tier: "POLICY" (the last tier) or "TIER=POLICY" items; other tiers admit all.
+    admission: tuple[str, ...] = ()
+    admission_window: int | None = None  # second_hit's memory in entries (default: 4x capacity)
 
 
 @dataclass
@@ -72,9 +77,29 @@ def run_sweep(trace: Trace, options: ReplayOptions) -> SweepResult:
                 result = replay_sizes_only(
                     trace, names, capacities, policy, block_bytes, fraction,
                     options.promote_on_hit, options.progress,
+                    resolve_admission(options.admission, names), options.admission_window,
                 )  # fmt: skip
             results.append(result)
     return SweepResult(trace, block_bytes, results, best)
+
+
+def resolve_admission(items: Sequence[str], tier_names: Sequence[str]) -> list[str]:
+    """Each tier's admission policy from ``POLICY`` (the last tier) and ``TIER=POLICY`` items."""
+    policies = ["all"] * len(tier_names)
+    for item in items:
+        name, named, policy = item.rpartition("=")
+        if policy not in ADMISSION_POLICIES:
+            raise ConfigError(
+                f"unknown admission policy {policy!r} in {item!r}; "
+                f"known: {', '.join(ADMISSION_POLICIES)}"
+            )
+        if not named:
+            policies[-1] = policy
+        elif name in tier_names:
+            policies[list(tier_names).index(name)] = policy
+        else:
+            raise ConfigError(f"admission {item!r}: no tier named {name!r}; tiers: {tier_names}")
+    return policies
 
 
 def _default_names(count: int) -> list[str]:
@@ -114,13 +139,17 @@ def _real_config(
             specs[-1] = TierConfig(names[-1], "disk", 1, path=str(folder))
         if len(specs) == 3 and torch.cuda.is_available():
             specs[0] = TierConfig(names[0], "memory", 1, device="cuda")
+    admission = resolve_admission(options.admission, [spec.name for spec in specs])
     tiers = tuple(
         replace(
             spec,
             max_size_bytes=capacity,
             evictor=policy,
             path=str(folder / spec.name) if spec.kind == "disk" else None,
+            # A config's own admission stays unless the replay names one.
+            admission=admitted if options.admission else spec.admission,
+            admission_window=options.admission_window or spec.admission_window,
         )
-        for spec, capacity in zip(specs, capacities, strict=True)
+        for spec, capacity, admitted in zip(specs, capacities, admission, strict=True)
     )
     return StoreConfig(tiers, promote_on_hit=options.promote_on_hit)

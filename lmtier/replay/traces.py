@@ -9,7 +9,18 @@ from pathlib import Path
 
 from lmtier.errors import TraceError
 
-__all__ = ["FORMATS", "Request", "Trace", "detect_format", "read_trace"]
+__all__ = [
+    "FORMATS",
+    "WINDOWS",
+    "Request",
+    "Trace",
+    "TraceStats",
+    "detect_format",
+    "parse_part",
+    "read_trace",
+    "trace_part",
+    "trace_stats",
+]
 
 
 @dataclass(frozen=True)
@@ -22,6 +33,8 @@ class Request:
 
 @dataclass(frozen=True)
 class Trace:
+    """Requests in arrival order; ``block_tokens`` tokens per hash id; ``format`` its origin."""
+
     requests: tuple[Request, ...]
     block_tokens: int
     format: str
@@ -33,6 +46,76 @@ class Trace:
     @property
     def distinct_blocks(self) -> int:
         return len({h for r in self.requests for h in r.hash_ids})
+
+
+@dataclass(frozen=True)
+class TraceStats:
+    """What a trace asks of a cache: its size, its reuse and the infinite cache's hit ratio."""
+
+    requests: int
+    references: int
+    distinct_blocks: int
+    blocks_used_once: int
+
+    @property
+    def once_fraction(self) -> float:
+        """The fraction of distinct blocks referenced exactly once (no cache can reuse them)."""
+        return self.blocks_used_once / max(self.distinct_blocks, 1)
+
+    @property
+    def ceiling(self) -> float:
+        """The infinite cache's block hit ratio: every reference but each block's first."""
+        return (self.references - self.distinct_blocks) / max(self.references, 1)
+
+    def describe(self) -> str:
+        return (
+            f"{self.requests:,} requests, {self.references:,} block references, "
+            f"{self.distinct_blocks:,} distinct blocks ({self.once_fraction:.1%} used once), "
+            f"infinite-cache block hit ratio {self.ceiling:.4f}"
+        )
+
+
+def trace_stats(trace: Trace) -> TraceStats:
+    """Counts of ``trace``'s requests, references and blocks."""
+    uses: dict[int, int] = {}
+    for request in trace.requests:
+        for block in request.hash_ids:
+            uses[block] = uses.get(block, 0) + 1
+    once = sum(1 for count in uses.values() if count == 1)
+    return TraceStats(len(trace.requests), sum(uses.values()), len(uses), once)
+
+
+#: Named time windows for ``trace_part``: (part, parts).
+WINDOWS: dict[str, tuple[int, int]] = {"first-half": (1, 2), "second-half": (2, 2)}
+
+
+def trace_part(trace: Trace, part: int, parts: int) -> Trace:
+    """The ``part``-th (1-based) of ``parts`` consecutive slices of ``trace``, by request order.
+
+    Slice boundaries fall at ``len * (part - 1) // parts`` and ``len * part // parts``, so the
+    parts cover every request once.  A part replays cold: nothing before it is cached, so tuning
+    on part 1 and reporting part 2 tests a policy on requests it never saw.
+    """
+    if parts < 1 or not 1 <= part <= parts:
+        raise TraceError(f"part {part}/{parts}: need 1 <= part <= parts")
+    count = len(trace.requests)
+    requests = trace.requests[count * (part - 1) // parts : count * part // parts]
+    if not requests:
+        raise TraceError(f"part {part}/{parts} of {count} requests is empty")
+    return Trace(requests, trace.block_tokens, trace.format)
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``K/N`` or a name in ``WINDOWS`` as (part, parts)."""
+    if text in WINDOWS:
+        return WINDOWS[text]
+    part, slash, parts = text.partition("/")
+    try:
+        if slash:
+            return int(part), int(parts)
+    except ValueError:
+        pass
+    raise TraceError(f"not a part K/N nor one of {', '.join(WINDOWS)}: {text!r}")
 
 
 # format name -> (tokens per block, fields every line must carry)

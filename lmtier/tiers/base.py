@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from lmtier.admission import Admission, AdmitAll
 from lmtier.evictor import BaseEvictor, PutStatus
 from lmtier.keys import KeyLike
 from lmtier.metrics import TierCounters
@@ -25,6 +26,7 @@ class Tier(abc.ABC):
     A tier knows no other tier: the store moves data between tiers through these steps, each
     bookkeeping step synchronous so that no other task sees it half done::
 
+        if admits(key, size):            # the admission policy, asked once per offer
         victims = admit(key, size)       # evictor picks victims; they stay readable, "leaving"
         await reserve(size, timeout)     # wait until the leaving bytes are gone
         obj = await write(key, tensor)   # the backend copies or writes; not yet visible
@@ -51,6 +53,8 @@ class Tier(abc.ABC):
         self.budget: int = evictor.capacity_bytes
         self.cache_dict: OrderedDict[KeyLike, Any] = OrderedDict()
         self.counters = TierCounters()
+        #: Whether the tier takes a chunk at all (the factory sets the configured policy).
+        self.admission: Admission = AdmitAll()
         self._committed = 0
         self._reserved = 0
         self._pending = 0
@@ -96,6 +100,13 @@ class Tier(abc.ABC):
         """Release resources; committed entries of a persistent tier stay where they are."""
 
     # ------------------------------------------------------------------ the write path
+    def admits(self, key: KeyLike, size: int) -> bool:
+        """Ask the admission policy about one offer of ``key``; a refusal is counted and final."""
+        if self.admission.admits(key, size):
+            return True
+        self.counters.admission_rejects += 1
+        return False
+
     def admit(self, key: KeyLike, size: int) -> list[tuple[KeyLike, Any]] | None:
         """Ask the evictor for room; ``None`` if refused, else the victims, now leaving."""
         victims, status = self.evictor.update_on_put(self.cache_dict, size)
@@ -146,6 +157,7 @@ class Tier(abc.ABC):
         self._reserved -= size
         self._committed += size
         self.cache_dict[key] = obj
+        self.counters.bytes_in += size
 
     def adopt(self, key: KeyLike, obj: Any, size: int) -> None:
         """Index an entry that already exists in storage (found when the tier opens)."""

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from lmtier.admission import make_admission
 from lmtier.config import StoreConfig, TierConfig
 from lmtier.errors import ConfigError, DeviceUnavailableError
 from lmtier.evictor import make_evictor
@@ -30,6 +31,13 @@ def build_tiers(config: StoreConfig) -> list[Tier]:
 
 def build_tier(spec: TierConfig, namespace: str = "") -> Tier | None:
     """One tier, or ``None`` for a CUDA tier on a machine without CUDA that is not required."""
+    tier = _build_backend(spec, namespace)
+    if tier is not None:
+        tier.admission = make_admission(spec.admission, spec.max_size_bytes, spec.admission_window)
+    return tier
+
+
+def _build_backend(spec: TierConfig, namespace: str) -> Tier | None:
     evictor = make_evictor(spec.evictor, spec.max_size_bytes)
     if spec.kind == "disk":
         assert spec.path is not None

@@ -1,0 +1,125 @@
+"""Workloads: the synthetic multi-turn generator, time splits, and the replay command on them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from lmtier.cli import main
+from lmtier.errors import TraceError
+from lmtier.replay.synthetic import SyntheticSpec, parse_synthetic, synthetic_trace
+from lmtier.replay.traces import Trace, parse_part, read_trace, trace_part, trace_stats
+from lmtier.replay.workloads import Workload, load_trace
+
+TRACE = Path(__file__).parent / "data" / "conversation_trace.jsonl"
+SMALL = SyntheticSpec(requests=2000, sessions=800)
+
+
+# ---------------------------------------------------------------------- synthetic
+def test_the_generator_is_deterministic_for_a_seed() -> None:
+    assert synthetic_trace(SMALL) == synthetic_trace(SMALL)
+    other = synthetic_trace(SyntheticSpec(requests=2000, sessions=800, seed=1))
+    assert other.requests != synthetic_trace(SMALL).requests
+
+
+def test_synthetic_ids_are_prefix_chained() -> None:
+    """Each id always follows the same parent, so one id names its whole prefix."""
+    parent: dict[int, int | None] = {}
+    for request in synthetic_trace(SMALL).requests:
+        previous = None
+        for block in request.hash_ids:
+            assert parent.setdefault(block, previous) == previous
+            previous = block
+        assert len(set(request.hash_ids)) == len(request.hash_ids)
+
+
+def test_synthetic_statistics_resemble_the_conversation_trace() -> None:
+    trace = synthetic_trace()
+    stats = trace_stats(trace)
+    assert (trace.format, trace.block_tokens, stats.requests) == ("synthetic", 512, 12000)
+    assert 20 <= stats.references / stats.requests <= 30  # real: 24.0 blocks a request
+    assert 0.70 <= stats.once_fraction <= 0.82  # real: 75.8% of blocks used once
+    assert 0.30 <= stats.ceiling <= 0.50  # real: 0.3664
+    times = [request.timestamp for request in trace.requests]
+    assert times == sorted(times)
+    longest = max(len(r.hash_ids) for r in trace.requests)
+    assert longest <= SyntheticSpec().max_context_blocks
+    # a few shared system prompts: most requests start with one of the two most popular
+    firsts: dict[int, int] = {}
+    for request in trace.requests:
+        firsts[request.hash_ids[0]] = firsts.get(request.hash_ids[0], 0) + 1
+    assert len(firsts) <= SyntheticSpec().system_prompts
+    assert sum(sorted(firsts.values())[-2:]) > 0.5 * stats.requests
+
+
+def test_synthetic_parameters_are_checked() -> None:
+    assert parse_synthetic("synthetic:zipf", sessions=10, alpha=0.5, seed=None).sessions == 10
+    with pytest.raises(TraceError, match="unknown synthetic trace"):
+        parse_synthetic("synthetic:uniform")
+    with pytest.raises(TraceError, match="sessions"):
+        SyntheticSpec(sessions=0)
+    with pytest.raises(TraceError, match="continue_prob"):
+        SyntheticSpec(continue_prob=1.5)
+
+
+# ---------------------------------------------------------------------- time split
+def test_parts_are_consecutive_and_cover_the_trace() -> None:
+    trace = read_trace(TRACE, limit=1001)
+    halves = [trace_part(trace, k, 2) for k in (1, 2)]
+    assert [len(h.requests) for h in halves] == [500, 501]
+    assert halves[0].requests + halves[1].requests == trace.requests
+    thirds = [trace_part(trace, k, 3).requests for k in (1, 2, 3)]
+    assert sum(thirds, ()) == trace.requests
+    assert parse_part("first-half") == (1, 2) and parse_part("second-half") == (2, 2)
+    assert parse_part("3/4") == (3, 4)
+    for bad in ("half", "0/2", "3/2"):
+        with pytest.raises(TraceError):
+            trace_part(trace, *parse_part(bad))
+
+
+def test_workloads_load_parts_of_files_and_of_the_generator() -> None:
+    second = Workload("second half", str(TRACE), part=(2, 2), limit=100).load()
+    assert second.requests == read_trace(TRACE, limit=100).requests[50:]
+    small = load_trace("synthetic:zipf", limit=30, part=(1, 3), synthetic=SMALL)
+    assert isinstance(small, Trace) and small.requests == synthetic_trace(SMALL).requests[:10]
+
+
+def test_replay_command_on_a_window_and_on_the_generator(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["replay", str(TRACE), "--limit", "400", "--window", "second-half",
+                 "--capacities", "0.1", "--no-progress"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "part 2/2" in out and "200 requests" in out
+    assert main(["replay", "synthetic:zipf", "--requests", "300", "--sessions", "50",
+                 "--zipf-alpha", "0.9", "--seed", "3", "--capacities", "0.1",
+                 "--no-progress"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "synthetic:zipf: synthetic, 300 requests" in out and "used once" in out
+    assert main(["replay", str(TRACE), "--sessions", "5", "--no-progress"]) == 2
+    assert "synthetic:zipf" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["replay", str(TRACE), "--part", "2"])
+
+
+# ---------------------------------------------------------------------- the policy report
+def test_the_policy_report_covers_every_registered_policy(tmp_path: Path) -> None:
+    from lmtier.evictor.registry import evictor_names
+    from lmtier.replay.policy_report import main as report
+
+    args = ["--limit", "300", "--capacities", "0.05,0.25", "--admission-capacities", "0.25",
+            "--jobs", "1", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert report(args) == 0
+    text = (tmp_path / "policies.md").read_text()
+    for workload in ("conversation trace", "first half", "second half", "synthetic:zipf"):
+        assert f"## {workload}" in text and f"### {workload}" in text
+    for policy in evictor_names():
+        # its row in each workload's table (the best cell of a column in bold)
+        assert len(re.findall(rf"^\| {policy} \| (\*\*)?[01]\.", text, re.MULTILINE)) == 4
+        assert f"| {policy} | 25% | second_hit |" in text
+    assert "| OPT |" in text and "| ceiling |" in text
+    rows = (tmp_path / "policies.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 * (2 * (1 + len(evictor_names())) + 2 * len(evictor_names()))
+    assert (tmp_path / "policies.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
