@@ -23,6 +23,8 @@ class TierCounters:
     corrupt: int = 0  # entries dropped because their bytes failed a check
     errors: int = 0  # writes or reads that failed (the entry went elsewhere or was a miss)
     room_timeouts: int = 0  # puts that gave up waiting for demotions to free room
+    unavailable: int = 0  # operations failed at once because the tier's server was down
+    fetched: int = 0  # gets served from shared storage beyond the index (another store's entry)
 
     def count(self, event: str) -> None:
         setattr(self, event, getattr(self, event) + 1)
