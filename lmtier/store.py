@@ -133,10 +133,11 @@ class TieredStore:
         if out is not None:
             serde.check_storable(out)
         async with _Operation(self):
-            for _ in range(_MAX_LOOKUPS):
+            for attempt in range(_MAX_LOOKUPS):
                 found = self._find(key)
                 if found is None:
-                    return await self._fetch_shared(key, target, out)
+                    # Only a key no index held: one that was dropped just now stays a miss.
+                    return None if attempt else await self._fetch_shared(key, target, out)
                 index, tier, obj = found
                 tier.pin(key)
                 try:

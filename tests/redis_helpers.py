@@ -112,8 +112,15 @@ def start_cluster(folder: Path, masters: int = 3) -> list[RedisProcess]:
     ]  # fmt: skip
     addresses = [f"127.0.0.1:{node.port}" for node in nodes]
     subprocess.run(
-        ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0"]
-        + ["--cluster-yes"],
+        [
+            "redis-cli",
+            "--cluster",
+            "create",
+            *addresses,
+            "--cluster-replicas",
+            "0",
+            "--cluster-yes",
+        ],
         capture_output=True,
         timeout=30,
         check=True,
