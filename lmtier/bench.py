@@ -39,6 +39,7 @@ class BenchOptions:
     folder: Path | None = None  # where disk rows write (a temporary folder inside it)
     fsync: bool = False  # disk rows with durability fsync, baselines fsync'ed alike
     restart_entries: int = 100_000
+    redis_url: str | None = None  # redis rows on this server (default: a local one, if installed)
 
     @property
     def repeats(self) -> int:
@@ -331,6 +332,9 @@ def run_bench(options: BenchOptions, on_row: Callable[[Row], None] | None = None
         add(restart_row(folder, 10_000 if options.quick else options.restart_entries))
     if torch.cuda.is_available():
         add(asyncio.run(gpu_rows(2 * MiB, repeats * 4)))
+    from lmtier.bench_remote import remote_bench_rows  # it imports this module
+
+    add(remote_bench_rows(options.redis_url, repeats))
     return rows
 
 

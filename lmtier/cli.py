@@ -225,12 +225,15 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench.add_argument("--folder", type=Path, help="where disk rows write (default: /tmp)")
     bench.add_argument("--fsync", action="store_true", help="disk rows with durability fsync")
     bench.add_argument("--restart-entries", type=_positive, default=BenchOptions().restart_entries)
+    bench.add_argument(
+        "--redis", metavar="URL", help="redis rows on this server (default: a local redis-server)"
+    )
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(run=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    options = BenchOptions(args.quick, args.folder, args.fsync, args.restart_entries)
+    options = BenchOptions(args.quick, args.folder, args.fsync, args.restart_entries, args.redis)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
     print(
         f"lmtier bench: torch {torch.__version__}, {os.cpu_count()} CPUs, {device}; "
