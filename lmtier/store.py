@@ -51,6 +51,7 @@ class TieredStore:
     ) -> None:
         self.config = config
         self.tiers: list[Tier] = build_tiers(config)
+        self._shared = any(tier.shared for tier in self.tiers)  # a miss then asks the server
         self._on_drop = on_drop
         self._tasks: set[asyncio.Task[Any]] = set()
         self._active = 0
@@ -137,7 +138,9 @@ class TieredStore:
                 found = self._find(key)
                 if found is None:
                     # Only a key no index held: one that was dropped just now stays a miss.
-                    return None if attempt else await self._fetch_shared(key, target, out)
+                    if attempt or not self._shared:
+                        return None
+                    return await self._fetch_shared(key, target, out)
                 index, tier, obj = found
                 tier.pin(key)
                 try:
@@ -328,9 +331,14 @@ class TieredStore:
                 replaced = [(src_tier, src_obj)]
             tier.counters.count(arrival)
             for old_tier, old_obj in replaced:
-                # A shared tier keeps a promoted entry in storage for the other stores.
-                if not (old_tier.shared and arrival == "promotions_in"):
+                if arrival == "promotions_in":
+                    await old_tier.release_promoted(old_obj)
+                else:
                     await old_tier.discard(old_obj)
+            if source is None and self._shared:
+                for other in self.tiers:
+                    if other.shared and other is not tier:
+                        await other.superseded(key)
             return _Outcome.PLACED
         return result
 

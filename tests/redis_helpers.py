@@ -7,6 +7,7 @@ Tests that need one skip when ``redis-server`` is not installed, unless
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -40,6 +41,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (10000 higher) is free too, as cluster nodes need."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20_000, 45_000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
 
 
 class RedisProcess:
@@ -104,7 +119,7 @@ def start_cluster(folder: Path, masters: int = 3) -> list[RedisProcess]:
     """``masters`` cluster-enabled servers joined by ``redis-cli --cluster create``."""
     nodes = [
         RedisProcess(
-            folder / f"node{i}", None, "--cluster-enabled", "yes",
+            folder / f"node{i}", free_cluster_port(), "--cluster-enabled", "yes",
             "--cluster-config-file", str(folder / f"node{i}" / "nodes.conf"),
             "--cluster-node-timeout", "2000",
         ).start()

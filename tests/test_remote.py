@@ -401,3 +401,20 @@ async def test_store_in_keeps_working_through_the_contract_helper(server: RedisP
         assert tier.stats()["round_trips"] >= 1 and tier.stats()["available"] is True
     finally:
         await tier.close()
+
+
+async def test_a_put_replacing_a_promoted_key_removes_the_copy_left_on_the_server(
+    server: RedisProcess, raw: aioredis.Redis
+) -> None:
+    async with remote_store(server.url) as other, remote_store(server.url, cpu=64 * KIB) as store:
+        await other.put("k", tensor_for("k"))
+        name = remote_of(store).name_for("k")
+        got = await store.get("k")
+        assert got is not None and await store.contains("k") == "cpu"
+        assert await raw.exists(name), "a promotion leaves the value for the other instances"
+        await store.put("k", tensor_for("k", version=1))
+        assert not await raw.exists(name), "the older value would be found again"
+        got = await store.get("k")
+        assert got is not None and torch.equal(got, tensor_for("k", version=1))
+        assert await other.get("k") is None  # its entry vanished: discharged, not served
+        assert store.audit() == [] and other.audit() == []

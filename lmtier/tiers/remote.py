@@ -17,7 +17,8 @@ deleted it, the server evicted it or restarted empty) or was replaced by another
 is discharged when noticed, i.e. when a read finds nothing or another value.  The store then
 drops it from the index, which discharges its bytes, so the evictor's charge always equals the
 sizes of the indexed entries.  Entries promoted to a higher tier are left on the server for the
-other stores (un-indexed here); a delete through the store removes the server's copy too.
+other stores (un-indexed here) until a put through this store replaces the key; a delete
+through the store removes the server's copy too.
 
 **Faults.**  Every round trip is bounded by ``op_timeout_s`` (redis-py socket timeouts plus an
 ``asyncio.wait_for`` guard), a reconnection by ``connect_timeout_s + op_timeout_s``.  A failure
@@ -35,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,8 @@ __all__ = ["RemoteEntry", "RemoteTier", "default_key_prefix"]
 log = logging.getLogger(__name__)
 
 FIRST_BACKOFF_S = 0.1
+# How many promoted-out keys are remembered (see ``superseded``); ~100 bytes each.
+MAX_LEFT_KEYS = 1 << 20
 # Encoding or decoding a value costs ~0.15 ms per MiB (a copy and a checksum): up to this size
 # that holds the loop for less than a worker thread's hop takes on a busy machine.
 INLINE_CODEC_BYTES = 4 << 20
@@ -128,6 +131,8 @@ class RemoteTier(Tier):
         self._flushes: set[asyncio.Task[None]] = set()
         self._writing: Counter[KeyLike] = Counter()  # keys with a SET in flight
         self._buffers: dict[int, list[bytearray]] = {}  # value buffers for reuse, by size
+        # Keys promoted out whose value this store left on the server, oldest first (bounded).
+        self._left: OrderedDict[KeyLike, None] = OrderedDict()
         self._gone: set[RemoteEntry] = set()  # removed entries whose value is not theirs to delete
 
     @property
@@ -182,8 +187,9 @@ class RemoteTier(Tier):
             self._writing[key] -= 1
             if not self._writing[key]:
                 del self._writing[key]
-        del value  # sent: the connection copied it into its socket buffer
+        del value  # the server has it all: nothing refers to the buffer any more
         self._give_back(buffer)
+        self._left.pop(key, None)
         return entry
 
     def _encode(
@@ -293,7 +299,21 @@ class RemoteTier(Tier):
         except StorageError as exc:  # the entry is gone from the index either way
             log.info("redis tier %r could not delete %s: %s", self.name, obj.path, exc)
 
+    async def release_promoted(self, obj: Any) -> None:
+        """Leave the value for the other stores; remember it, in case a put replaces the key."""
+        assert isinstance(obj, RemoteEntry)
+        self._left[obj.key] = None
+        self._left.move_to_end(obj.key)
+        if len(self._left) > MAX_LEFT_KEYS:
+            self._left.popitem(last=False)
+
+    async def superseded(self, key: KeyLike) -> None:
+        if key in self._left and key not in self.cache_dict and key not in self._writing:
+            del self._left[key]
+            await self.forget(key)
+
     async def forget(self, key: KeyLike) -> bool:
+        self._left.pop(key, None)
         if key in self._writing:
             return False
         try:
