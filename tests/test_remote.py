@@ -418,3 +418,19 @@ async def test_a_put_replacing_a_promoted_key_removes_the_copy_left_on_the_serve
         assert got is not None and torch.equal(got, tensor_for("k", version=1))
         assert await other.get("k") is None  # its entry vanished: discharged, not served
         assert store.audit() == [] and other.audit() == []
+
+
+async def test_the_stress_run_keeps_every_invariant_through_a_redis_tier(
+    server: RedisProcess, tmp_path: Path
+) -> None:
+    from lmtier.stress import StressOptions, run_stress
+
+    tiers = (
+        TierConfig("cpu", "memory", 64 * KIB),
+        TierConfig("disk", "disk", 128 * KIB, path=str(tmp_path / "disk")),
+        remote_spec(server.url, budget=256 * KIB),
+    )
+    async with TieredStore(StoreConfig(tiers)) as store:
+        report = await run_stress(store, StressOptions(tasks=8, ops=200, keys_per_task=16))
+        assert report.problems == [] and store.audit() == []
+        assert remote_of(store).counters.demotions_in > 0
