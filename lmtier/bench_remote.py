@@ -49,16 +49,17 @@ async def remote_rows(url: str, nbytes: int, repeats: int) -> list[Row]:
     try:
         async with TieredStore(StoreConfig((tier,))) as store:
             await store.put("k", src)
-            await client.set(f"{prefix}-raw", raw)
-            for _ in range(repeats):  # interleaved, so drift weighs on both sides alike
-                samples["put"].append(await amedian_time(lambda: store.put("k", src), 1))
-                samples["set"].append(
-                    await amedian_time(lambda: client.set(f"{prefix}-raw", raw), 1)
-                )
-                samples["get"].append(await amedian_time(lambda: store.get("k", out=out), 1))
-                samples["GET"].append(await amedian_time(lambda: client.get(f"{prefix}-raw"), 1))
-                samples["pm"].append(await amedian_time(lambda: store.put_many(batch), 1))
-                samples["pl"].append(await amedian_time(raw_batch, 1))
+            raw_name = f"{prefix}-raw"
+            await client.set(raw_name, raw)
+            pairs = [
+                (("put", lambda: store.put("k", src)), ("set", lambda: client.set(raw_name, raw))),
+                (("get", lambda: store.get("k", out=out)), ("GET", lambda: client.get(raw_name))),
+                (("pm", lambda: store.put_many(batch)), ("pl", raw_batch)),
+            ]
+            for turn in range(repeats):
+                for pair in pairs:  # each side first in every other turn: no position bias
+                    for name, operation in pair if turn % 2 else pair[::-1]:
+                        samples[name].append(await amedian_time(operation, 1))
             assert torch.equal(out, src)
             for key in ["k", *(key for key, _ in batch)]:
                 await store.delete(key)

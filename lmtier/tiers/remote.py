@@ -61,6 +61,8 @@ __all__ = ["RemoteEntry", "RemoteTier", "default_key_prefix"]
 log = logging.getLogger(__name__)
 
 FIRST_BACKOFF_S = 0.1
+# Value buffers kept for reuse (a pipelined batch of 2 MiB chunks fits 32 of them).
+MAX_POOLED_BYTES = 64 << 20
 # How many promoted-out keys are remembered (see ``superseded``); ~100 bytes each.
 MAX_LEFT_KEYS = 1 << 20
 # Encoding or decoding a value costs ~0.15 ms per MiB (a copy and a checksum): up to this size
@@ -131,6 +133,7 @@ class RemoteTier(Tier):
         self._flushes: set[asyncio.Task[None]] = set()
         self._writing: Counter[KeyLike] = Counter()  # keys with a SET in flight
         self._buffers: dict[int, list[bytearray]] = {}  # value buffers for reuse, by size
+        self._pooled_bytes = 0
         # Keys promoted out whose value this store left on the server, oldest first (bounded).
         self._left: OrderedDict[KeyLike, None] = OrderedDict()
         self._gone: set[RemoteEntry] = set()  # removed entries whose value is not theirs to delete
@@ -160,6 +163,8 @@ class RemoteTier(Tier):
         while self._flushes:
             await asyncio.gather(*list(self._flushes), return_exceptions=True)
         client, self._client = self._client, None
+        self._buffers.clear()
+        self._pooled_bytes = 0
         if client is not None:
             await _close_quietly(client)
 
@@ -214,12 +219,15 @@ class RemoteTier(Tier):
     # fifth of the speed of a copy into reused memory), so value buffers are kept for reuse.
     def _take_buffer(self, size: int) -> bytearray:
         bucket = self._buffers.get(_bucket(size))
-        return bucket.pop() if bucket else bytearray(_bucket(size))
+        if not bucket:
+            return bytearray(_bucket(size))
+        self._pooled_bytes -= _bucket(size)
+        return bucket.pop()
 
     def _give_back(self, buffer: bytearray) -> None:
-        bucket = self._buffers.setdefault(len(buffer), [])
-        if len(buffer) >= 1 << 16 and len(bucket) < 4:
-            bucket.append(buffer)
+        if len(buffer) >= 1 << 16 and self._pooled_bytes + len(buffer) <= MAX_POOLED_BYTES:
+            self._buffers.setdefault(len(buffer), []).append(buffer)
+            self._pooled_bytes += len(buffer)
 
     async def load(self, obj: Any) -> torch.Tensor | None:
         assert isinstance(obj, RemoteEntry)
