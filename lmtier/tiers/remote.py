@@ -244,7 +244,7 @@ class RemoteTier(Tier):
     async def _read(self, entry: RemoteEntry, out: torch.Tensor | None) -> torch.Tensor | None:
         value = await self._command("get", entry.path)
         if value is None:  # deleted by another store, evicted by the server, or a restart
-            self._gone.add(entry)
+            self._mark_gone(entry)
             return None
         header = self._check_header(value, entry.key)
         if (header.nbytes, header.dtype, header.shape, header.checksum) != (
@@ -253,7 +253,7 @@ class RemoteTier(Tier):
             entry.shape,
             entry.checksum,
         ):
-            self._gone.add(entry)  # another store replaced it: its value, not ours to delete
+            self._mark_gone(entry)  # another store replaced it: its value, not ours to delete
             return None
         return await self._decode(value, header, out)
 
@@ -275,6 +275,12 @@ class RemoteTier(Tier):
             self.name_for(key), header.nbytes, header.shape, header.dtype, header.checksum, key=key
         )
         return entry, tensor
+
+    def _mark_gone(self, entry: RemoteEntry) -> None:
+        # The store discards a dropped entry unless it moved meanwhile; bound what is left over.
+        if len(self._gone) >= 4096:
+            self._gone.clear()
+        self._gone.add(entry)
 
     def _check_header(self, value: bytes, key: KeyLike) -> serde.EntryHeader:
         header = serde.decode_header(value)
