@@ -79,6 +79,7 @@ class RedisProcess:
         deadline = time.monotonic() + 10
         while self.cli("ping", check=False) != "PONG":
             if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
                 raise RuntimeError(f"redis-server on {self.port} did not start: {self.log()}")
             time.sleep(0.02)
         return self
@@ -117,32 +118,38 @@ class RedisProcess:
 
 def start_cluster(folder: Path, masters: int = 3) -> list[RedisProcess]:
     """``masters`` cluster-enabled servers joined by ``redis-cli --cluster create``."""
-    nodes = [
-        RedisProcess(
-            folder / f"node{i}", free_cluster_port(), "--cluster-enabled", "yes",
-            "--cluster-config-file", str(folder / f"node{i}" / "nodes.conf"),
-            "--cluster-node-timeout", "2000",
-        ).start()
-        for i in range(masters)
-    ]  # fmt: skip
-    addresses = [f"127.0.0.1:{node.port}" for node in nodes]
-    subprocess.run(
-        [
-            "redis-cli",
-            "--cluster",
-            "create",
-            *addresses,
-            "--cluster-replicas",
-            "0",
-            "--cluster-yes",
-        ],
-        capture_output=True,
-        timeout=30,
-        check=True,
-    )
-    deadline = time.monotonic() + 20
-    while not all("cluster_state:ok" in n.cli("cluster", "info") for n in nodes):
-        if time.monotonic() > deadline:
-            raise RuntimeError("the cluster did not reach cluster_state:ok")
-        time.sleep(0.05)
+    nodes: list[RedisProcess] = []
+    try:
+        for i in range(masters):
+            node = RedisProcess(
+                folder / f"node{i}", free_cluster_port(), "--cluster-enabled", "yes",
+                "--cluster-config-file", str(folder / f"node{i}" / "nodes.conf"),
+                "--cluster-node-timeout", "2000",
+            )  # fmt: skip
+            nodes.append(node)
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in nodes]
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+        deadline = time.monotonic() + 20
+        while not all("cluster_state:ok" in n.cli("cluster", "info") for n in nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+    except BaseException:
+        for node in nodes:
+            node.kill()
+        raise
     return nodes
