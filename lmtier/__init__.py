@@ -11,6 +11,7 @@ from lmtier.errors import (
     LmtierTypeError,
     StorageError,
     StoreClosedError,
+    TierUnavailableError,
 )
 from lmtier.evictor import BaseEvictor, DummyEvictor, LRUEvictor, PutStatus
 from lmtier.keys import CacheEngineKey, KeyLike
@@ -38,6 +39,7 @@ __all__ = [
     "StoreClosedError",
     "StoreConfig",
     "TierConfig",
+    "TierUnavailableError",
     "TieredStore",
     "__version__",
 ]

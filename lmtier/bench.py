@@ -40,6 +40,7 @@ class BenchOptions:
     fsync: bool = False  # disk rows with durability fsync, baselines fsync'ed alike
     restart_entries: int = 100_000
     peers: bool = False  # rows beside LMCache 0.5.6's local backends (lmtier.bench_peers)
+    redis_url: str | None = None  # redis rows on this server (default: a local one, if installed)
 
     @property
     def repeats(self) -> int:
@@ -385,6 +386,9 @@ def run_bench(options: BenchOptions, on_row: Callable[[Row], None] | None = None
                 add(peer_rows(nbytes, repeats, folder))
     if torch.cuda.is_available():
         add(asyncio.run(gpu_rows(2 * MiB, repeats * 4)))
+    from lmtier.bench_remote import remote_bench_rows  # it imports this module
+
+    add(remote_bench_rows(options.redis_url, repeats))
     return rows
 
 

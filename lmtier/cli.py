@@ -275,12 +275,17 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="also LMCache 0.5.6's local backends (install: scripts/install_peers.sh)",
     )
+    bench.add_argument(
+        "--redis", metavar="URL", help="redis rows on this server (default: a local redis-server)"
+    )
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(run=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    options = BenchOptions(args.quick, args.folder, args.fsync, args.restart_entries, args.peers)
+    options = BenchOptions(
+        args.quick, args.folder, args.fsync, args.restart_entries, args.peers, args.redis
+    )
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
     print(
         f"lmtier bench: torch {torch.__version__}, {os.cpu_count()} CPUs, {device}; "

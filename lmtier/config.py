@@ -6,8 +6,9 @@ import copy
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 import yaml
@@ -32,28 +33,57 @@ MB = 1024**2
 ENV_PREFIX = "LMTIER_"
 CONFIG_ENV = "LMTIER_CONFIG"
 
-_KINDS = ("disk", "memory")
+_KINDS = ("disk", "memory", "redis")
+_REDIS_SCHEMES = ("redis", "rediss")
 _DURABILITIES = ("fsync", "none")
 _SIZE_UNITS = {"max_size_gb": GB, "max_size_mb": MB}
 _TOP_KEYS = ("namespace", "promote_on_hit", "room_timeout_s", "tiers")
-_TIER_KEYS = (
-    "admission",
-    "admission_window",
-    "device",
-    "durability",
-    "evictor",
-    "kind",
-    "max_size_gb",
-    "max_size_mb",
-    "name",
-    "path",
-    "pinned",
-    "required",
+_REDIS_KEYS = (
+    "cluster",
+    "connect_timeout_s",
+    "key_prefix",
+    "op_timeout_s",
+    "password",
+    "reconnect_max_s",
+    "url",
+    "username",
 )
-_KIND_ONLY = {"memory": ("device", "pinned"), "disk": ("durability", "path")}
+_TIER_KEYS = tuple(
+    sorted(
+        (
+            "admission",
+            "admission_window",
+            "device",
+            "durability",
+            "evictor",
+            "kind",
+            "max_size_gb",
+            "max_size_mb",
+            "name",
+            "path",
+            "pinned",
+            "required",
+            *_REDIS_KEYS,
+        )
+    )
+)
+_KIND_ONLY = {"memory": ("device", "pinned"), "disk": ("durability", "path"), "redis": _REDIS_KEYS}
 # Env values for these stay verbatim: YAML would read a path such as "~" or "null" as None.
 _STR_FIELDS = frozenset(
-    {"admission", "device", "durability", "evictor", "kind", "name", "namespace", "path"}
+    {
+        "admission",
+        "device",
+        "durability",
+        "evictor",
+        "key_prefix",
+        "kind",
+        "name",
+        "namespace",
+        "password",
+        "path",
+        "url",
+        "username",
+    }
 )
 _REQUIRED = object()
 
@@ -63,7 +93,7 @@ class TierConfig:
     """One tier of the cascade; parse_config and load_config build and validate these."""
 
     name: str  # unique among tiers, case-insensitively (env overrides match it that way)
-    kind: str  # "memory" or "disk"
+    kind: str  # "memory", "disk" or "redis"
     max_size_bytes: int
     evictor: str = "lru"
     device: str = "cpu"  # memory tiers: "cpu", "cuda" or "cuda:N"
@@ -73,6 +103,15 @@ class TierConfig:
     durability: str = "none"  # disk tiers: "none" or "fsync"
     admission: str = "all"  # "all" or "second_hit" (a chunk is admitted when offered twice)
     admission_window: int | None = None  # second_hit's memory in entries; None: 4x capacity
+    # redis tiers: the server (redis:// or rediss:// for TLS; with ``cluster``, any node)
+    url: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)  # never printed in logs
+    key_prefix: str | None = None  # None: derived from the store's namespace
+    connect_timeout_s: float = 2.0
+    op_timeout_s: float = 2.0  # the most any one round trip to the server may take
+    reconnect_max_s: float = 10.0  # the longest wait between reconnection probes
+    cluster: bool = False  # a Redis Cluster, through redis-py's cluster client
 
     @property
     def max_size_gb(self) -> float:
@@ -183,18 +222,19 @@ def _parse_tier(raw: object, index: int, source: str) -> TierConfig:
     if not name:
         raise ConfigError(f"{where}: field 'name' must not be empty")
     kind = _choice(raw, "kind", where, _KINDS, _REQUIRED)
-    other = "disk" if kind == "memory" else "memory"
-    for key in _KIND_ONLY[other]:
-        if key in raw:
-            raise ConfigError(
-                f"{where}: field {key!r} is for {other} tiers; a {kind} tier may not set it"
-            )
+    for other, keys in _KIND_ONLY.items():
+        for key in keys:
+            if other != kind and key in raw:
+                raise ConfigError(
+                    f"{where}: field {key!r} is for {other} tiers; a {kind} tier may not set it"
+                )
     path = None
     if kind == "disk":
         path = _str(raw, "path", where)
         if not path.strip():
             raise ConfigError(f"{where}: field 'path' must not be empty")
         path = os.path.expanduser(path)
+    redis: dict[str, Any] = _parse_redis(raw, where) if kind == "redis" else {}
     return TierConfig(
         name=name,
         kind=kind,
@@ -207,6 +247,7 @@ def _parse_tier(raw: object, index: int, source: str) -> TierConfig:
         durability=_choice(raw, "durability", where, _DURABILITIES, "none"),
         admission=_choice(raw, "admission", where, ADMISSION_POLICIES, "all"),
         admission_window=_window(raw, where),
+        **redis,
     )
 
 
@@ -217,6 +258,32 @@ def _window(raw: Mapping[Any, Any], where: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _type_error(where, "admission_window", "a whole number of entries > 0", value)
     return value
+
+
+def _parse_redis(raw: Mapping[Any, Any], where: str) -> dict[str, Any]:
+    """The fields of a redis tier, checked."""
+    url = _str(raw, "url", where)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: field 'url' {url!r} is not a URL: {exc}") from exc
+    if parts.scheme not in _REDIS_SCHEMES or not parts.hostname:
+        raise ConfigError(
+            f"{where}: field 'url' must be redis://HOST[:PORT] or rediss://HOST[:PORT] (TLS), "
+            f"got {url!r}"
+        )
+    fields: dict[str, Any] = {"url": url, "cluster": _bool(raw, "cluster", where, False)}
+    for key in ("username", "password", "key_prefix"):
+        fields[key] = None if raw.get(key) is None else _str(raw, key, where)
+    if fields["key_prefix"] == "":
+        raise ConfigError(f"{where}: field 'key_prefix' must not be empty (omit it for a default)")
+    for key in ("connect_timeout_s", "op_timeout_s", "reconnect_max_s"):
+        value = _number(raw, key, where, getattr(TierConfig, key))
+        if not 0 < value < math.inf:  # also rejects NaN
+            raise ConfigError(f"{where}: field {key!r} must be finite and > 0, got {value!r}")
+        fields[key] = float(value)
+    return fields
 
 
 def parse_config(data: object, source: str = "<config>") -> StoreConfig:

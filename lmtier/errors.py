@@ -11,6 +11,7 @@ keeps working for code that does not know lmtier::
     │   └── DeviceUnavailableError            a configured device that this machine lacks
     ├── TraceError             (ValueError)   a request trace that cannot be parsed (with its line)
     ├── StorageError           (OSError)      a tier's storage cannot be used (unwritable path, ...)
+    │   └── TierUnavailableError              a remote tier's server is down, slow or unreachable
     ├── CorruptEntryError      (ValueError)   stored bytes that fail their header or checksum
     └── StoreClosedError       (RuntimeError) an operation on a closed store
 """
@@ -27,6 +28,7 @@ __all__ = [
     "LmtierTypeError",
     "StorageError",
     "StoreClosedError",
+    "TierUnavailableError",
     "TraceError",
 ]
 
@@ -61,6 +63,10 @@ class TraceError(LmtierError, ValueError):
 
 class StorageError(LmtierError, OSError):
     """A tier's backing storage cannot be used (an unwritable or vanished folder, a full disk)."""
+
+
+class TierUnavailableError(StorageError):
+    """A remote tier cannot reach its server (down, too slow, restarting); it retries later."""
 
 
 class CorruptEntryError(LmtierError, ValueError):

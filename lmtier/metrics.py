@@ -25,6 +25,8 @@ class TierCounters:
     room_timeouts: int = 0  # puts that gave up waiting for demotions to free room
     admission_rejects: int = 0  # offers (puts, demotions, promotions) its admission refused
     bytes_in: int = 0  # bytes committed into the tier: puts, demotions and promotions in
+    unavailable: int = 0  # operations failed at once because the tier's server was down
+    fetched: int = 0  # gets served from shared storage beyond the index (another store's entry)
 
     def count(self, event: str) -> None:
         setattr(self, event, getattr(self, event) + 1)

@@ -17,7 +17,7 @@ from lmtier.errors import CorruptEntryError, InvalidValueError, StoreClosedError
 from lmtier.evictor import PutStatus
 from lmtier.keys import KeyLike, check_key
 from lmtier.tiers.base import Tier
-from lmtier.tiers.copies import copy_to
+from lmtier.tiers.copies import copy_into, copy_to
 from lmtier.tiers.factory import build_tiers
 
 __all__ = ["TieredStore"]
@@ -51,6 +51,7 @@ class TieredStore:
     ) -> None:
         self.config = config
         self.tiers: list[Tier] = build_tiers(config)
+        self._shared = any(tier.shared for tier in self.tiers)  # a miss then asks the server
         self._on_drop = on_drop
         self._tasks: set[asyncio.Task[Any]] = set()
         self._active = 0
@@ -133,10 +134,13 @@ class TieredStore:
         if out is not None:
             serde.check_storable(out)
         async with _Operation(self):
-            for _ in range(_MAX_LOOKUPS):
+            for attempt in range(_MAX_LOOKUPS):
                 found = self._find(key)
                 if found is None:
-                    return None
+                    # Only a key no index held: one that was dropped just now stays a miss.
+                    if attempt or not self._shared:
+                        return None
+                    return await self._fetch_shared(key, target, out)
                 index, tier, obj = found
                 tier.pin(key)
                 try:
@@ -159,6 +163,31 @@ class TieredStore:
                     await self._background(self._promote(index, key, obj, result))
                 return result
             return None
+
+    async def _fetch_shared(
+        self, key: KeyLike, target: torch.device | None, out: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """A key no index holds may be in a shared tier's storage (another store wrote it)."""
+        for index, tier in enumerate(self.tiers):
+            if not tier.shared:
+                continue
+            found = await tier.fetch(key)
+            if found is None:
+                continue
+            obj, data = found
+            tier.counters.fetched += 1
+            # Indexed only if no tier took the key meanwhile: a put that committed is newer.
+            adopted = self._holder(key) is None and tier.try_adopt(key, obj)
+            if adopted:
+                tier.touch(key)
+            if out is not None:
+                result = await copy_into(out, data)
+            else:
+                result = await copy_to(data, target or tier.home_device, private=True)
+            if adopted and index and self.config.promote_on_hit:
+                await self._background(self._promote(index, key, obj, result))
+            return result
+        return None
 
     async def get_many(
         self, keys: Sequence[KeyLike], device: str | torch.device | None = None
@@ -202,7 +231,11 @@ class TieredStore:
             removed = self._remove_everywhere(key)
             for tier, obj in removed:
                 await tier.discard(obj)
-        return bool(removed)
+            holders = [tier for tier, _ in removed]
+            forgotten = [
+                await tier.forget(key) for tier in self.tiers if tier.shared and tier not in holders
+            ]
+        return bool(removed) or any(forgotten)
 
     def stats(self) -> dict[str, Any]:
         """Per-tier counters and totals as one plain dict."""
@@ -310,7 +343,14 @@ class TieredStore:
                 replaced = [(src_tier, src_obj)]
             tier.counters.count(arrival)
             for old_tier, old_obj in replaced:
-                await old_tier.discard(old_obj)
+                if arrival == "promotions_in":
+                    await old_tier.release_promoted(old_obj)
+                else:
+                    await old_tier.discard(old_obj)
+            if source is None and self._shared:
+                for other in self.tiers:
+                    if other.shared and other is not tier:
+                        await other.superseded(key)
             return _Outcome.PLACED
         return result
 
@@ -368,6 +408,9 @@ class TieredStore:
                 return index, tier, obj
             tier.counters.misses += 1
         return None
+
+    def _holder(self, key: KeyLike) -> Tier | None:
+        return next((tier for tier in self.tiers if tier.lookup(key) is not None), None)
 
     def _remove_everywhere(self, key: KeyLike) -> list[tuple[Tier, Any]]:
         removed = []

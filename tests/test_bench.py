@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from lmtier.bench import Row, cpu_put_get, disk_rows, format_rows
+
+from redis_helpers import RedisProcess, need_redis
 
 MiB = 1024**2
 
@@ -20,3 +24,19 @@ def test_bench_rows_measure_and_format(tmp_path: Path) -> None:
     table = format_rows([*rows, Row("restart", "1 entries/s", "", None)])
     assert table.splitlines()[0].startswith("measure") and "GB/s" in table
     assert not list(tmp_path.rglob("*.safetensors")), "benchmark files were left behind"
+
+
+@pytest.mark.redis
+def test_redis_rows_measure_against_redis_py(tmp_path: Path) -> None:
+    need_redis()
+    from lmtier.bench_remote import remote_rows
+
+    server = RedisProcess(tmp_path / "redis").start()
+    try:
+        rows = asyncio.run(remote_rows(server.url, MiB, 2))
+    finally:
+        server.kill()
+    assert [r.name for r in rows] == [
+        "redis put 1 MiB", "redis get(out=) 1 MiB", "redis put_many 16 x 1 MiB",
+    ]  # fmt: skip
+    assert all(r.ratio is not None and r.ratio > 0 for r in rows)

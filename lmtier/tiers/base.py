@@ -40,10 +40,18 @@ class Tier(abc.ABC):
     * ``committed + reserved <= budget``: bytes the tier holds or is writing never exceed it.
 
     Backends implement ``_write``, ``load``, ``discard`` and may override ``open``/``close``.
+
+    A *shared* tier's storage is written by other stores too (a remote server).  Its index
+    holds only what this store charged, so a key it does not index may still be in storage:
+    ``fetch`` looks there, ``try_adopt`` indexes what it found, ``forget`` deletes a key it
+    does not index, ``release_promoted`` leaves an entry promoted out of it in storage for the
+    other stores, and ``superseded`` removes such a copy once a put replaced the key.
     """
 
     #: Whether ``load`` returns a tensor nobody else holds (the caller may keep it as is).
     loads_are_private: bool = False
+    #: Whether other stores share this tier's storage (see the class docstring).
+    shared: bool = False
 
     def __init__(self, name: str, evictor: BaseEvictor) -> None:
         if evictor.capacity_bytes is None:
@@ -167,6 +175,40 @@ class Tier(abc.ABC):
         assert status is PutStatus.LEGAL and not victims, "an entry that fits needs no victims"
         self._committed += size
         self.cache_dict[key] = obj
+
+    def try_adopt(self, key: KeyLike, obj: Any) -> bool:
+        """``adopt`` an entry found in storage if it fits without evicting; whether it did.
+
+        Only while no put is admitted or moving out: then the evictor's charge equals the
+        committed bytes, so an entry that fits the budget needs no victim.
+        """
+        size = self.evictor.get_size(obj)
+        if key in self.cache_dict or self._pending or self._leaving or not self._fits(size):
+            return False
+        self.adopt(key, obj, size)
+        return True
+
+    # ------------------------------------------------------------------ shared storage
+    async def fetch(self, key: KeyLike) -> tuple[Any, torch.Tensor] | None:
+        """Look for ``key`` in storage beyond the index: the object and a private tensor, or
+        None.  Only shared tiers find anything; the entry is not indexed (see ``try_adopt``)."""
+        return None
+
+    async def forget(self, key: KeyLike) -> bool:
+        """Delete ``key`` from shared storage although the index does not hold it; whether
+        storage held it.  Called by a delete, so that no other store finds the entry again."""
+        return False
+
+    async def release_promoted(self, obj: Any) -> None:
+        """Release an entry that ``remove`` took out because it moved to a higher tier.
+
+        The default discards it; a shared tier leaves it in storage for the other stores.
+        """
+        await self.discard(obj)
+
+    async def superseded(self, key: KeyLike) -> None:
+        """A put committed ``key`` in another tier: drop any copy this tier left in shared
+        storage on a promotion, so that this store never finds the older value again."""
 
     # ------------------------------------------------------------------ reads and removal
     def lookup(self, key: KeyLike) -> Any:

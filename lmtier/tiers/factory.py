@@ -9,7 +9,7 @@ import torch
 from lmtier.admission import make_admission
 from lmtier.config import StoreConfig, TierConfig
 from lmtier.errors import ConfigError, DeviceUnavailableError
-from lmtier.evictor import make_evictor
+from lmtier.evictor import BaseEvictor, make_evictor
 from lmtier.tiers.base import Tier
 from lmtier.tiers.disk import DiskTier
 from lmtier.tiers.memory import MemoryTier
@@ -39,6 +39,8 @@ def build_tier(spec: TierConfig, namespace: str = "") -> Tier | None:
 
 def _build_backend(spec: TierConfig, namespace: str) -> Tier | None:
     evictor = make_evictor(spec.evictor, spec.max_size_bytes)
+    if spec.kind == "redis":
+        return _redis_tier(spec, evictor, namespace)
     if spec.kind == "disk":
         assert spec.path is not None
         return DiskTier(spec.name, evictor, spec.path, spec.durability, namespace)
@@ -57,3 +59,28 @@ def _build_backend(spec: TierConfig, namespace: str) -> Tier | None:
                 f"({torch.cuda.device_count()} CUDA device(s))"
             )
     return MemoryTier(spec.name, evictor, device, pinned=spec.pinned)
+
+
+def _redis_tier(spec: TierConfig, evictor: BaseEvictor, namespace: str) -> Tier:
+    # Imported here: redis-py is an optional extra, needed only when a redis tier is configured.
+    try:
+        from lmtier.tiers.remote import RemoteTier
+    except ImportError as exc:
+        raise ConfigError(
+            f"tier {spec.name!r} is a redis tier, which needs redis-py: "
+            f"pip install 'lmtier[redis]' ({exc})"
+        ) from exc
+    assert spec.url is not None
+    return RemoteTier(
+        spec.name,
+        evictor,
+        spec.url,
+        namespace=namespace,
+        key_prefix=spec.key_prefix,
+        username=spec.username,
+        password=spec.password,
+        cluster=spec.cluster,
+        connect_timeout_s=spec.connect_timeout_s,
+        op_timeout_s=spec.op_timeout_s,
+        reconnect_max_s=spec.reconnect_max_s,
+    )

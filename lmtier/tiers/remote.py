@@ -1,0 +1,489 @@
+"""A tier on a Redis or Valkey server (or a Redis Cluster), shared by every store that uses it.
+
+**Layout.**  An entry is one string value under ``{key_prefix}:{digest}``: the digest hashes
+the key (key text never becomes a key name) and the prefix defaults to one derived from the
+store's namespace.  The value is the disk tier's entry format (``serde``: a header with the
+key, namespace, dtype, shape and payload checksum, then the payload), so a value that is
+truncated, corrupt, of another format version, another namespace or another key is detected
+and read as a miss.  Every store pointed at the server finds every other store's entries.
+
+**Accounting.**  The index (``cache_dict``) and the evictor hold what *this* store charged:
+the entries it wrote, and entries that other stores wrote which a get found on the server and
+adopted (``fetch`` + ``try_adopt``: adopted when it fits beside what is charged without
+evicting anything, else served without being indexed).  The budget bounds this store's share
+of the server; the server's ``maxmemory`` (with an ``allkeys-lru`` policy) bounds the total.
+Nothing scans the server: an entry that vanished behind the index's back (another store
+deleted it, the server evicted it or restarted empty) or was replaced by another store's write
+is discharged when noticed, i.e. when a read finds nothing or another value.  The store then
+drops it from the index, which discharges its bytes, so the evictor's charge always equals the
+sizes of the indexed entries.  Entries promoted to a higher tier are left on the server for the
+other stores (un-indexed here) until a put through this store replaces the key; a delete
+through the store removes the server's copy too.
+
+**Faults.**  Every round trip is bounded by ``op_timeout_s`` (redis-py socket timeouts plus an
+``asyncio.wait_for`` guard), a reconnection by ``connect_timeout_s + op_timeout_s``.  A failure
+marks the tier unavailable: until a probe succeeds, reads and writes fail at once with
+``TierUnavailableError`` (counted in ``unavailable``), which the store turns into misses and
+puts that fall through.  The first operation after the backoff probes the server with a PING on
+a new connection; the backoff doubles from 0.1 s up to ``reconnect_max_s``.
+
+**Batching.**  Commands issued in the same event-loop turn (``put_many``, ``get_many``, a burst
+of demotions) go to the server as one pipeline: one round trip (one per node on a cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+import torch
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from lmtier import serde
+from lmtier.errors import CorruptEntryError, StorageError, TierUnavailableError
+from lmtier.evictor import BaseEvictor
+from lmtier.keys import KeyLike
+from lmtier.metadata import DiskCacheMetadata
+from lmtier.tiers.base import Tier
+from lmtier.tiers.copies import check_out, copy_to
+from lmtier.tiers.disk_files import key_digest
+
+__all__ = ["RemoteEntry", "RemoteTier", "default_key_prefix"]
+
+log = logging.getLogger(__name__)
+
+FIRST_BACKOFF_S = 0.1
+# Value buffers kept for reuse (a pipelined batch of 2 MiB chunks fits 32 of them).
+MAX_POOLED_BYTES = 64 << 20
+# How many promoted-out keys are remembered (see ``superseded``); ~100 bytes each.
+MAX_LEFT_KEYS = 1 << 20
+# Encoding or decoding a value costs ~0.15 ms per MiB (a copy and a checksum): up to this size
+# that holds the loop for less than a worker thread's hop takes on a busy machine.
+INLINE_CODEC_BYTES = 4 << 20
+_CPU = torch.device("cpu")
+# Failures of the connection or the server as a whole, as opposed to one command's error.
+_DOWN = (RedisError, OSError, TimeoutError, asyncio.TimeoutError)
+
+
+@dataclass(frozen=True)
+class RemoteEntry(DiskCacheMetadata):
+    """A remote entry: ``path`` is its key name on the server, ``size`` its payload bytes."""
+
+    key: KeyLike = field(default="", compare=False)
+
+
+def default_key_prefix(namespace: str) -> str:
+    """The key prefix of a namespace: stores of other namespaces never see its entries."""
+    digest = hashlib.blake2b(namespace.encode("utf-8", "surrogatepass"), digest_size=8)
+    return f"lmtier:{digest.hexdigest()}"
+
+
+@dataclass
+class _Command:
+    name: str  # a redis-py command method: "get", "set", "delete", "ping"
+    args: tuple[Any, ...]
+    done: asyncio.Future[Any]
+
+
+class RemoteTier(Tier):
+    """Entries are values on a Redis/Valkey server or cluster; ``cache_dict`` holds
+    ``RemoteEntry`` objects.  See the module docstring for sharing, accounting and faults."""
+
+    loads_are_private = True
+    shared = True
+
+    def __init__(
+        self,
+        name: str,
+        evictor: BaseEvictor,
+        url: str,
+        *,
+        namespace: str = "",
+        key_prefix: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        cluster: bool = False,
+        connect_timeout_s: float = 2.0,
+        op_timeout_s: float = 2.0,
+        reconnect_max_s: float = 10.0,
+    ) -> None:
+        super().__init__(name, evictor)
+        self.url = url
+        self.namespace = namespace
+        self.key_prefix = key_prefix or default_key_prefix(namespace)
+        self.cluster = cluster
+        self.connect_timeout_s = connect_timeout_s
+        self.op_timeout_s = op_timeout_s
+        self.reconnect_max_s = reconnect_max_s
+        self._credentials = {"username": username, "password": password}
+        self.round_trips = 0  # pipelines sent (one round trip each, one per node on a cluster)
+        self._client: aioredis.Redis | RedisCluster | None = None
+        self._next_probe = 0.0  # loop time before which no reconnection is tried
+        self._backoff = FIRST_BACKOFF_S
+        self._probing = False
+        self._queue: list[_Command] = []
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._writing: Counter[KeyLike] = Counter()  # keys with a SET in flight
+        self._buffers: dict[int, list[bytearray]] = {}  # value buffers for reuse, by size
+        self._pooled_bytes = 0
+        # Keys promoted out whose value this store left on the server, oldest first (bounded).
+        self._left: OrderedDict[KeyLike, None] = OrderedDict()
+        self._gone: set[RemoteEntry] = set()  # removed entries whose value is not theirs to delete
+
+    @property
+    def home_device(self) -> torch.device:
+        return _CPU
+
+    @property
+    def available(self) -> bool:
+        """Whether the tier is connected (False while the server is down or being probed)."""
+        return self._client is not None
+
+    def name_for(self, key: KeyLike) -> str:
+        """The key name of ``key``'s value on the server."""
+        return f"{self.key_prefix}:{key_digest(key)}"
+
+    # ------------------------------------------------------------------ open and close
+    async def open(self) -> None:
+        """Connect; a server that is down leaves the tier unavailable, not the store unusable."""
+        try:
+            await self._connected()
+        except TierUnavailableError as exc:
+            log.warning("redis tier %r starts unavailable: %s", self.name, exc)
+
+    async def close(self) -> None:
+        while self._flushes:
+            await asyncio.gather(*list(self._flushes), return_exceptions=True)
+        client, self._client = self._client, None
+        self._buffers.clear()
+        self._pooled_bytes = 0
+        if client is not None:
+            await _close_quietly(client)
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "available": self.available, "round_trips": self.round_trips}
+
+    # ------------------------------------------------------------------ primitives
+    async def _write(self, key: KeyLike, tensor: torch.Tensor) -> RemoteEntry:
+        host = (await copy_to(tensor.detach(), _CPU, private=True)).contiguous()
+        nbytes = host.numel() * host.element_size()
+        # The header's length: a checksum is 16 hex digits whatever its value.
+        header = serde.encode_header(
+            key, host.dtype, tuple(host.shape), nbytes, "0" * 16, self.namespace
+        )
+        buffer = self._take_buffer(len(header) + nbytes)
+        if nbytes > INLINE_CODEC_BYTES:
+            entry, value = await asyncio.to_thread(self._encode, key, host, buffer)
+        else:
+            entry, value = self._encode(key, host, buffer)
+        # A removed entry of this key must not delete the value being written (same name).
+        self._writing[key] += 1
+        try:
+            await self._command("set", entry.path, value)
+        finally:
+            self._writing[key] -= 1
+            if not self._writing[key]:
+                del self._writing[key]
+        del value  # the server has it all: nothing refers to the buffer any more
+        self._give_back(buffer)
+        self._left.pop(key, None)
+        return entry
+
+    def _encode(
+        self, key: KeyLike, tensor: torch.Tensor, buffer: bytearray
+    ) -> tuple[RemoteEntry, memoryview]:
+        """The entry and its value (header, then payload: one value, so a SET is atomic)."""
+        payload = serde.payload_view(tensor)
+        checksum = serde.payload_checksum(payload)
+        shape = tuple(tensor.shape)
+        header = serde.encode_header(
+            key, tensor.dtype, shape, payload.nbytes, checksum, self.namespace
+        )
+        entry = RemoteEntry(
+            self.name_for(key), payload.nbytes, shape, tensor.dtype, checksum, key=key
+        )
+        value = memoryview(buffer)[: len(header) + payload.nbytes]
+        value[: len(header)] = header
+        value[len(header) :] = payload
+        return entry, value
+
+    # Fresh multi-MiB allocations page-fault on every write (measured: the value's copy ran at a
+    # fifth of the speed of a copy into reused memory), so value buffers are kept for reuse.
+    def _take_buffer(self, size: int) -> bytearray:
+        bucket = self._buffers.get(_bucket(size))
+        if not bucket:
+            return bytearray(_bucket(size))
+        self._pooled_bytes -= _bucket(size)
+        return bucket.pop()
+
+    def _give_back(self, buffer: bytearray) -> None:
+        if len(buffer) >= 1 << 16 and self._pooled_bytes + len(buffer) <= MAX_POOLED_BYTES:
+            self._buffers.setdefault(len(buffer), []).append(buffer)
+            self._pooled_bytes += len(buffer)
+
+    async def load(self, obj: Any) -> torch.Tensor | None:
+        assert isinstance(obj, RemoteEntry)
+        return await self._read(obj, None)
+
+    async def load_into(self, obj: Any, out: torch.Tensor) -> torch.Tensor | None:
+        """Decode straight into ``out`` when it is contiguous host memory."""
+        assert isinstance(obj, RemoteEntry)
+        check_out(out, obj.shape or (), obj.dtype or out.dtype)
+        if out.device.type != "cpu" or not out.is_contiguous():
+            return await super().load_into(obj, out)
+        return await self._read(obj, out)
+
+    async def _read(self, entry: RemoteEntry, out: torch.Tensor | None) -> torch.Tensor | None:
+        value = await self._command("get", entry.path)
+        if value is None:  # deleted by another store, evicted by the server, or a restart
+            self._mark_gone(entry)
+            return None
+        header = self._check_header(value, entry.key)
+        if (header.nbytes, header.dtype, header.shape, header.checksum) != (
+            entry.size,
+            entry.dtype,
+            entry.shape,
+            entry.checksum,
+        ):
+            self._mark_gone(entry)  # another store replaced it: its value, not ours to delete
+            return None
+        return await self._decode(value, header, out)
+
+    async def fetch(self, key: KeyLike) -> tuple[Any, torch.Tensor] | None:
+        """GET the key's value: an entry another store wrote (or this one un-indexed)."""
+        try:
+            value = await self._command("get", self.name_for(key))
+            if value is None:
+                return None
+            header = self._check_header(value, key)
+            tensor = await self._decode(value, header, None)
+        except CorruptEntryError as exc:
+            self.counters.corrupt += 1
+            log.warning("redis tier %r: the value of %r is unusable: %s", self.name, key, exc)
+            return None
+        except StorageError:
+            return None  # counted where it happened
+        entry = RemoteEntry(
+            self.name_for(key), header.nbytes, header.shape, header.dtype, header.checksum, key=key
+        )
+        return entry, tensor
+
+    def _mark_gone(self, entry: RemoteEntry) -> None:
+        # The store discards a dropped entry unless it moved meanwhile; bound what is left over.
+        if len(self._gone) >= 4096:
+            self._gone.clear()
+        self._gone.add(entry)
+
+    def _check_header(self, value: bytes, key: KeyLike) -> serde.EntryHeader:
+        header = serde.decode_header(value)
+        if header.key != key or header.namespace != self.namespace:
+            raise CorruptEntryError(
+                f"value holds {header.key!r} of namespace {header.namespace!r}, "
+                f"not {key!r} of {self.namespace!r}"
+            )
+        if len(value) != header.file_size:
+            raise CorruptEntryError(f"value is {len(value)} bytes, its header promises "
+                                    f"{header.file_size}")  # fmt: skip
+        return header
+
+    async def _decode(
+        self, value: bytes, header: serde.EntryHeader, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        if header.nbytes > INLINE_CODEC_BYTES:
+            return await asyncio.to_thread(_decode_payload, value, header, out)
+        return _decode_payload(value, header, out)
+
+    async def discard(self, obj: Any) -> None:
+        assert isinstance(obj, RemoteEntry)
+        if obj in self._gone:
+            self._gone.discard(obj)
+            return
+        if obj.key in self.cache_dict or obj.key in self._writing:
+            return  # the key was written again: the name holds the newer value
+        try:
+            await self._command("delete", obj.path)
+        except StorageError as exc:  # the entry is gone from the index either way
+            log.info("redis tier %r could not delete %s: %s", self.name, obj.path, exc)
+
+    async def release_promoted(self, obj: Any) -> None:
+        """Leave the value for the other stores; remember it, in case a put replaces the key."""
+        assert isinstance(obj, RemoteEntry)
+        self._left[obj.key] = None
+        self._left.move_to_end(obj.key)
+        if len(self._left) > MAX_LEFT_KEYS:
+            self._left.popitem(last=False)
+
+    async def superseded(self, key: KeyLike) -> None:
+        if key in self._left and key not in self.cache_dict and key not in self._writing:
+            del self._left[key]
+            await self.forget(key)
+
+    async def forget(self, key: KeyLike) -> bool:
+        self._left.pop(key, None)
+        if key in self._writing:
+            return False
+        try:
+            return bool(await self._command("delete", self.name_for(key)))
+        except StorageError:
+            return False
+
+    # ------------------------------------------------------------------ the connection
+    async def _command(self, name: str, *args: Any) -> Any:
+        """Run one command, in one pipeline with the others issued in this event-loop turn."""
+        await self._connected()
+        loop = asyncio.get_running_loop()
+        command = _Command(name, args, loop.create_future())
+        self._queue.append(command)
+        if len(self._queue) == 1:
+            loop.call_soon(self._start_flush)
+        return await command.done
+
+    def _start_flush(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._flush(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, batch: list[_Command]) -> None:
+        client = self._client
+        if client is None:  # another batch found the server down after these were queued
+            self.counters.unavailable += len(batch)
+            _fail(batch, TierUnavailableError(f"redis tier {self.name!r} is unavailable"))
+            return
+        try:
+            self.round_trips += 1
+            results = await asyncio.wait_for(self._send(client, batch), self.op_timeout_s)
+        except _DOWN as exc:
+            why = _describe(exc)
+            self.counters.errors += 1
+            self._mark_down(client, why)
+            _fail(batch, TierUnavailableError(f"redis tier {self.name!r}: {why}"))
+            return
+        for command, result in zip(batch, results, strict=True):
+            if command.done.done():
+                continue  # its caller was cancelled
+            if isinstance(result, Exception):  # e.g. OOM under maxmemory noeviction
+                self.counters.errors += 1
+                command.done.set_exception(
+                    StorageError(f"redis tier {self.name!r}: {command.name} failed: {result}")
+                )
+            else:
+                command.done.set_result(result)
+
+    async def _send(
+        self, client: aioredis.Redis | RedisCluster, batch: list[_Command]
+    ) -> list[Any]:
+        """The batch's results (a command's error as its result); one round trip."""
+        if len(batch) == 1:  # a lone command skips the pipeline's bookkeeping (~2 ms at 2 MiB)
+            command = batch[0]
+            try:
+                return [await getattr(client, command.name)(*command.args)]
+            except ResponseError as exc:
+                return [exc]
+        pipe = client.pipeline(transaction=False)
+        for command in batch:
+            getattr(pipe, command.name)(*command.args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _connected(self) -> None:
+        """Return once connected; probe the server if the backoff allows, else fail at once."""
+        if self._client is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._probing or loop.time() < self._next_probe:
+            self.counters.unavailable += 1
+            raise TierUnavailableError(f"redis tier {self.name!r} is unavailable ({self.url})")
+        self._probing = True
+        client = self._new_client()
+        try:
+            await asyncio.wait_for(self._probe(client), self.connect_timeout_s + self.op_timeout_s)
+        except _DOWN as exc:
+            self.counters.unavailable += 1
+            self._mark_down(None, _describe(exc))
+            await _close_quietly(client)
+            raise TierUnavailableError(
+                f"redis tier {self.name!r} cannot reach {_redact(self.url)}: {_describe(exc)}"
+            ) from exc
+        finally:
+            self._probing = False
+        self._client = client
+        self._backoff = FIRST_BACKOFF_S
+        log.info("redis tier %r connected to %s", self.name, _redact(self.url))
+
+    async def _probe(self, client: aioredis.Redis | RedisCluster) -> None:
+        if isinstance(client, RedisCluster):
+            await client.initialize()
+        await client.ping()
+
+    def _new_client(self) -> aioredis.Redis | RedisCluster:
+        # No retries inside redis-py: they would outlast the timeout, and the tier retries.
+        options: dict[str, Any] = {
+            "socket_connect_timeout": self.connect_timeout_s,
+            "socket_timeout": self.op_timeout_s,
+            **{k: v for k, v in self._credentials.items() if v is not None},
+        }
+        if self.cluster:
+            return RedisCluster.from_url(self.url, retry=Retry(NoBackoff(), 0), **options)
+        return aioredis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0), **options)
+
+    def _mark_down(self, client: aioredis.Redis | RedisCluster | None, why: str) -> None:
+        """Drop the connection (if given) and schedule the next probe, once per failure."""
+        if client is not None:
+            if client is not self._client:
+                return  # another batch on the same connection already did it
+            self._client = None
+            task = asyncio.ensure_future(_close_quietly(client))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+            log.warning("redis tier %r is unavailable: %s", self.name, why)
+        self._next_probe = asyncio.get_running_loop().time() + self._backoff
+        self._backoff = min(2 * self._backoff, self.reconnect_max_s)
+
+
+def _decode_payload(
+    value: bytes, header: serde.EntryHeader, out: torch.Tensor | None
+) -> torch.Tensor:
+    tensor = torch.empty(header.shape, dtype=header.dtype) if out is None else out
+    payload = serde.payload_view(tensor)
+    payload[:] = memoryview(value)[header.payload_offset :]
+    if serde.payload_checksum(payload) != header.checksum:
+        raise CorruptEntryError("payload checksum mismatch")
+    return tensor
+
+
+def _bucket(size: int) -> int:
+    """Buffer sizes in steps of 4 KiB, so that entries of one shape share buffers."""
+    return -(-size // 4096) * 4096
+
+
+def _fail(batch: list[_Command], error: Exception) -> None:
+    for command in batch:
+        if not command.done.done():
+            command.done.set_exception(error)
+
+
+async def _close_quietly(client: aioredis.Redis | RedisCluster) -> None:
+    try:
+        await asyncio.wait_for(client.aclose(), 1.0)
+    except (*_DOWN, RuntimeError):
+        pass
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _redact(url: str) -> str:
+    """``url`` without a password it may carry."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}"
