@@ -64,7 +64,9 @@ class KVCacheEngine:
             for chunk, piece in zip(chunks, pieces, strict=True)
             if await self._store.contains(chunk.key) is None
         ]
-        statuses = await self._store.put_many(missing)
+        # A chunk's index in the prefix chain lets position-aware evictors keep heads longer.
+        positions = {chunk.key: index for index, chunk in enumerate(chunks)}
+        statuses = await self._store.put_many(missing, positions=positions)
         stored = {
             key
             for (key, _), status in zip(missing, statuses, strict=True)

@@ -10,6 +10,7 @@ from lmtier.evictor.base_evictor import BaseEvictor
 from lmtier.evictor.fifo_evictor import FIFOEvictor
 from lmtier.evictor.lfu_evictor import LFUEvictor
 from lmtier.evictor.lru_evictor import LRUEvictor
+from lmtier.evictor.prefix_evictor import PrefixEvictor
 from lmtier.evictor.s3fifo_evictor import S3FIFOEvictor
 
 __all__ = ["EvictorFactory", "evictor_names", "make_evictor", "register_evictor"]
@@ -23,6 +24,7 @@ _REGISTRY: dict[str, EvictorFactory] = {
     "lfu": LFUEvictor,
     "s3fifo": S3FIFOEvictor,
     "arc": ARCEvictor,
+    "prefix": PrefixEvictor,
 }
 
 
