@@ -10,7 +10,7 @@ import torch
 from lmtier.engine.chunks import ChunkKey, ChunkSpec, token_chunks
 from lmtier.errors import InvalidValueError, LmtierTypeError
 from lmtier.evictor import PutStatus
-from lmtier.keys import CacheEngineKey
+from lmtier.keys import CacheEngineKey, KeyLike
 from lmtier.store import TieredStore
 
 __all__ = ["KVCacheEngine", "Tokens"]
@@ -65,7 +65,7 @@ class KVCacheEngine:
             if await self._store.contains(chunk.key) is None
         ]
         # A chunk's index in the prefix chain lets position-aware evictors keep heads longer.
-        positions = {chunk.key: index for index, chunk in enumerate(chunks)}
+        positions: dict[KeyLike, int] = {c.key: index for index, c in enumerate(chunks)}
         statuses = await self._store.put_many(missing, positions=positions)
         stored = {
             key

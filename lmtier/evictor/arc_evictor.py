@@ -136,4 +136,3 @@ class ARCEvictor(KeyedEvictor):
                 self._b2_bytes -= size
             else:
                 self._b1_bytes -= size
-

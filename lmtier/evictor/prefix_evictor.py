@@ -167,9 +167,7 @@ class PrefixEvictor(KeyedEvictor):
         while freed < need:
             victim: KeyLike | None = None
             if probation_bytes > self._target:
-                victim = next(
-                    (k for k in probation if k not in pins and k in cache_dict), None
-                )
+                victim = next((k for k in probation if k not in pins and k in cache_dict), None)
             in_probation = victim is not None
             if victim is None:
                 if protected is None:
