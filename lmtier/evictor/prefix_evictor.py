@@ -91,13 +91,13 @@ class PrefixEvictor(KeyedEvictor):
 
     def _insert(self, key: KeyLike, size: int, position: int | None) -> None:
         self._clock += size
-        self._class[key] = self.position_class(position)
-        for which, ghost in enumerate(self._ghosts):
-            if key in ghost:
-                self._ghost_bytes[which] -= ghost.pop(key)
-                self._adapt_target(size, which, self._left_at.pop(key, None))
-                self._protect(key, 0)
-                return
+        self._class[key] = 0 if position is None else min(position.bit_length(), _CLASSES - 1)
+        which = 0 if key in self._ghosts[0] else 1 if key in self._ghosts[1] else -1
+        if which >= 0:
+            self._ghost_bytes[which] -= self._ghosts[which].pop(key)
+            self._adapt_target(size, which, self._left_at.pop(key, None))
+            self._protect(key, 0)
+            return
         self._probation[key] = None
         self._probation_bytes += size
 
@@ -158,6 +158,13 @@ class PrefixEvictor(KeyedEvictor):
         self, need: int, cache_dict: OrderedDict[Any, Any], key: KeyLike | None
     ) -> list[KeyLike] | None:
         pins, sizes = self._pins, self._sizes
+        if self._probation_bytes > self._target:  # the common case, one victim: no generators
+            for head in self._probation:
+                if head not in pins and head in cache_dict:
+                    if sizes[head] >= need:
+                        self._retire(head, True)
+                        return [head]
+                    break
         probation = iter(self._probation)
         protected: Iterator[KeyLike] | None = None  # the merge is built only when needed
         probation_bytes = self._probation_bytes
