@@ -85,9 +85,16 @@ class ARCEvictor(KeyedEvictor):
         size = 0 if key is None else self._size_of_ghost(key)
         p = self._adapted(key, size)
         in_b2 = key is not None and key in self._b2
+        t1_bytes = self._t1_bytes
+        prefer_t1 = t1_bytes > 0 and (t1_bytes > p or (in_b2 and t1_bytes >= p))
+        pins, sizes = self._pins, self._sizes
+        for head in self._t1 if prefer_t1 else self._t2:  # the common case: one victim
+            if head not in pins and head in cache_dict and sizes[head] >= need:
+                self._retire(head, prefer_t1)
+                return [head]
+            break
         from_t1 = self._evictables(self._t1, cache_dict)
         from_t2 = self._evictables(self._t2, cache_dict)
-        t1_bytes = self._t1_bytes
         victims: list[tuple[KeyLike, bool]] = []
         freed = 0
         while freed < need:
@@ -101,18 +108,22 @@ class ARCEvictor(KeyedEvictor):
             if in_t1:
                 t1_bytes -= self._size_of(victim)
         for victim, in_t1 in victims:
-            victim_size = self._size_of(victim)
-            if in_t1:
-                del self._t1[victim]
-                self._t1_bytes -= victim_size
-                self._b1[victim] = victim_size
-                self._b1_bytes += victim_size
-            else:
-                del self._t2[victim]
-                self._t2_bytes -= victim_size
-                self._b2[victim] = victim_size
-                self._b2_bytes += victim_size
+            self._retire(victim, in_t1)
         return [victim for victim, _ in victims]
+
+    def _retire(self, victim: KeyLike, in_t1: bool) -> None:
+        """Move a chosen victim from T1 to B1 or from T2 to B2."""
+        size = self._size_of(victim)
+        if in_t1:
+            del self._t1[victim]
+            self._t1_bytes -= size
+            self._b1[victim] = size
+            self._b1_bytes += size
+        else:
+            del self._t2[victim]
+            self._t2_bytes -= size
+            self._b2[victim] = size
+            self._b2_bytes += size
 
     def _size_of_ghost(self, key: KeyLike) -> int:
         return self._b1.get(key) or self._b2.get(key) or 0

@@ -73,7 +73,9 @@ class KeyedEvictor(BaseEvictor):
     # ----------------------------------------------------------------- protocol
     def update_on_get(self, key: KeyLike, cache_dict: OrderedDict[Any, Any]) -> None:
         """A use of ``key``; ignored unless tracked and in ``cache_dict``."""
-        self._sync(cache_dict)
+        self._dict = cache_dict
+        if self._unnamed is not None:
+            self._sync(cache_dict)
         if key in self._sizes and key in cache_dict:
             self._hit(key)
 
@@ -86,8 +88,11 @@ class KeyedEvictor(BaseEvictor):
         position: int | None = None,
     ) -> tuple[list[KeyLike], PutStatus]:
         """Victims in the policy's order until ``cache_size`` fits; the new key is tracked."""
-        check_size(cache_size)
-        self._sync(cache_dict)
+        if type(cache_size) is not int or cache_size < 0:
+            check_size(cache_size)  # raises
+        self._dict = cache_dict
+        if self._unnamed is not None:
+            self._sync(cache_dict)
         capacity = self._capacity
         assert capacity is not None
         if cache_size > capacity:
@@ -103,7 +108,8 @@ class KeyedEvictor(BaseEvictor):
             victims = chosen
             for victim in victims:
                 self._charged -= self._untrack(victim)
-                self._take_over(victim)
+                if self._again:
+                    self._take_over(victim)
         self._charged += cache_size
         if key is None:
             self._unnamed = (cache_size, position)
