@@ -2,7 +2,7 @@
 
 Prints block and prefix hit ratios per policy and capacity, and each policy's replay time as a
 ratio to LRU's over the same requests in the same run (machines here are noisy; ratios are
-stable)::
+stable); times are the process's CPU seconds, which other load on the machine disturbs least::
 
     python scripts/bench_policies.py tests/data/conversation_trace.jsonl \
         --policies lru,fifo,lfu,s3fifo,arc,prefix --parts full,first,second
@@ -38,7 +38,9 @@ def main() -> None:
     parser.add_argument("--capacities", default="0.01,0.05,0.1,0.25")
     parser.add_argument("--parts", default="full,first,second")
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--repeat", type=int, default=1, help="timing: best of this many")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="timing: rounds over the policies, best kept"
+    )
     args = parser.parse_args()
     policies = args.policies.split(",")
     if "lru" in policies:
@@ -51,19 +53,22 @@ def main() -> None:
     for part, sub in parts_of(trace, args.parts.split(",")).items():
         for fraction in (float(f) for f in args.capacities.split(",")):
             capacity = capacity_blocks(sub, fraction) * block_bytes
-            seconds: dict[str, float] = {}
-            for policy in policies:
-                best = float("inf")
-                for _ in range(args.repeat):
-                    started = time.perf_counter()
-                    result = replay_sizes_only(
+            seconds = {policy: float("inf") for policy in policies}
+            results = {}
+            # Rounds interleave the policies, and each keeps its best time, so that load from
+            # elsewhere on the machine falls on all of them alike.
+            for _ in range(args.repeat):
+                for policy in policies:
+                    started = time.process_time()
+                    results[policy] = replay_sizes_only(
                         sub, ["cpu"], [capacity], policy, block_bytes, fraction
                     )
-                    best = min(best, time.perf_counter() - started)
-                seconds[policy] = best
+                    seconds[policy] = min(seconds[policy], time.process_time() - started)
+            for policy in policies:
+                result, best = results[policy], seconds[policy]
                 print(f"{part:<7}{fraction:>9g}  {policy:<8}{result.block_hit_ratio:>10.4f}"
                       f"{result.prefix_hit_ratio:>11.4f}{best:>9.2f}"
-                      f"{best / seconds['lru']:>8.2f}")  # fmt: skip
+                      f"{best / seconds['lru']:>8.2f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -165,6 +165,18 @@ class PrefixEvictor(KeyedEvictor):
                         self._retire(head, True)
                         return [head]
                     break
+        else:  # likewise out of the protected part: the head with the oldest score
+            best: KeyLike | None = None
+            best_score = 0.0
+            for stamped, bonus in zip(self._lists, self._bonus, strict=True):
+                if stamped:
+                    for head, stamp in stamped.items():
+                        if best is None or stamp + bonus < best_score:
+                            best, best_score = head, stamp + bonus
+                        break
+            if best is not None and best not in pins and best in cache_dict and sizes[best] >= need:
+                self._retire(best, False)
+                return [best]
         probation = iter(self._probation)
         protected: Iterator[KeyLike] | None = None  # the merge is built only when needed
         probation_bytes = self._probation_bytes
