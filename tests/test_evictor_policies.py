@@ -156,3 +156,39 @@ async def test_store_put_position_reaches_the_evictor(tmp_path: Path) -> None:
         assert isinstance(evictor, PrefixEvictor)
         assert evictor._class["deep"] == PrefixEvictor.position_class(40) > 0
         assert evictor._class["head"] == 0
+
+
+@pytest.mark.parametrize("policy", ["lfu", "s3fifo", "arc", "prefix"])
+def test_a_key_admitted_again_before_its_old_entry_leaves(policy: str) -> None:
+    # The store admits an overwrite, writes it, then removes the old entry and commits.
+    evictor = make_evictor(policy, 3)
+    data: OrderedDict[str, bytes] = OrderedDict()
+    for key in "ab":
+        evictor.update_on_put(data, 1, key)
+        data[key] = bytes(1)
+    assert evictor.update_on_put(data, 1, "a") == ([], PutStatus.LEGAL)
+    evictor.update_on_remove("a", len(data.pop("a")))
+    data["a"] = bytes(1)
+    assert evictor.charged_bytes == 2
+    victims, status = evictor.update_on_put(data, 2, "c")
+    assert status is PutStatus.LEGAL and len(victims) == 1 and victims[0] in ("a", "b")
+    for victim in victims:
+        del data[victim]
+    data["c"] = bytes(2)
+    assert evictor.charged_bytes == sum(len(v) for v in data.values()) == 3
+    evictor.pin("c")
+    rest = [key for key in data if key != "c"]
+    assert evictor.update_on_put(data, 1, "d") == (rest, PutStatus.LEGAL)
+
+
+def test_a_victim_kept_in_cache_dict_while_it_moves_is_not_named_again() -> None:
+    # A tier keeps victims readable (and pinned) until they have moved down.
+    evictor = make_evictor("prefix", 2)
+    data: OrderedDict[str, bytes] = OrderedDict()
+    for key in "ab":
+        evictor.update_on_put(data, 1, key, position=0)
+        data[key] = bytes(1)
+    first, _ = evictor.update_on_put(data, 1, "c", position=0)
+    evictor.update_on_get(first[0], data)  # a read of the leaving entry changes nothing
+    second, _ = evictor.update_on_put(data, 1, "d", position=0)
+    assert first and second and first[0] not in second
