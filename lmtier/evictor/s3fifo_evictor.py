@@ -57,6 +57,23 @@ class S3FIFOEvictor(KeyedEvictor):
         self, need: int, cache_dict: OrderedDict[Any, Any], key: KeyLike | None
     ) -> list[KeyLike] | None:
         small, main, freq = self._small, self._main, self._freq
+        if self._small_bytes > self._small_target:  # the common case: an unused small head
+            for head in small:
+                if (
+                    not freq[head]
+                    and head not in self._pins
+                    and head in cache_dict
+                    and self._size_of(head) >= need
+                ):
+                    del small[head], freq[head]
+                    size = self._size_of(head)
+                    self._small_bytes -= size
+                    self._ghost[head] = size
+                    self._ghost_bytes += size
+                    while self._ghost_bytes > self._ghost_limit:
+                        self._ghost_bytes -= self._ghost.popitem(last=False)[1]
+                    return [head]
+                break
         victims: list[tuple[KeyLike, bool, int]] = []  # (key, from small, freq)
         freed = 0
         # Every entry is looked at a bounded number of times (freq <= 3, a skip per queue pass).
