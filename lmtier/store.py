@@ -6,7 +6,7 @@ import asyncio
 import enum
 import logging
 import os
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -53,6 +53,7 @@ class TieredStore:
         self.tiers: list[Tier] = build_tiers(config)
         self._shared = any(tier.shared for tier in self.tiers)  # a miss then asks the server
         self._on_drop = on_drop
+        self._positions: dict[KeyLike, int] = {}  # chunk index in its prefix, for evictors
         self._tasks: set[asyncio.Task[Any]] = set()
         self._active = 0
         self._idle: asyncio.Event | None = None
@@ -101,19 +102,38 @@ class TieredStore:
                 await tier.close()
 
     # ------------------------------------------------------------------ public API
-    async def put(self, key: KeyLike, tensor: torch.Tensor) -> PutStatus:
-        """Store ``tensor`` under ``key`` (replacing any entry); ILLEGAL if no tier can hold it."""
+    async def put(
+        self, key: KeyLike, tensor: torch.Tensor, *, position: int | None = None
+    ) -> PutStatus:
+        """Store ``tensor`` under ``key`` (replacing any entry); ILLEGAL if no tier can hold it.
+
+        ``position`` is the chunk's index in its prefix chain (0 for the first chunk); each
+        tier's evictor sees it on this put and on the entry's later moves.
+        """
         key = check_key(key)
         serde.check_storable(tensor)
+        if position is not None:
+            self._positions[key] = position
         async with _Operation(self):
             outcome = await self._background(self._place(key, tensor, self.tiers, None))
         return PutStatus.LEGAL if outcome is _Outcome.PLACED else PutStatus.ILLEGAL
 
-    async def put_many(self, items: Iterable[tuple[KeyLike, torch.Tensor]]) -> list[PutStatus]:
-        """``put`` for each item, concurrently; a key given twice takes its last tensor."""
+    async def put_many(
+        self,
+        items: Iterable[tuple[KeyLike, torch.Tensor]],
+        *,
+        positions: Mapping[KeyLike, int] | None = None,
+    ) -> list[PutStatus]:
+        """``put`` for each item, concurrently; a key given twice takes its last tensor.
+
+        ``positions`` maps keys to their chunk index in a prefix chain, as ``put``'s.
+        """
         items = [(check_key(key), serde.check_storable(tensor)) for key, tensor in items]
         last = {key: tensor for key, tensor in items}
-        done = await asyncio.gather(*(self.put(key, tensor) for key, tensor in last.items()))
+        where = positions or {}
+        done = await asyncio.gather(
+            *(self.put(key, tensor, position=where.get(key)) for key, tensor in last.items())
+        )
         statuses = dict(zip(last, done, strict=True))
         return [statuses[key] for key, _ in items]
 
@@ -229,6 +249,7 @@ class TieredStore:
         key = check_key(key)
         async with _Operation(self):
             removed = self._remove_everywhere(key)
+            self._positions.pop(key, None)
             for tier, obj in removed:
                 await tier.discard(obj)
             holders = [tier for tier, _ in removed]
@@ -312,7 +333,7 @@ class TieredStore:
                 admitted[tier] = tier.admits(key, size)
             if not admitted[tier]:
                 continue
-            victims = tier.admit(key, size)
+            victims = tier.admit(key, size, self._positions.get(key))
             if victims is None:
                 continue
             try:
@@ -448,6 +469,7 @@ class TieredStore:
         self._background_nowait(tier.discard(obj))
 
     def _notify_drop(self, key: KeyLike) -> None:
+        self._positions.pop(key, None)
         if self._on_drop is not None:
             try:
                 self._on_drop(key)

@@ -208,7 +208,7 @@ async def test_an_error_inside_a_put_reaches_its_caller(
     async with store:
         top = store.tiers[0]
 
-        def broken_admit(key: object, size: int) -> None:
+        def broken_admit(*args: object) -> None:
             raise RuntimeError("evictor bug")
 
         monkeypatch.setattr(top, "admit", broken_admit)

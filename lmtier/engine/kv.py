@@ -10,7 +10,7 @@ import torch
 from lmtier.engine.chunks import ChunkKey, ChunkSpec, token_chunks
 from lmtier.errors import InvalidValueError, LmtierTypeError
 from lmtier.evictor import PutStatus
-from lmtier.keys import CacheEngineKey
+from lmtier.keys import CacheEngineKey, KeyLike
 from lmtier.store import TieredStore
 
 __all__ = ["KVCacheEngine", "Tokens"]
@@ -64,7 +64,9 @@ class KVCacheEngine:
             for chunk, piece in zip(chunks, pieces, strict=True)
             if await self._store.contains(chunk.key) is None
         ]
-        statuses = await self._store.put_many(missing)
+        # A chunk's index in the prefix chain lets position-aware evictors keep heads longer.
+        positions: dict[KeyLike, int] = {c.key: index for index, c in enumerate(chunks)}
+        statuses = await self._store.put_many(missing, positions=positions)
         stored = {
             key
             for (key, _), status in zip(missing, statuses, strict=True)

@@ -50,6 +50,13 @@ class BaseEvictor(metaclass=abc.ABCMeta):
       drifts.
     * ``pin(key)`` / ``unpin(key)`` / ``is_pinned(key)`` — counted pins; victim selection skips
       pinned keys.
+    * ``update_on_put(cache_dict, cache_size, key=None, *, position=None)`` — the key about to be
+      inserted and, for a KV-cache chunk, its index in its prefix chain (0 for the first chunk),
+      which policies with ghost lists or position awareness use.  Both are optional: called
+      seed-style without them, a policy learns the new key from ``cache_dict``'s end at its next
+      call.  With a ``key``, the caller may insert it later (the store commits after its
+      write), and may keep victims in ``cache_dict`` while they move; a policy never names a key
+      that is not in ``cache_dict``, nor one it already named.
     * ``capacity_bytes`` (``None`` when unbounded) and ``charged_bytes``, both readable.
 
     Subclasses call ``super().__init__(capacity_bytes)`` and charge through ``_charge``.
@@ -73,9 +80,18 @@ class BaseEvictor(metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def update_on_put(
-        self, cache_dict: OrderedDict[Any, Any], cache_size: int
+        self,
+        cache_dict: OrderedDict[Any, Any],
+        cache_size: int,
+        key: KeyLike | None = None,
+        *,
+        position: int | None = None,
     ) -> tuple[list[KeyLike], PutStatus]:
-        """Make room for a new entry of ``cache_size`` bytes; see the class docstring."""
+        """Make room for a new entry of ``cache_size`` bytes; see the class docstring.
+
+        ``key`` (the entry's key) and ``position`` (its chunk index in a prefix chain) are
+        lmtier extensions; policies that do not use them ignore them.
+        """
 
     def get_size(self, kv_obj: Any) -> int:
         """Bytes held by ``kv_obj``: a tensor, bytes-like object or ``DiskCacheMetadata``."""
@@ -105,7 +121,7 @@ class BaseEvictor(metaclass=abc.ABCMeta):
 
     def update_on_remove(self, key: KeyLike, cache_size: int) -> None:
         """``key`` (charged ``cache_size`` bytes) left without being this evictor's victim."""
-        _check_size(cache_size)
+        check_size(cache_size)
         if cache_size > self._charged:
             raise ValueError(
                 f"removing {cache_size} bytes for {key!r} but only {self._charged} are charged"
@@ -145,7 +161,7 @@ class BaseEvictor(metaclass=abc.ABCMeta):
         Returns the victims, already discharged with the new entry charged, or ``None`` (and no
         state change) when the entry cannot fit.
         """
-        _check_size(cache_size)
+        check_size(cache_size)
         capacity = self._capacity
         if capacity is None:
             self._charge(cache_size)
@@ -179,14 +195,20 @@ class DummyEvictor(BaseEvictor):
         """Uses change nothing."""
 
     def update_on_put(
-        self, cache_dict: OrderedDict[Any, Any], cache_size: int
+        self,
+        cache_dict: OrderedDict[Any, Any],
+        cache_size: int,
+        key: KeyLike | None = None,
+        *,
+        position: int | None = None,
     ) -> tuple[list[KeyLike], PutStatus]:
         """Charge ``cache_size``; no victims."""
-        _check_size(cache_size)
+        check_size(cache_size)
         self._charge(cache_size)
         return [], PutStatus.LEGAL
 
 
-def _check_size(cache_size: int) -> None:
+def check_size(cache_size: int) -> None:
+    """Raise ``ValueError`` unless ``cache_size`` is an int >= 0."""
     if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
         raise ValueError(f"cache_size must be an int >= 0, got {cache_size!r}")

@@ -45,7 +45,12 @@ class LRUEvictor(BaseEvictor):
             cache_dict.move_to_end(key)
 
     def update_on_put(
-        self, cache_dict: OrderedDict[Any, Any], cache_size: int
+        self,
+        cache_dict: OrderedDict[Any, Any],
+        cache_size: int,
+        key: KeyLike | None = None,
+        *,
+        position: int | None = None,
     ) -> tuple[list[KeyLike], PutStatus]:
         """Victims least recent first, skipping pinned keys, until ``cache_size`` fits."""
         victims = self._pick_victims(cache_dict.items(), cache_size)

@@ -5,8 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from lmtier.errors import ConfigError
+from lmtier.evictor.arc_evictor import ARCEvictor
 from lmtier.evictor.base_evictor import BaseEvictor
+from lmtier.evictor.fifo_evictor import FIFOEvictor
+from lmtier.evictor.lfu_evictor import LFUEvictor
 from lmtier.evictor.lru_evictor import LRUEvictor
+from lmtier.evictor.prefix_evictor import PrefixEvictor
+from lmtier.evictor.s3fifo_evictor import S3FIFOEvictor
 
 __all__ = ["EvictorFactory", "evictor_names", "make_evictor", "register_evictor"]
 
@@ -15,6 +20,11 @@ EvictorFactory = Callable[[int], BaseEvictor]
 
 _REGISTRY: dict[str, EvictorFactory] = {
     "lru": lambda capacity: LRUEvictor(max_cache_bytes=capacity),
+    "fifo": FIFOEvictor,
+    "lfu": LFUEvictor,
+    "s3fifo": S3FIFOEvictor,
+    "arc": ARCEvictor,
+    "prefix": PrefixEvictor,
 }
 
 

@@ -45,6 +45,7 @@ class CascadeSim:
     def __init__(self, tiers: list[SimTier], promote_on_hit: bool = True) -> None:
         self.tiers = tiers
         self.promote_on_hit = promote_on_hit
+        self.positions: dict[Any, int] = {}  # key -> chunk index, travels with demotions
 
     def get(self, key: Any) -> int | None:
         """The index of the tier that hits ``key`` (then promoted), or None on a miss."""
@@ -64,8 +65,11 @@ class CascadeSim:
             return index
         return None
 
-    def put(self, key: Any, size: int) -> bool:
-        """Store ``key`` in the first tier that takes it, replacing it wherever it was."""
+    def put(self, key: Any, size: int, position: int | None = None) -> bool:
+        """Store ``key`` (chunk ``position`` of its prefix, if known) in the first tier that
+        takes it, replacing it wherever it was."""
+        if position is not None:
+            self.positions[key] = position
         return self._place(key, size, 0, len(self.tiers), None, "puts")
 
     def _place(
@@ -84,7 +88,10 @@ class CascadeSim:
             if not tier.admission_policy.admits(key, size):
                 tier.counters.admission_rejects += 1
                 continue
-            victims, status = tier.evictor.update_on_put(tier.cache_dict, size)
+            position = self.positions.get(key)
+            victims, status = tier.evictor.update_on_put(
+                tier.cache_dict, size, key, position=position
+            )
             if status is not PutStatus.LEGAL:
                 continue
             tier.counters.evictions += len(victims)

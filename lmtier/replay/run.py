@@ -77,14 +77,14 @@ def split_capacity(blocks: int, shares: Sequence[float]) -> list[int]:
 def _replay(
     trace: Trace,
     result: ReplayResult,
-    access: Callable[[int], int | None],
+    access: Callable[[int, int], int | None],
     progress: bool,
 ) -> None:
     started = time.perf_counter()
     for request in tqdm(trace.requests, desc="replay", unit="req", disable=not progress):
         prefix = True
-        for block in request.hash_ids:
-            tier = access(block)
+        for position, block in enumerate(request.hash_ids):
+            tier = access(block, position)
             prefix = prefix and tier is not None
             result.record(tier, prefix)
     result.seconds = time.perf_counter() - started
@@ -117,10 +117,10 @@ def replay_sizes_only(
     result = ReplayResult(policy, fraction, tier_names, capacities, block_bytes)
     result.admission = admission_label(tier_names, policies)
 
-    def access(block: int) -> int | None:
+    def access(block: int, position: int) -> int | None:
         tier = sim.get(block)
         if tier is None:
-            sim.put(block, block_bytes)
+            sim.put(block, block_bytes, position)
         return tier
 
     _replay(trace, result, access, progress)
@@ -152,12 +152,14 @@ async def replay_real(
     started = time.perf_counter()
     for request in tqdm(trace.requests, desc="replay", unit="req", disable=not progress):
         prefix = True
-        for block in request.hash_ids:
+        for position, block in enumerate(request.hash_ids):
             where = await store.contains(block_key(block))
             got = await store.get(block_key(block), "cpu") if where is not None else None
             if got is None:
                 tier = None
-                await store.put(block_key(block), block_tensor(block, block_bytes))
+                await store.put(
+                    block_key(block), block_tensor(block, block_bytes), position=position
+                )
             else:
                 tier = names.index(where)  # type: ignore[arg-type]
                 if not _is_block(got, block, template):

@@ -115,9 +115,14 @@ class Tier(abc.ABC):
         self.counters.admission_rejects += 1
         return False
 
-    def admit(self, key: KeyLike, size: int) -> list[tuple[KeyLike, Any]] | None:
-        """Ask the evictor for room; ``None`` if refused, else the victims, now leaving."""
-        victims, status = self.evictor.update_on_put(self.cache_dict, size)
+    def admit(
+        self, key: KeyLike, size: int, position: int | None = None
+    ) -> list[tuple[KeyLike, Any]] | None:
+        """Ask the evictor for room; ``None`` if refused, else the victims, now leaving.
+
+        ``position`` is the chunk's index in its prefix chain, for position-aware evictors.
+        """
+        victims, status = self.evictor.update_on_put(self.cache_dict, size, key, position=position)
         if status is not PutStatus.LEGAL:
             return None
         self._pending += size
@@ -171,7 +176,7 @@ class Tier(abc.ABC):
         """Index an entry that already exists in storage (found when the tier opens)."""
         if key in self.cache_dict or not self._fits(size):
             raise ValueError(f"tier {self.name!r} cannot adopt {key!r} ({size} bytes)")
-        victims, status = self.evictor.update_on_put(self.cache_dict, size)
+        victims, status = self.evictor.update_on_put(self.cache_dict, size, key)
         assert status is PutStatus.LEGAL and not victims, "an entry that fits needs no victims"
         self._committed += size
         self.cache_dict[key] = obj
