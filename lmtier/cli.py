@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lmtier.argtypes import float_list, name_list, positive_int
 from lmtier.bench import BenchOptions, Row, format_rows, run_bench
 from lmtier.config import load_config
 from lmtier.errors import LmtierError
@@ -59,12 +60,12 @@ def _add_stress(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     defaults = StressOptions()
     stress.add_argument("--config", type=Path, help="a store config YAML (default: embedded)")
-    stress.add_argument("--tasks", type=_positive, default=defaults.tasks, help="concurrency")
-    stress.add_argument("--ops", type=_positive, default=defaults.ops)
+    stress.add_argument("--tasks", type=positive_int, default=defaults.tasks, help="concurrency")
+    stress.add_argument("--ops", type=positive_int, default=defaults.ops)
     stress.add_argument("--duration", type=float, help="stop after this many seconds")
-    stress.add_argument("--keys-per-task", type=_positive, default=defaults.keys_per_task)
-    stress.add_argument("--min-tokens", type=_positive, default=defaults.min_tokens)
-    stress.add_argument("--max-tokens", type=_positive, default=defaults.max_tokens)
+    stress.add_argument("--keys-per-task", type=positive_int, default=defaults.keys_per_task)
+    stress.add_argument("--min-tokens", type=positive_int, default=defaults.min_tokens)
+    stress.add_argument("--max-tokens", type=positive_int, default=defaults.max_tokens)
     stress.add_argument(
         "--size-dist", choices=("uniform", "lognormal"), default=defaults.size_distribution
     )
@@ -122,7 +123,7 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "trace", help="a JSONL trace, or synthetic:zipf (a generated multi-turn chat workload)"
     )
     replay.add_argument("--format", choices=sorted(FORMATS), help="default: detected")
-    replay.add_argument("--limit", type=_positive, help="replay only the first N requests")
+    replay.add_argument("--limit", type=positive_int, help="replay only the first N requests")
     window = replay.add_mutually_exclusive_group()
     window.add_argument(
         "--part", type=_part, metavar="K/N",
@@ -136,9 +137,9 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     synthetic = replay.add_argument_group("synthetic:zipf parameters")
     spec = SyntheticSpec()
-    synthetic.add_argument("--requests", type=_positive, help=f"default {spec.requests}")
+    synthetic.add_argument("--requests", type=positive_int, help=f"default {spec.requests}")
     synthetic.add_argument(
-        "--sessions", type=_positive, help=f"users, Zipf-popular (default {spec.sessions})"
+        "--sessions", type=positive_int, help=f"users, Zipf-popular (default {spec.sessions})"
     )
     synthetic.add_argument(
         "--zipf-alpha", type=float, help=f"Zipf exponent of users (default {spec.alpha})"
@@ -146,28 +147,28 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     synthetic.add_argument("--seed", type=int, help=f"default {spec.seed}")
     replay.add_argument("--real", action="store_true", help="real tensors through a real store")
     replay.add_argument(
-        "--capacities", type=_floats, default=defaults.capacities,
+        "--capacities", type=float_list, default=defaults.capacities,
         help="total capacities as fractions of the trace's distinct blocks (default: %(default)s)",
     )  # fmt: skip
     replay.add_argument(
-        "--split", type=_floats, default=defaults.shares,
+        "--split", type=float_list, default=defaults.shares,
         help="how a capacity divides among tiers, fastest first, e.g. 1,4,16 (default: one tier)",
     )  # fmt: skip
-    replay.add_argument("--policies", type=_names, default=defaults.policies, help="e.g. lru")
+    replay.add_argument("--policies", type=name_list, default=defaults.policies, help="e.g. lru")
     replay.add_argument(
-        "--bytes-per-token", type=_positive,
+        "--bytes-per-token", type=positive_int,
         help=f"KV bytes per token (sizes-only default {defaults.bytes_per_token}, an 8B model "
         "in bf16; --real default 16, to fit in memory)",
     )  # fmt: skip
     replay.add_argument("--config", type=Path, help="--real: tier kinds from this config")
     replay.add_argument("--no-promote", action="store_true", help="lower hits stay where they are")
     replay.add_argument(
-        "--admission", type=_names, default=defaults.admission,
+        "--admission", type=name_list, default=defaults.admission,
         help="admission policies, comma-separated: POLICY for the last tier or TIER=POLICY "
         "(all, second_hit; default: every tier admits all)",
     )  # fmt: skip
     replay.add_argument(
-        "--admission-window", type=_positive,
+        "--admission-window", type=positive_int,
         help="second_hit's memory in entries (default: 4x the tier's capacity)",
     )  # fmt: skip
     replay.add_argument("--csv", type=Path, help="write the results here")
@@ -269,7 +270,9 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     bench.add_argument("--folder", type=Path, help="where disk rows write (default: /tmp)")
     bench.add_argument("--fsync", action="store_true", help="disk rows with durability fsync")
-    bench.add_argument("--restart-entries", type=_positive, default=BenchOptions().restart_entries)
+    bench.add_argument(
+        "--restart-entries", type=positive_int, default=BenchOptions().restart_entries
+    )
     bench.add_argument(
         "--peers",
         action="store_true",
@@ -302,32 +305,11 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- argument types
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"every value must be > 0: {text}")
-    return values
-
-
 def _part(text: str) -> tuple[int, int]:
     try:
         return parse_part(text)
     except LmtierError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 if __name__ == "__main__":

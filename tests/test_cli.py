@@ -119,3 +119,16 @@ async def test_repair_refuses_while_a_store_uses_the_folder(
         assert main(["inspect", str(tmp_path), "--repair"]) == 2
         assert "in use by a running store" in capsys.readouterr().err
         assert main(["inspect", str(tmp_path)]) == 0  # a read-only look is fine
+
+
+def test_argument_types_reject_bad_values_clearly() -> None:
+    import argparse
+
+    from lmtier.argtypes import float_list, non_negative_float_list, positive_int
+
+    assert float_list("0.01, 0.5") == (0.01, 0.5)
+    assert non_negative_float_list("0") == () and non_negative_float_list("0,0.1") == (0.1,)
+    for parse, text in ((float_list, "0.1,x"), (float_list, "0"), (positive_int, "0"),
+                        (non_negative_float_list, "-1")):  # fmt: skip
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)

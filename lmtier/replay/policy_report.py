@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lmtier.argtypes import float_list, name_list, non_negative_float_list, positive_int
 from lmtier.errors import ConfigError
 from lmtier.evictor.registry import evictor_names
 from lmtier.replay.run import capacity_blocks, optimum, replay_sizes_only, split_capacity
@@ -390,14 +391,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="policy_report.py", description=__doc__)
     parser.add_argument("--trace", type=Path, default=defaults.trace)
     parser.add_argument("--out", type=Path, default=Path("docs"), help="the output folder")
-    parser.add_argument("--policies", type=_names, default=(), help="default: every registered")
-    parser.add_argument("--capacities", type=_floats, default=defaults.capacities)
+    parser.add_argument("--policies", type=name_list, default=(), help="default: every registered")
+    parser.add_argument("--capacities", type=float_list, default=defaults.capacities)
     parser.add_argument(
-        "--admission-capacities", type=_floats, default=defaults.admission_capacities,
+        "--admission-capacities",
+        type=non_negative_float_list,
+        default=defaults.admission_capacities,
         help="capacities of the cpu -> disk admission rows (0: none)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--limit", type=_positive, help="the first N requests of each workload only"
+        "--limit", type=positive_int, help="the first N requests of each workload only"
     )
     parser.add_argument(
         "--jobs", type=int, default=min(4, os.cpu_count() or 1), help="worker processes"
@@ -409,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trace=args.trace,
         policies=args.policies,
         capacities=args.capacities,
-        admission_capacities=tuple(f for f in args.admission_capacities if f > 0),
+        admission_capacities=args.admission_capacities,
         limit=args.limit,
         synthetic=synthetic,
         jobs=max(1, args.jobs),
@@ -421,21 +424,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"policy report: {len(result.rows)} rows in {result.seconds:.0f} s -> "
           + ", ".join(str(p) for p in paths))  # fmt: skip
     return 0
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text}") from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
