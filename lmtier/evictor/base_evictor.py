@@ -155,19 +155,19 @@ class BaseEvictor(metaclass=abc.ABCMeta):
 
     def _pick_victims(
         self, candidates: Iterable[tuple[KeyLike, Any]], cache_size: int
-    ) -> list[KeyLike] | None:
+    ) -> tuple[list[KeyLike], PutStatus]:
         """Take unpinned ``(key, obj)`` candidates in order until ``cache_size`` more bytes fit.
 
-        Returns the victims, already discharged with the new entry charged, or ``None`` (and no
-        state change) when the entry cannot fit.
+        ``update_on_put``'s answer: LEGAL with the victims, already discharged and the new
+        entry charged, or ILLEGAL (and no state change) when the entry cannot fit.
         """
         check_size(cache_size)
         capacity = self._capacity
         if capacity is None:
             self._charge(cache_size)
-            return []
+            return [], PutStatus.LEGAL
         if cache_size > capacity:
-            return None
+            return [], PutStatus.ILLEGAL
         need = self._charged + cache_size - capacity
         victims: list[KeyLike] = []
         freed = 0
@@ -180,9 +180,9 @@ class BaseEvictor(metaclass=abc.ABCMeta):
                 if freed >= need:
                     break
             else:
-                return None
+                return [], PutStatus.ILLEGAL
         self._charged += cache_size - freed
-        return victims
+        return victims, PutStatus.LEGAL
 
 
 class DummyEvictor(BaseEvictor):

@@ -53,7 +53,4 @@ class LRUEvictor(BaseEvictor):
         position: int | None = None,
     ) -> tuple[list[KeyLike], PutStatus]:
         """Victims least recent first, skipping pinned keys, until ``cache_size`` fits."""
-        victims = self._pick_victims(cache_dict.items(), cache_size)
-        if victims is None:
-            return [], PutStatus.ILLEGAL
-        return victims, PutStatus.LEGAL
+        return self._pick_victims(cache_dict.items(), cache_size)
