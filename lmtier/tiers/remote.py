@@ -21,7 +21,7 @@ other stores (un-indexed here) until a put through this store replaces the key; 
 through the store removes the server's copy too.
 
 **Faults.**  Every round trip is bounded by ``op_timeout_s`` (redis-py socket timeouts plus an
-``asyncio.wait_for`` guard), a reconnection by ``connect_timeout_s + op_timeout_s``.  A failure
+``asyncio.timeout`` guard), a reconnection by ``connect_timeout_s + op_timeout_s``.  A failure
 marks the tier unavailable: until a probe succeeds, reads and writes fail at once with
 ``TierUnavailableError`` (counted in ``unavailable``), which the store turns into misses and
 puts that fall through.  The first operation after the backoff probes the server with a PING on
@@ -55,18 +55,20 @@ from lmtier.metadata import DiskCacheMetadata
 from lmtier.tiers.base import Tier
 from lmtier.tiers.copies import check_out, copy_to
 from lmtier.tiers.disk_files import key_digest
+from lmtier.tiers.redis_parts import ValueParts, parts_connection_class
 
 __all__ = ["RemoteEntry", "RemoteTier", "default_key_prefix"]
 
 log = logging.getLogger(__name__)
 
 FIRST_BACKOFF_S = 0.1
-# Value buffers kept for reuse (a pipelined batch of 2 MiB chunks fits 32 of them).
+# Value buffers kept for reuse where values are joined (a pipelined batch of 2 MiB chunks fits
+# 32 of them).
 MAX_POOLED_BYTES = 64 << 20
 # How many promoted-out keys are remembered (see ``superseded``); ~100 bytes each.
 MAX_LEFT_KEYS = 1 << 20
-# Encoding or decoding a value costs ~0.15 ms per MiB (a copy and a checksum): up to this size
-# that holds the loop for less than a worker thread's hop takes on a busy machine.
+# Checking or decoding a value costs up to ~0.15 ms per MiB (a checksum, and a copy): up to this
+# size that holds the loop for less than a worker thread's hop takes on a busy machine.
 INLINE_CODEC_BYTES = 4 << 20
 _CPU = torch.device("cpu")
 # Failures of the connection or the server as a whole, as opposed to one command's error.
@@ -134,6 +136,7 @@ class RemoteTier(Tier):
         self._writing: Counter[KeyLike] = Counter()  # keys with a SET in flight
         self._buffers: dict[int, list[bytearray]] = {}  # value buffers for reuse, by size
         self._pooled_bytes = 0
+        self._sends_parts = False  # whether the client sends ``ValueParts`` without joining
         # Keys promoted out whose value this store left on the server, oldest first (bounded).
         self._left: OrderedDict[KeyLike, None] = OrderedDict()
         self._gone: set[RemoteEntry] = set()  # removed entries whose value is not theirs to delete
@@ -174,16 +177,29 @@ class RemoteTier(Tier):
     # ------------------------------------------------------------------ primitives
     async def _write(self, key: KeyLike, tensor: torch.Tensor) -> RemoteEntry:
         host = (await copy_to(tensor.detach(), _CPU, private=True)).contiguous()
-        nbytes = host.numel() * host.element_size()
-        # The header's length: a checksum is 16 hex digits whatever its value.
-        header = serde.encode_header(
-            key, host.dtype, tuple(host.shape), nbytes, "0" * 16, self.namespace
-        )
-        buffer = self._take_buffer(len(header) + nbytes)
-        if nbytes > INLINE_CODEC_BYTES:
-            entry, value = await asyncio.to_thread(self._encode, key, host, buffer)
+        payload = serde.payload_view(host)
+        large = payload.nbytes > INLINE_CODEC_BYTES
+        if large:
+            checksum = await asyncio.to_thread(serde.payload_checksum, payload)
         else:
-            entry, value = self._encode(key, host, buffer)
+            checksum = serde.payload_checksum(payload)
+        shape = tuple(host.shape)
+        header = serde.encode_header(
+            key, host.dtype, shape, payload.nbytes, checksum, self.namespace
+        )
+        entry = RemoteEntry(
+            self.name_for(key), payload.nbytes, shape, host.dtype, checksum, key=key
+        )
+        # Header and payload form one value, so that a SET is atomic.
+        parts = ValueParts(header, payload)
+        value: ValueParts | memoryview = parts
+        buffer = None
+        if not self._sends_parts:  # a client that takes only whole values: join them
+            buffer = self._take_buffer(parts.nbytes)
+            if large:
+                value = await asyncio.to_thread(parts.joined_into, memoryview(buffer))
+            else:
+                value = parts.joined_into(memoryview(buffer))
         # A removed entry of this key must not delete the value being written (same name).
         self._writing[key] += 1
         try:
@@ -192,28 +208,11 @@ class RemoteTier(Tier):
             self._writing[key] -= 1
             if not self._writing[key]:
                 del self._writing[key]
-        del value  # the server has it all: nothing refers to the buffer any more
-        self._give_back(buffer)
+        del value, parts  # the server has it all: nothing refers to the buffer any more
+        if buffer is not None:
+            self._give_back(buffer)
         self._left.pop(key, None)
         return entry
-
-    def _encode(
-        self, key: KeyLike, tensor: torch.Tensor, buffer: bytearray
-    ) -> tuple[RemoteEntry, memoryview]:
-        """The entry and its value (header, then payload: one value, so a SET is atomic)."""
-        payload = serde.payload_view(tensor)
-        checksum = serde.payload_checksum(payload)
-        shape = tuple(tensor.shape)
-        header = serde.encode_header(
-            key, tensor.dtype, shape, payload.nbytes, checksum, self.namespace
-        )
-        entry = RemoteEntry(
-            self.name_for(key), payload.nbytes, shape, tensor.dtype, checksum, key=key
-        )
-        value = memoryview(buffer)[: len(header) + payload.nbytes]
-        value[: len(header)] = header
-        value[len(header) :] = payload
-        return entry, value
 
     # Fresh multi-MiB allocations page-fault on every write (measured: the value's copy ran at a
     # fifth of the speed of a copy into reused memory), so value buffers are kept for reuse.
@@ -339,20 +338,16 @@ class RemoteTier(Tier):
     async def _command(self, name: str, *args: Any) -> Any:
         """Run one command, in one pipeline with the others issued in this event-loop turn."""
         await self._connected()
-        loop = asyncio.get_running_loop()
-        command = _Command(name, args, loop.create_future())
+        command = _Command(name, args, asyncio.get_running_loop().create_future())
         self._queue.append(command)
-        if len(self._queue) == 1:
-            loop.call_soon(self._start_flush)
+        if len(self._queue) == 1:  # the flush's first step runs after this turn's commands
+            task = asyncio.ensure_future(self._flush())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
         return await command.done
 
-    def _start_flush(self) -> None:
+    async def _flush(self) -> None:
         batch, self._queue = self._queue, []
-        task = asyncio.ensure_future(self._flush(batch))
-        self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
-
-    async def _flush(self, batch: list[_Command]) -> None:
         client = self._client
         if client is None:  # another batch found the server down after these were queued
             self.counters.unavailable += len(batch)
@@ -360,7 +355,8 @@ class RemoteTier(Tier):
             return
         try:
             self.round_trips += 1
-            results = await asyncio.wait_for(self._send(client, batch), self.op_timeout_s)
+            async with asyncio.timeout(self.op_timeout_s):
+                results = await self._send(client, batch)
         except _DOWN as exc:
             why = _describe(exc)
             self.counters.errors += 1
@@ -404,7 +400,8 @@ class RemoteTier(Tier):
         self._probing = True
         client = self._new_client()
         try:
-            await asyncio.wait_for(self._probe(client), self.connect_timeout_s + self.op_timeout_s)
+            async with asyncio.timeout(self.connect_timeout_s + self.op_timeout_s):
+                await self._probe(client)
         except _DOWN as exc:
             self.counters.unavailable += 1
             self._mark_down(None, _describe(exc))
@@ -431,8 +428,15 @@ class RemoteTier(Tier):
             **{k: v for k, v in self._credentials.items() if v is not None},
         }
         if self.cluster:
+            self._sends_parts = False
             return RedisCluster.from_url(self.url, retry=Retry(NoBackoff(), 0), **options)
-        return aioredis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0), **options)
+        client = aioredis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0), **options)
+        pool = client.connection_pool
+        parts_class = parts_connection_class(pool.connection_class)
+        if parts_class is not None:
+            pool.connection_class = parts_class
+        self._sends_parts = parts_class is not None
+        return client
 
     def _mark_down(self, client: aioredis.Redis | RedisCluster | None, why: str) -> None:
         """Drop the connection (if given) and schedule the next probe, once per failure."""

@@ -1,0 +1,80 @@
+"""Sending one redis value made of several buffers (a header and a payload) without joining them.
+
+A redis bulk string is a length line and then the bytes, so a value can go out as a header and
+the tensor's own memory one after the other.  Joining them first would copy the payload once
+more on every write, on top of the copy the socket layer makes anyway.  redis-py packs
+commands in its connection classes, so these subclasses teach them one more argument type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
+
+__all__ = ["ValueParts", "parts_connection_class"]
+
+
+class ValueParts:
+    """One value given as buffers in order; its bytes are their concatenation."""
+
+    __slots__ = ("buffers", "nbytes")
+
+    def __init__(self, *buffers: bytes | memoryview) -> None:
+        self.buffers = [memoryview(b).cast("B") for b in buffers]
+        self.nbytes = sum(b.nbytes for b in self.buffers)
+
+    def joined_into(self, out: memoryview) -> memoryview:
+        """The value copied into the start of ``out``; that part of ``out``."""
+        offset = 0
+        for buffer in self.buffers:
+            out[offset : offset + buffer.nbytes] = buffer
+            offset += buffer.nbytes
+        return out[:offset]
+
+
+class _PacksParts(AbstractConnection):
+    def pack_command(self, *args: Any) -> list[bytes | memoryview]:  # type: ignore[override]
+        """As redis-py's, plus a last argument that is ``ValueParts``, sent buffer by buffer."""
+        if not args or not isinstance(args[-1], ValueParts):
+            return list(super().pack_command(*args))
+        *leading, value = args
+        lines = [b"*%d\r\n" % len(args)]
+        for arg in leading:
+            encoded = self.encoder.encode(arg)  # type: ignore[no-untyped-call]
+            lines += [b"$%d\r\n" % len(encoded), encoded, b"\r\n"]
+        lines.append(b"$%d\r\n" % value.nbytes)
+        # Large buffers travel as memoryviews, which redis-py's pipelines keep as they are.
+        return [b"".join(lines), *value.buffers, b"\r\n"]
+
+
+class _PartsConnection(_PacksParts, Connection):
+    pass
+
+
+class _PartsSSLConnection(_PacksParts, SSLConnection):
+    pass
+
+
+class _PartsUnixConnection(_PacksParts, UnixDomainSocketConnection):
+    pass
+
+
+_PARTS_CLASSES: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _PartsConnection,
+    SSLConnection: _PartsSSLConnection,
+    UnixDomainSocketConnection: _PartsUnixConnection,
+}
+
+
+def parts_connection_class(
+    connection_class: type[AbstractConnection],
+) -> type[AbstractConnection] | None:
+    """The subclass of redis-py's ``connection_class`` that can send ``ValueParts`` (None for
+    a class this module does not know)."""
+    return _PARTS_CLASSES.get(connection_class)
