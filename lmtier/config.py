@@ -45,9 +45,13 @@ _REDIS_KEYS = (
     "op_timeout_s",
     "password",
     "reconnect_max_s",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
     "url",
     "username",
 )
+_TLS_FILES = ("tls_ca_file", "tls_cert_file", "tls_key_file")
 _TIER_KEYS = tuple(
     sorted(
         (
@@ -81,6 +85,9 @@ _STR_FIELDS = frozenset(
         "namespace",
         "password",
         "path",
+        "tls_ca_file",
+        "tls_cert_file",
+        "tls_key_file",
         "url",
         "username",
     }
@@ -112,6 +119,11 @@ class TierConfig:
     op_timeout_s: float = 2.0  # the most any one round trip to the server may take
     reconnect_max_s: float = 10.0  # the longest wait between reconnection probes
     cluster: bool = False  # a Redis Cluster, through redis-py's cluster client
+    # rediss:// only: the CA bundle that signs the server's certificate (None: the system's),
+    # and this client's certificate and key for servers that ask for one (tls-auth-clients)
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
     @property
     def max_size_gb(self) -> float:
@@ -283,7 +295,24 @@ def _parse_redis(raw: Mapping[Any, Any], where: str) -> dict[str, Any]:
         if not 0 < value < math.inf:  # also rejects NaN
             raise ConfigError(f"{where}: field {key!r} must be finite and > 0, got {value!r}")
         fields[key] = float(value)
+    fields.update(_tls_files(raw, where, tls=parts.scheme == "rediss"))
     return fields
+
+
+def _tls_files(raw: Mapping[Any, Any], where: str, tls: bool) -> dict[str, str | None]:
+    """The TLS file fields of a redis tier: only with rediss://, a certificate with its key,
+    each naming a file that exists (a typo shows here, not as a tier that never connects)."""
+    files = {key: None if raw.get(key) is None else _str(raw, key, where) for key in _TLS_FILES}
+    given = [key for key, path in files.items() if path is not None]
+    if given and not tls:
+        raise ConfigError(f"{where}: field {given[0]!r} needs a rediss:// url (TLS)")
+    if (files["tls_cert_file"] is None) != (files["tls_key_file"] is None):
+        raise ConfigError(f"{where}: fields 'tls_cert_file' and 'tls_key_file' go together")
+    for key in given:
+        path = files[key] = os.path.expanduser(str(files[key]))
+        if not os.path.isfile(path):
+            raise ConfigError(f"{where}: field {key!r}: no file at {path!r}")
+    return files
 
 
 def parse_config(data: object, source: str = "<config>") -> StoreConfig:

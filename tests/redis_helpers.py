@@ -153,3 +153,41 @@ def start_cluster(folder: Path, masters: int = 3) -> list[RedisProcess]:
             node.kill()
         raise
     return nodes
+
+
+def make_tls_files(folder: Path) -> dict[str, Path]:
+    """A throwaway CA, and a server and a client certificate it signed (for 127.0.0.1), made
+    with the openssl program: ``{"ca", "server_cert", "server_key", "client_cert",
+    "client_key"}``."""
+    if shutil.which("openssl") is None:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"needs the openssl program, and {REQUIRE_ENV}=1", pytrace=False)
+        pytest.skip("needs the openssl program")
+    folder.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, capture_output=True, check=True)
+
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+            "-subj", "/CN=lmtier test CA")  # fmt: skip
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for who in ("server", "client"):
+        openssl("req", *ec, "-keyout", f"{who}.key", "-out", f"{who}.csr",
+                "-subj", f"/CN=lmtier test {who}")  # fmt: skip
+        signing = ["-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.ext"]
+        openssl("x509", "-req", "-in", f"{who}.csr", *signing, "-out", f"{who}.crt", "-days", "2")
+    return {
+        "ca": folder / "ca.crt",
+        **{f"{who}_{part}": folder / f"{who}.{ext}" for who in ("server", "client")
+           for part, ext in (("cert", "crt"), ("key", "key"))},
+    }  # fmt: skip
+
+
+def tls_server_args(files: dict[str, Path], port: int, clients_need_certs: bool) -> list[str]:
+    """redis-server arguments for a TLS port beside the plain one (which the helpers use)."""
+    return [
+        "--tls-port", str(port), "--tls-cert-file", str(files["server_cert"]),
+        "--tls-key-file", str(files["server_key"]), "--tls-ca-cert-file", str(files["ca"]),
+        "--tls-auth-clients", "yes" if clients_need_certs else "no",
+    ]  # fmt: skip

@@ -83,4 +83,5 @@ def _redis_tier(spec: TierConfig, evictor: BaseEvictor, namespace: str) -> Tier:
         connect_timeout_s=spec.connect_timeout_s,
         op_timeout_s=spec.op_timeout_s,
         reconnect_max_s=spec.reconnect_max_s,
+        tls_files=(spec.tls_ca_file, spec.tls_cert_file, spec.tls_key_file),
     )

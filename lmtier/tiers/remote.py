@@ -116,7 +116,10 @@ class RemoteTier(Tier):
         connect_timeout_s: float = 2.0,
         op_timeout_s: float = 2.0,
         reconnect_max_s: float = 10.0,
+        tls_files: tuple[str | None, str | None, str | None] = (None, None, None),
     ) -> None:
+        """``tls_files``: with a rediss:// url, the CA bundle (None: the system's), then this
+        client's certificate and key (None unless the server asks for them)."""
         super().__init__(name, evictor)
         self.url = url
         self.namespace = namespace
@@ -126,6 +129,8 @@ class RemoteTier(Tier):
         self.op_timeout_s = op_timeout_s
         self.reconnect_max_s = reconnect_max_s
         self._credentials = {"username": username, "password": password}
+        tls_options = zip(("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"), tls_files, strict=True)
+        self._tls = {option: path for option, path in tls_options if path is not None}
         self.round_trips = 0  # pipelines sent (one round trip each, one per node on a cluster)
         self._client: aioredis.Redis | RedisCluster | None = None
         self._next_probe = 0.0  # loop time before which no reconnection is tried
@@ -426,6 +431,7 @@ class RemoteTier(Tier):
             "socket_connect_timeout": self.connect_timeout_s,
             "socket_timeout": self.op_timeout_s,
             **{k: v for k, v in self._credentials.items() if v is not None},
+            **self._tls,
         }
         if self.cluster:
             self._sends_parts = False
