@@ -382,6 +382,64 @@ async def test_a_three_master_cluster_spreads_and_serves_entries(tmp_path: Path)
             node.kill()
 
 
+def serves(node: RedisProcess, name: str) -> bool:
+    """Whether ``node`` is the master of ``name``'s hash slot."""
+    slot = int(node.cli("cluster", "keyslot", name))
+    mine = next(line for line in node.cli("cluster", "nodes").splitlines() if "myself" in line)
+    for ranges in mine.split()[8:]:
+        low, _, high = ranges.partition("-")
+        if int(low) <= slot <= int(high or low):
+            return True
+    return False
+
+
+def all_none_or_equal(got: list[torch.Tensor | None], expected: list[torch.Tensor]) -> bool:
+    return all(g is None or torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+
+
+async def test_a_cluster_master_killed_mid_run_and_restarted(tmp_path: Path) -> None:
+    need_redis()
+    nodes = start_cluster(tmp_path)
+    try:
+        items = [(f"chunk{i}", tensor_for(f"chunk{i}", numel=KIB)) for i in range(30)]
+        keys = [key for key, _ in items]
+        async with remote_store(nodes[0].url, cluster=True) as store:
+            tier = remote_of(store)
+            assert await store.put_many(items) == [PutStatus.LEGAL] * 30
+            lost = int(nodes[2].cli("dbsize"))
+            assert lost > 0
+            new = next(f"new{i}" for i in range(1000) if serves(nodes[2], tier.name_for(f"new{i}")))
+            nodes[2].kill()
+            for _ in range(3):  # before and after the others mark it failed (2 s node timeout)
+                started = time.monotonic()
+                got = await store.get_many(keys)
+                assert_quick(started, 3 * 0.5 + 0.4)  # bounded: a probe, then one round trip
+                assert all_none_or_equal(got, [t for _, t in items])
+                started = time.monotonic()
+                assert await store.put(new, tensor_for(new)) is PutStatus.ILLEGAL
+                assert_quick(started, 3 * 0.5 + 0.4)
+                assert store.audit() == []
+                await asyncio.sleep(1)
+            assert tier.counters.errors + tier.counters.unavailable > 0
+            nodes[2].start()  # same port and cluster config: it rejoins with its slots, empty
+            deadline = time.monotonic() + 20
+            while not all("cluster_state:ok" in node.cli("cluster", "info") for node in nodes):
+                assert time.monotonic() < deadline, "the cluster did not recover"
+                await asyncio.sleep(0.1)
+            deadline = time.monotonic() + 10
+            while await store.put(new, tensor_for(new)) is not PutStatus.LEGAL:
+                assert time.monotonic() < deadline, "the tier never served again"
+                await asyncio.sleep(0.1)
+            got = await store.get_many(keys)
+            assert sum(g is None for g in got) == lost  # the restarted master's went with it
+            assert all_none_or_equal(got, [t for _, t in items])
+            assert tier.resident_bytes == tier.evictor.charged_bytes
+            assert store.audit() == []
+    finally:
+        for node in nodes:
+            node.kill()
+
+
 async def test_a_delete_removes_the_shared_copy(server: RedisProcess) -> None:
     async with remote_store(server.url) as a, remote_store(server.url) as b:
         await a.put("k", tensor_for("k"))
