@@ -20,8 +20,9 @@ sizes of the indexed entries.  Entries promoted to a higher tier are left on the
 other stores (un-indexed here) until a put through this store replaces the key; a delete
 through the store removes the server's copy too.
 
-**Faults.**  Every round trip is bounded by ``op_timeout_s`` (redis-py socket timeouts plus an
-``asyncio.timeout`` guard), a reconnection by ``connect_timeout_s + op_timeout_s``.  A failure
+**Faults.**  Every round trip is bounded by ``op_timeout_s`` (an ``asyncio.timeout`` around it:
+redis-py's own socket timeout would wrap every send in one more task), a reconnection by
+``connect_timeout_s + op_timeout_s``.  A failure
 marks the tier unavailable: until a probe succeeds, reads and writes fail at once with
 ``TierUnavailableError`` (counted in ``unavailable``), which the store turns into misses and
 puts that fall through.  The first operation after the backoff probes the server with a PING on
@@ -429,7 +430,6 @@ class RemoteTier(Tier):
         # No retries inside redis-py: they would outlast the timeout, and the tier retries.
         options: dict[str, Any] = {
             "socket_connect_timeout": self.connect_timeout_s,
-            "socket_timeout": self.op_timeout_s,
             **{k: v for k, v in self._credentials.items() if v is not None},
             **self._tls,
         }
