@@ -6,6 +6,7 @@ import asyncio
 import enum
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -54,6 +55,10 @@ class TieredStore:
         self._shared = any(tier.shared for tier in self.tiers)  # a miss then asks the server
         self._on_drop = on_drop
         self._positions: dict[KeyLike, int] = {}  # chunk index in its prefix, for evictors
+        # Keys with a put in flight, and those of them whose older value was dropped meanwhile:
+        # the drop is reported only if the put fails, since otherwise the key was never gone.
+        self._putting: Counter[KeyLike] = Counter()
+        self._drops_held: set[KeyLike] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._active = 0
         self._idle: asyncio.Event | None = None
@@ -115,7 +120,7 @@ class TieredStore:
         if position is not None:
             self._positions[key] = position
         async with _Operation(self):
-            outcome = await self._background(self._place(key, tensor, self.tiers, None))
+            outcome = await self._background(self._put(key, tensor))
         return PutStatus.LEGAL if outcome is _Outcome.PLACED else PutStatus.ILLEGAL
 
     async def put_many(
@@ -375,6 +380,19 @@ class TieredStore:
             return _Outcome.PLACED
         return result
 
+    async def _put(self, key: KeyLike, tensor: torch.Tensor) -> _Outcome:
+        self._putting[key] += 1
+        try:
+            return await self._place(key, tensor, self.tiers, None)
+        finally:
+            self._putting[key] -= 1
+            if not self._putting[key]:
+                del self._putting[key]
+                if key in self._drops_held:
+                    self._drops_held.discard(key)
+                    if self._holder(key) is None:
+                        self._notify_drop(key)
+
     async def _make_room(self, tier: Tier, victims: list[tuple[KeyLike, Any]], size: int) -> None:
         """Move the victims down, then reserve ``size`` bytes in ``tier``, within the room timeout.
 
@@ -469,6 +487,9 @@ class TieredStore:
         self._background_nowait(tier.discard(obj))
 
     def _notify_drop(self, key: KeyLike) -> None:
+        if key in self._putting:  # a new value is landing: the key may not be gone at all
+            self._drops_held.add(key)
+            return
         self._positions.pop(key, None)
         if self._on_drop is not None:
             try:

@@ -281,3 +281,41 @@ async def test_a_full_memory_tier_writes_into_the_buffers_of_its_demoted_entries
             got = await store.get(f"k{i}")
             assert got is not None and torch.equal(got, tensor_for(f"k{i}"))
         assert store.audit() == []
+
+
+async def test_a_put_that_evicts_its_own_older_value_reports_no_drop() -> None:
+    # The last tier is full and its LRU victim for the new "a" is the old "a": the old value
+    # goes, the new one lands, so the key was never gone and its position stays known.
+    dropped: list[object] = []
+    config = StoreConfig((TierConfig("cpu", "memory", 2 * KIB),))
+    async with TieredStore(config, on_drop=dropped.append) as store:
+        await store.put("a", tensor_for("a"), position=3)
+        await store.put("b", tensor_for("b"))
+        assert await store.put("a", tensor_for("b"), position=3) is PutStatus.LEGAL
+        assert dropped == []
+        got = await store.get("a")
+        assert got is not None and torch.equal(got, tensor_for("b"))
+        assert store._positions["a"] == 3
+        await store.put("c", tensor_for("c"))  # evicts "b", the least recent: a real drop
+        assert dropped == ["b"]
+        assert store.audit() == []
+
+
+async def test_a_put_that_evicts_its_own_older_value_and_then_fails_reports_the_drop() -> None:
+    dropped: list[object] = []
+    config = StoreConfig((TierConfig("cpu", "memory", 2 * KIB),), room_timeout_s=0.2)
+    async with TieredStore(config, on_drop=dropped.append) as store:
+        await store.put("a", tensor_for("a"))
+        await store.put("b", tensor_for("b"))
+        tier = store.tiers[0]
+        real_write = tier._write
+
+        async def failing_write(key: object, tensor: torch.Tensor) -> object:
+            raise OSError("injected: the write of the new value fails")
+
+        tier._write = failing_write  # type: ignore[method-assign]
+        assert await store.put("a", tensor_for("c")) is PutStatus.ILLEGAL
+        tier._write = real_write  # type: ignore[method-assign]
+        assert dropped == ["a"]  # the old value went and the new one never landed
+        assert await store.get("a") is None
+        assert store.audit() == []
