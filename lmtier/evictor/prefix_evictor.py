@@ -92,14 +92,15 @@ class PrefixEvictor(KeyedEvictor):
     def _insert(self, key: KeyLike, size: int, position: int | None) -> None:
         self._clock += size
         self._class[key] = 0 if position is None else min(position.bit_length(), _CLASSES - 1)
-        which = 0 if key in self._ghosts[0] else 1 if key in self._ghosts[1] else -1
-        if which >= 0:
-            self._ghost_bytes[which] -= self._ghosts[which].pop(key)
-            self._adapt_target(size, which, self._left_at.pop(key, None))
-            self._protect(key, 0)
+        ghosts = self._ghosts
+        which = 0 if key in ghosts[0] else 1 if key in ghosts[1] else -1
+        if which < 0:  # the common case: a chunk never seen, or forgotten
+            self._probation[key] = None
+            self._probation_bytes += size
             return
-        self._probation[key] = None
-        self._probation_bytes += size
+        self._ghost_bytes[which] -= ghosts[which].pop(key)
+        self._adapt_target(size, which, self._left_at.pop(key, None))
+        self._protect(key, 0)
 
     def _adapt_target(self, size: int, which: int, left_at: int | None) -> None:
         # The probation ghost reaches far back to filter admissions; only a hit that a
@@ -209,20 +210,24 @@ class PrefixEvictor(KeyedEvictor):
 
     def _retire(self, victim: KeyLike, in_probation: bool) -> None:
         """Move a chosen victim from its queue to its ghost."""
-        size = self._size_of(victim)
+        size = self._sizes[victim]
+        del self._class[victim]
         if in_probation:
             del self._probation[victim]
             self._probation_bytes -= size
             self._out += size
             self._left_at[victim] = self._out
+            which = 0
         else:
             del self._lists[self._list.pop(victim)][victim]
-        del self._class[victim]
-        which = 0 if in_probation else 1
+            which = 1
         ghost = self._ghosts[which]
         ghost[victim] = size
-        self._ghost_bytes[which] += size
-        while self._ghost_bytes[which] > self._ghost_limits[which]:
+        ghost_bytes = self._ghost_bytes[which] + size
+        limit = self._ghost_limits[which]
+        while ghost_bytes > limit:
             old, old_size = ghost.popitem(last=False)
-            self._ghost_bytes[which] -= old_size
-            self._left_at.pop(old, None)
+            ghost_bytes -= old_size
+            if which == 0:
+                self._left_at.pop(old, None)
+        self._ghost_bytes[which] = ghost_bytes
