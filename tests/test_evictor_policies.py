@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import OrderedDict
 from pathlib import Path
 
@@ -145,6 +146,30 @@ def test_prefix_policy_without_positions_is_recency_over_reused_chunks() -> None
     cache.get("a")
     cache.put("e")
     assert cache.evicted == ["b"]
+
+
+def test_prefix_policy_oldest_protected_head_matches_a_scan_of_every_list() -> None:
+    # The heap of list heads is kept through hits, removals and evictions; a scan of the
+    # lists is the reference it must agree with after every step.
+    rng = random.Random(7)
+    evictor = PrefixEvictor(60, probation=0.02)
+    cache = Cache(evictor)
+    for step in range(3000):
+        key = f"k{rng.randrange(200)}"
+        if rng.random() < 0.1 and key in cache.data:
+            evictor.update_on_remove(key, 1)
+            del cache.data[key]
+        else:
+            cache.access(key, position=rng.randrange(80))
+        scores = [
+            (stamp + evictor._bonus[index], index, head)
+            for index, stamped in enumerate(evictor._lists)
+            if stamped
+            for head, stamp in list(stamped.items())[:1]
+        ]
+        expected = min(scores)[2] if scores else None
+        assert evictor._oldest_protected() == expected, step
+    assert len(evictor._heads) <= 4 * len(evictor._lists) + 1
 
 
 async def test_store_put_position_reaches_the_evictor(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -69,6 +70,10 @@ class PrefixEvictor(KeyedEvictor):
         ]
         self._class: dict[KeyLike, int] = {}
         self._list: dict[KeyLike, int] = {}  # protected key -> index of its list
+        # (head's last use + its list's bonus, list index, tie-break, head) for every non-empty
+        # list, plus stale entries dropped as they surface: the oldest score in O(log lists).
+        self._heads: list[tuple[float, int, int, KeyLike]] = []
+        self._pushes = 0
         # Ghosts, key -> size: [0] left probation unused, [1] left the protected part.
         self._ghosts: tuple[OrderedDict[KeyLike, int], OrderedDict[KeyLike, int]] = (
             OrderedDict(),
@@ -117,8 +122,46 @@ class PrefixEvictor(KeyedEvictor):
 
     def _protect(self, key: KeyLike, uses: int) -> None:
         index = self._class[key] * _USES + min(uses, _USES - 1)
-        self._lists[index][key] = self._clock
+        stamped = self._lists[index]
+        stamped[key] = self._clock
         self._list[key] = index
+        if len(stamped) == 1:
+            self._push_head(index)
+
+    def _unlist(self, key: KeyLike) -> int:
+        """Take a protected key out of its list; the list's index."""
+        index = self._list.pop(key)
+        stamped = self._lists[index]
+        was_head = next(iter(stamped)) == key
+        del stamped[key]
+        if was_head and stamped:
+            self._push_head(index)
+        return index
+
+    def _push_head(self, index: int) -> None:
+        stamped = self._lists[index]
+        head = next(iter(stamped))
+        self._pushes += 1
+        heapq.heappush(self._heads, (stamped[head] + self._bonus[index], index, self._pushes, head))
+        if len(self._heads) > 4 * len(self._lists):  # mostly stale: rebuild from the lists
+            self._heads = []
+            for i, lst in enumerate(self._lists):
+                if lst:
+                    first = next(iter(lst))
+                    self._pushes += 1
+                    self._heads.append((lst[first] + self._bonus[i], i, self._pushes, first))
+            heapq.heapify(self._heads)
+
+    def _oldest_protected(self) -> KeyLike | None:
+        """The protected key whose last use plus its list's bonus is oldest."""
+        heads, lists, bonus = self._heads, self._lists, self._bonus
+        while heads:
+            score, index, _, head = heads[0]
+            stamped = lists[index]
+            if stamped and next(iter(stamped)) == head and stamped[head] + bonus[index] == score:
+                return head
+            heapq.heappop(heads)
+        return None
 
     def _hit(self, key: KeyLike) -> None:
         self._clock += self._size_of(key)
@@ -127,16 +170,14 @@ class PrefixEvictor(KeyedEvictor):
             self._probation_bytes -= self._size_of(key)
             self._protect(key, 0)
         else:
-            index = self._list[key]
-            del self._lists[index][key]
-            self._protect(key, index % _USES + 1)
+            self._protect(key, self._unlist(key) % _USES + 1)
 
     def _remove(self, key: KeyLike) -> None:
         if key in self._probation:
             del self._probation[key]
             self._probation_bytes -= self._size_of(key)
         else:
-            del self._lists[self._list.pop(key)][key]
+            self._unlist(key)
         del self._class[key]
 
     def _protected_order(self, cache_dict: OrderedDict[Any, Any]) -> Iterator[KeyLike]:
@@ -167,14 +208,7 @@ class PrefixEvictor(KeyedEvictor):
                         return [head]
                     break
         else:  # likewise out of the protected part: the head with the oldest score
-            best: KeyLike | None = None
-            best_score = 0.0
-            for stamped, bonus in zip(self._lists, self._bonus, strict=True):
-                if stamped:
-                    for head, stamp in stamped.items():
-                        if best is None or stamp + bonus < best_score:
-                            best, best_score = head, stamp + bonus
-                        break
+            best = self._oldest_protected()
             if best is not None and best not in pins and best in cache_dict and sizes[best] >= need:
                 self._retire(best, False)
                 return [best]
@@ -219,7 +253,7 @@ class PrefixEvictor(KeyedEvictor):
             self._left_at[victim] = self._out
             which = 0
         else:
-            del self._lists[self._list.pop(victim)][victim]
+            self._unlist(victim)
             which = 1
         ghost = self._ghosts[which]
         ghost[victim] = size
