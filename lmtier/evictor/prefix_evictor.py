@@ -138,18 +138,16 @@ class PrefixEvictor(KeyedEvictor):
             self._push_head(index)
         return index
 
-    def _push_head(self, index: int) -> None:
+    def _head_entry(self, index: int) -> tuple[float, int, int, KeyLike]:
         stamped = self._lists[index]
         head = next(iter(stamped))
         self._pushes += 1
-        heapq.heappush(self._heads, (stamped[head] + self._bonus[index], index, self._pushes, head))
+        return stamped[head] + self._bonus[index], index, self._pushes, head
+
+    def _push_head(self, index: int) -> None:
+        heapq.heappush(self._heads, self._head_entry(index))
         if len(self._heads) > 4 * len(self._lists):  # mostly stale: rebuild from the lists
-            self._heads = []
-            for i, lst in enumerate(self._lists):
-                if lst:
-                    first = next(iter(lst))
-                    self._pushes += 1
-                    self._heads.append((lst[first] + self._bonus[i], i, self._pushes, first))
+            self._heads = [self._head_entry(i) for i, lst in enumerate(self._lists) if lst]
             heapq.heapify(self._heads)
 
     def _oldest_protected(self) -> KeyLike | None:

@@ -22,11 +22,11 @@ through the store removes the server's copy too.
 
 **Faults.**  Every round trip is bounded by ``op_timeout_s`` (an ``asyncio.timeout`` around it:
 redis-py's own socket timeout would wrap every send in one more task), a reconnection by
-``connect_timeout_s + op_timeout_s``.  A failure
-marks the tier unavailable: until a probe succeeds, reads and writes fail at once with
-``TierUnavailableError`` (counted in ``unavailable``), which the store turns into misses and
-puts that fall through.  The first operation after the backoff probes the server with a PING on
-a new connection; the backoff doubles from 0.1 s up to ``reconnect_max_s``.
+``connect_timeout_s + op_timeout_s``.  A failure marks the tier unavailable: until a probe
+succeeds, reads and writes fail at once with ``TierUnavailableError`` (counted in
+``unavailable``), which the store turns into misses and puts that fall through.  The first
+operation after the backoff probes the server with a PING on a new connection; the backoff
+doubles from 0.1 s up to ``reconnect_max_s``.
 
 **Batching.**  Commands issued in the same event-loop turn (``put_many``, ``get_many``, a burst
 of demotions) go to the server as one pipeline: one round trip (one per node on a cluster).
