@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from lmtier import TierConfig
+
 REQUIRE_ENV = "REQUIRE_REDIS_TESTS"
 
 
@@ -35,6 +37,12 @@ def need_redis() -> None:
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{why}, and {REQUIRE_ENV}=1", pytrace=False)
     pytest.skip(f"{why}; set {REQUIRE_ENV}=1 to fail instead")
+
+
+def remote_spec(url: str, budget: int = 1 << 20, **fields: object) -> TierConfig:
+    """A redis tier with short timeouts, so that fault tests run in a second or two."""
+    fast = {"connect_timeout_s": 0.5, "op_timeout_s": 0.5, "reconnect_max_s": 0.2}
+    return TierConfig("remote", "redis", budget, url=url, **{**fast, **fields})  # type: ignore[arg-type]
 
 
 def free_port() -> int:

@@ -18,7 +18,14 @@ from lmtier import CacheEngineKey, PutStatus, StoreConfig, TierConfig, TieredSto
 from lmtier.tiers import Tier
 
 from conftest import tensor_for
-from redis_helpers import REQUIRE_ENV, RedisProcess, free_port, need_redis, start_cluster
+from redis_helpers import (
+    REQUIRE_ENV,
+    RedisProcess,
+    free_port,
+    need_redis,
+    remote_spec,
+    start_cluster,
+)
 from tier_contract import TierContract, lru, store_in
 
 try:
@@ -42,11 +49,6 @@ def server(tmp_path: Path) -> Iterator[RedisProcess]:
     process = RedisProcess(tmp_path / "redis").start()
     yield process
     process.kill()
-
-
-def remote_spec(url: str, budget: int = 1 << 20, **fields: object) -> TierConfig:
-    fast = {"connect_timeout_s": 0.5, "op_timeout_s": 0.5, "reconnect_max_s": 0.2}
-    return TierConfig("remote", "redis", budget, url=url, **{**fast, **fields})  # type: ignore[arg-type]
 
 
 def remote_store(url: str, budget: int = 1 << 20, cpu: int = 0, **fields: object) -> TieredStore:
@@ -305,12 +307,18 @@ async def test_server_down_at_start_then_up(tmp_path: Path) -> None:
             server.kill()
 
 
+async def filled(store: TieredStore) -> RemoteTier:
+    """Six puts through a CPU tier of two entries: the remote tier holds a to d."""
+    tier = remote_of(store)
+    for key in "abcdef":
+        await store.put(key, tensor_for(key))
+    assert sorted(tier.cache_dict) == list("abcd")
+    return tier
+
+
 async def test_server_killed_mid_run_and_restarted(server: RedisProcess) -> None:
     async with remote_store(server.url, cpu=2 * KIB) as store:
-        tier = remote_of(store)
-        for key in "abcdef":
-            await store.put(key, tensor_for(key))
-        assert sorted(tier.cache_dict) == list("abcd")
+        tier = await filled(store)
         server.kill()
         started = time.monotonic()
         assert await store.get("a") is None
@@ -335,10 +343,7 @@ async def test_server_killed_mid_run_and_restarted(server: RedisProcess) -> None
 
 async def test_a_stopped_server_times_out_and_recovers(server: RedisProcess) -> None:
     async with remote_store(server.url, cpu=2 * KIB) as store:
-        tier = remote_of(store)
-        for key in "abcdef":
-            await store.put(key, tensor_for(key))
-        assert sorted(tier.cache_dict) == list("abcd")
+        tier = await filled(store)
         server.pause()
         try:
             started = time.monotonic()

@@ -8,11 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmtier import PutStatus, StoreConfig, TierConfig, TieredStore
+from lmtier import PutStatus, StoreConfig, TieredStore
 from lmtier.config import parse_config
 from lmtier.errors import ConfigError
 
-from redis_helpers import RedisProcess, free_port, make_tls_files, need_redis, tls_server_args
+from redis_helpers import (
+    RedisProcess,
+    free_port,
+    make_tls_files,
+    need_redis,
+    remote_spec,
+    tls_server_args,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -44,10 +51,7 @@ def server(tmp_path: Path, tls_files: dict[str, Path]) -> Iterator[TLSServer]:
 
 
 def tls_store(process: TLSServer, **fields: object) -> TieredStore:
-    url = process.tls_url
-    spec = TierConfig("remote", "redis", 1 << 20, url=url, connect_timeout_s=1.0,
-                      op_timeout_s=1.0, **fields)  # type: ignore[arg-type]  # fmt: skip
-    return TieredStore(StoreConfig((spec,)))
+    return TieredStore(StoreConfig((remote_spec(process.tls_url, **fields),)))
 
 
 async def test_a_rediss_tier_stores_and_reads_back_over_tls(
