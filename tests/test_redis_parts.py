@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
 import torch
 from redis.asyncio.connection import (
     Connection,
@@ -11,6 +16,8 @@ from redis.asyncio.connection import (
 
 from lmtier.serde import payload_view
 from lmtier.tiers.redis_parts import ValueParts, parts_connection_class
+
+from redis_helpers import RedisProcess, need_redis
 
 
 def test_a_value_in_parts_packs_to_the_bytes_of_the_joined_value() -> None:
@@ -59,3 +66,56 @@ def test_joined_into_writes_the_concatenation() -> None:
     out = memoryview(bytearray(16))
     assert bytes(parts.joined_into(out)) == b"abcdefgh"
     assert parts.nbytes == 8
+
+
+@pytest.mark.redis
+async def test_the_transport_gets_the_payload_itself_and_the_server_the_value(
+    tmp_path: Path,
+) -> None:
+    # Python 3.11's socket transport joins what ``writelines`` is given into one new bytes
+    # object: a copy of every payload, which the parts connection avoids.
+    import redis.asyncio as aioredis
+
+    need_redis()
+    server = RedisProcess(tmp_path / "redis").start()
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        parts_class = parts_connection_class(client.connection_pool.connection_class)
+        assert parts_class is not None
+        client.connection_pool.connection_class = parts_class
+        await client.ping()
+        connection = client.connection_pool._available_connections[0]
+        transport = connection._writer.transport  # type: ignore[attr-defined]
+        # What reaches the socket layer as it is: ``write``'s data, and ``writelines``' where
+        # the transport has its own (the default joins the chunks, then calls ``write``).
+        methods = ["write"]
+        if type(transport).writelines is not asyncio.WriteTransport.writelines:
+            methods.append("writelines")
+        given: list[Any] = []
+        for method in methods:
+            original = getattr(transport, method)
+
+            def spy(data: Any, original: Any = original) -> None:
+                given.extend(data if isinstance(data, list) else [data])
+                original(data)
+
+            setattr(transport, method, spy)
+        payload = payload_view(torch.arange(1 << 18, dtype=torch.int32))
+        value = b"HEADER" + bytes(payload)
+
+        await client.set("single", ValueParts(b"HEADER", payload))  # type: ignore[arg-type]
+        assert any(isinstance(c, memoryview) and c.obj is payload.obj for c in given)
+        assert await client.get("single") == value
+
+        given.clear()
+        pipe = client.pipeline(transaction=False)
+        for name in ("a", "b"):
+            pipe.set(name, ValueParts(b"HEADER", payload))  # type: ignore[arg-type]
+        pipe.get("single")
+        assert await pipe.execute() == [True, True, value]
+        payloads = [c for c in given if isinstance(c, memoryview) and c.obj is payload.obj]
+        assert len(payloads) == 2
+        assert await client.mget("a", "b") == [value, value]
+    finally:
+        await client.aclose()
+        server.kill()

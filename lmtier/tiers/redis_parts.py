@@ -3,11 +3,15 @@
 A redis bulk string is a length line and then the bytes, so a value can go out as a header and
 the tensor's own memory one after the other.  Joining them first would copy the payload once
 more on every write, on top of the copy the socket layer makes anyway.  redis-py packs
-commands in its connection classes, so these subclasses teach them one more argument type.
+commands in its connection classes, so these subclasses teach them one more argument type,
+and hand the packed chunks to a transport that would join them (Python 3.11's plain sockets)
+one by one.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 from redis.asyncio.connection import (
@@ -51,6 +55,29 @@ class _PacksParts(AbstractConnection):
         lines.append(b"$%d\r\n" % value.nbytes)
         # Large buffers travel as memoryviews, which redis-py's pipelines keep as they are.
         return [b"".join(lines), *value.buffers, b"\r\n"]
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        """As redis-py's; chunks that the transport would join go to it one at a time."""
+        if isinstance(command, list) and len(command) > 1 and self._joins_chunks():
+            if check_health:  # a health check's PING must not land inside this command
+                await self.check_health()  # type: ignore[no-untyped-call]
+                check_health = False
+            if self._joins_chunks():  # still connected
+                for chunk in command[:-1]:
+                    self._writer.write(chunk)  # type: ignore[union-attr]
+                command = command[-1:]
+        # redis-py sends the last chunk, waits for the buffer to drain and handles errors.
+        await super().send_packed_command(command, check_health)
+
+    def _joins_chunks(self) -> bool:
+        """Whether the connected transport's ``writelines`` is the default, which joins its
+        chunks into one new ``bytes`` (a copy of every payload) before writing."""
+        if not self.is_connected or self._writer is None:
+            return False
+        transport_class = type(self._writer.transport)
+        return transport_class.writelines is asyncio.WriteTransport.writelines
 
 
 class _PartsConnection(_PacksParts, Connection):
