@@ -15,7 +15,11 @@ from redis.asyncio.connection import (
 )
 
 from lmtier.serde import payload_view
-from lmtier.tiers.redis_parts import ValueParts, parts_connection_class
+from lmtier.tiers.redis_connections import (
+    READ_LIMIT,
+    ValueParts,
+    parts_connection_class,
+)
 
 from redis_helpers import RedisProcess, need_redis
 
@@ -86,6 +90,7 @@ async def test_the_transport_gets_the_payload_itself_and_the_server_the_value(
         await client.ping()
         connection = client.connection_pool._available_connections[0]
         transport = connection._writer.transport  # type: ignore[attr-defined]
+        assert connection._reader._limit == READ_LIMIT  # type: ignore[attr-defined]
         # What reaches the socket layer as it is: ``write``'s data, and ``writelines``' where
         # the transport has its own (the default joins the chunks, then calls ``write``).
         methods = ["write"]

@@ -11,6 +11,7 @@ import torch
 from lmtier import PutStatus, StoreConfig, TieredStore
 from lmtier.config import parse_config
 from lmtier.errors import ConfigError
+from lmtier.tiers.redis_connections import READ_LIMIT
 
 from redis_helpers import (
     RedisProcess,
@@ -63,6 +64,10 @@ async def test_a_rediss_tier_stores_and_reads_back_over_tls(
         got = await store.get("k")
         assert got is not None and torch.equal(got, tensor)
         assert store.tiers[0].stats()["available"]
+        # Its connections are the tier's own kind, whose reader takes large values in large steps.
+        client = store.tiers[0]._client  # type: ignore[attr-defined]
+        (connection,) = client.connection_pool._available_connections
+        assert connection._reader._limit == READ_LIMIT
     # The value went through the TLS port into the same server the plain port serves.
     assert int(server.cli("dbsize")) == 1
 

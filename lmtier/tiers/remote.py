@@ -56,7 +56,7 @@ from lmtier.metadata import DiskCacheMetadata
 from lmtier.tiers.base import Tier
 from lmtier.tiers.copies import check_out, copy_to
 from lmtier.tiers.disk_files import key_digest
-from lmtier.tiers.redis_parts import ValueParts, parts_connection_class
+from lmtier.tiers.redis_connections import ValueParts, parts_connection_class
 
 __all__ = ["RemoteEntry", "RemoteTier", "default_key_prefix"]
 
