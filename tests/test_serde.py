@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 
 import pytest
 import torch
@@ -42,6 +43,28 @@ def test_a_header_round_trips(key: str | CacheEngineKey) -> None:
     assert len(header) % 8 == 0  # the payload starts 8-byte aligned
     decoded = serde.decode_header(header + bytes(48))
     assert decoded == (key, torch.bfloat16, (2, 3, 4), 48, "0123abcd", len(header), "space")
+
+
+@pytest.mark.parametrize("shape", [(7,), (2, 16, 256, 128), ()])
+@pytest.mark.parametrize("key", ["k", 'q"\\\n', "ü", CacheEngineKey("vllm", "m", 2, 0, "ab")])
+def test_a_header_is_the_compact_json_of_its_fields(
+    key: str | CacheEngineKey, shape: tuple[int, ...]
+) -> None:
+    engine = isinstance(key, CacheEngineKey)
+    fields = {
+        "__metadata__": {
+            "format": serde.FORMAT_TAG,
+            "version": str(serde.FORMAT_VERSION),
+            "namespace": "ns ✓",
+            "key_type": "engine" if engine else "str",
+            "key": key.to_string() if isinstance(key, CacheEngineKey) else key,
+            "checksum": "00ff",
+        },
+        "kv": {"dtype": "F16", "shape": list(shape), "data_offsets": [0, 64]},
+    }
+    header = serde.encode_header(key, torch.float16, shape, 64, "00ff", "ns ✓")
+    assert header[8:].rstrip(b" ") == json.dumps(fields, separators=(",", ":")).encode()
+    assert int.from_bytes(header[:8], "little") == len(header) - 8
 
 
 def test_a_header_whose_offsets_disagree_with_its_shape_is_corrupt() -> None:
