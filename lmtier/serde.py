@@ -88,7 +88,7 @@ def check_storable(value: object) -> torch.Tensor:
         raise LmtierTypeError(f"a value must be a torch.Tensor, got {type(value).__name__}")
     if value.layout is not torch.strided:
         raise InvalidValueError(f"only dense tensors can be stored, got layout {value.layout}")
-    if value.device.type == "meta":
+    if value.is_meta:
         raise InvalidValueError("a meta tensor has no data to store")
     if value.numel() == 0:
         raise InvalidValueError(f"an empty tensor (shape {tuple(value.shape)}) cannot be stored")
@@ -103,7 +103,7 @@ def check_storable(value: object) -> torch.Tensor:
 def payload_view(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy (of a contiguous copy otherwise)."""
     nbytes = tensor.numel() * tensor.element_size()
-    if nbytes and tensor.device.type == "cpu" and tensor.is_contiguous():
+    if nbytes and tensor.is_cpu and tensor.is_contiguous():
         # A ctypes array over the tensor's memory costs a fifth of torch's chain of views (and
         # far less than that with the caches cold, as they are after each multi-MiB write).
         array = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
