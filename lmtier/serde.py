@@ -102,7 +102,7 @@ def check_storable(value: object) -> torch.Tensor:
 
 def payload_view(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy (of a contiguous copy otherwise)."""
-    nbytes = tensor.numel() * tensor.element_size()
+    nbytes = tensor.nbytes
     if nbytes and tensor.is_cpu and tensor.is_contiguous():
         # A ctypes array over the tensor's memory costs a fifth of torch's chain of views (and
         # far less than that with the caches cold, as they are after each multi-MiB write).

@@ -305,7 +305,7 @@ class TieredStore:
         A tier's admission policy is asked once per call, when the search first reaches it;
         its refusal is final and never waited out.
         """
-        size = data.numel() * data.element_size()
+        size = data.nbytes
         could_fit = [tier for tier in candidates if size <= tier.budget]
         admitted: dict[Tier, bool] = {}
         loop = asyncio.get_running_loop()

@@ -41,7 +41,7 @@ async def copy_to(data: torch.Tensor, device: torch.device, private: bool) -> to
     """``data`` on ``device`` as a tensor the caller owns (``data`` itself if ``private``)."""
     if private and data.device == device:
         return data
-    small = data.numel() * data.element_size() < INLINE_COPY_BYTES
+    small = data.nbytes < INLINE_COPY_BYTES
     if small and data.device.type == "cpu" and device.type == "cpu":
         return data.clone()  # the hot path of small hits
     # Allocated here, on the event loop's thread, which reuses freed host memory that a worker
@@ -68,7 +68,7 @@ async def copy_async(dst: torch.Tensor, src: torch.Tensor) -> None:
     """
     on_gpu = dst.device.type == "cuda" or src.device.type == "cuda"
     if not on_gpu:
-        if dst.numel() * dst.element_size() < LOOP_COPY_BYTES:
+        if dst.nbytes < LOOP_COPY_BYTES:
             dst.copy_(src)
         else:
             await asyncio.to_thread(dst.copy_, src)

@@ -156,7 +156,7 @@ class DiskTier(Tier):
         # The worker lets go of the tensor before it answers: a finished executor job can
         # outlive the await it answered, and a memory tier reuses a demoted tensor's buffer
         # only once nothing else refers to it.
-        if tensor.numel() * tensor.element_size() < BATCHED_WRITE_BYTES:
+        if tensor.nbytes < BATCHED_WRITE_BYTES:
             return await self._small_writes.call(self._write_taken, key, [tensor])
         return await asyncio.to_thread(self._write_taken, key, [tensor])
 

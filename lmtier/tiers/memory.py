@@ -50,7 +50,7 @@ class MemoryTier(Tier):
         return stored
 
     def _allocate(self, like: torch.Tensor) -> torch.Tensor:
-        buffer = self._take_buffer(like.numel() * like.element_size())
+        buffer = self._take_buffer(like.nbytes)
         if buffer is not None:
             if buffer.dtype == like.dtype and buffer.shape == like.shape:
                 return buffer  # the usual case, chunks of one shape: no view to make
@@ -65,7 +65,7 @@ class MemoryTier(Tier):
     async def discard(self, obj: Any) -> None:
         """Keep the tensor's memory for a later write of the same size (see ``_take_buffer``)."""
         assert isinstance(obj, torch.Tensor)
-        nbytes = obj.numel() * obj.element_size()
+        nbytes = obj.nbytes
         self._pool.setdefault(nbytes, deque()).append(obj)
         self._pool_bytes += nbytes
         self._trim_pool()
