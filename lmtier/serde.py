@@ -61,7 +61,6 @@ _HEADER_JSON = (
     '"namespace":%s,"key_type":"%s","key":%s,"checksum":%s},'
     f'"{TENSOR_NAME}":{{"dtype":"%s","shape":[%s],"data_offsets":[0,%d]}}}}'
 )
-_dumps = json.dumps
 _DECODER = json.JSONDecoder()
 
 
@@ -131,14 +130,15 @@ def encode_header(
     namespace: str = "",
 ) -> bytes:
     """The length prefix and JSON header that precede a payload of ``nbytes`` bytes."""
+    engine = isinstance(key, CacheEngineKey)
     key_text = key.to_string() if isinstance(key, CacheEngineKey) else key
     text = (
         _HEADER_JSON
         % (
-            _dumps(namespace),
-            "engine" if isinstance(key, CacheEngineKey) else "str",
-            _dumps(key_text),
-            _dumps(checksum),
+            json.dumps(namespace),
+            "engine" if engine else "str",
+            json.dumps(key_text),
+            json.dumps(checksum),
             _TO_SAFETENSORS[dtype],
             ",".join(map(str, shape)),
             nbytes,

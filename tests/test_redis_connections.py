@@ -18,7 +18,7 @@ from lmtier.serde import payload_view
 from lmtier.tiers.redis_connections import (
     READ_LIMIT,
     ValueParts,
-    parts_connection_class,
+    large_values_connection_class,
 )
 
 from redis_helpers import RedisProcess, need_redis
@@ -27,7 +27,7 @@ from redis_helpers import RedisProcess, need_redis
 def test_a_value_in_parts_packs_to_the_bytes_of_the_joined_value() -> None:
     payload = payload_view(torch.arange(5000, dtype=torch.int32))
     header = b"HEADER"
-    connection = parts_connection_class(Connection)
+    connection = large_values_connection_class(Connection)
     assert connection is not None
     joined = b"".join(connection().pack_command("SET", "name", header + bytes(payload)))
     in_parts = connection().pack_command("SET", "name", ValueParts(header, payload))
@@ -38,7 +38,7 @@ def test_a_value_in_parts_packs_to_the_bytes_of_the_joined_value() -> None:
 
 def test_a_pipeline_keeps_the_payload_as_it_is() -> None:
     payload = payload_view(torch.ones(1 << 16, dtype=torch.float16))
-    connection = parts_connection_class(Connection)
+    connection = large_values_connection_class(Connection)
     assert connection is not None
     commands = [("SET", "a", ValueParts(b"h1", payload)), ("GET", "a"), ("SET", "b", b"small")]
     packed = connection().pack_commands(commands)
@@ -52,7 +52,7 @@ def test_a_pipeline_keeps_the_payload_as_it_is() -> None:
 
 
 def test_other_commands_pack_as_redis_py_packs_them() -> None:
-    connection = parts_connection_class(Connection)
+    connection = large_values_connection_class(Connection)
     assert connection is not None
     args = ("SET", "key", b"x" * 10000, "EX", 5)
     assert connection().pack_command(*args) == Connection().pack_command(*args)
@@ -60,9 +60,9 @@ def test_other_commands_pack_as_redis_py_packs_them() -> None:
 
 def test_every_connection_kind_has_a_parts_subclass() -> None:
     for base in (Connection, SSLConnection, UnixDomainSocketConnection):
-        parts_class = parts_connection_class(base)
+        parts_class = large_values_connection_class(base)
         assert parts_class is not None and issubclass(parts_class, base)
-    assert parts_connection_class(type("Other", (Connection,), {})) is None
+    assert large_values_connection_class(type("Other", (Connection,), {})) is None
 
 
 def test_joined_into_writes_the_concatenation() -> None:
@@ -84,7 +84,7 @@ async def test_the_transport_gets_the_payload_itself_and_the_server_the_value(
     server = RedisProcess(tmp_path / "redis").start()
     client = aioredis.Redis.from_url(server.url)
     try:
-        parts_class = parts_connection_class(client.connection_pool.connection_class)
+        parts_class = large_values_connection_class(client.connection_pool.connection_class)
         assert parts_class is not None
         client.connection_pool.connection_class = parts_class
         await client.ping()

@@ -56,7 +56,7 @@ from lmtier.metadata import DiskCacheMetadata
 from lmtier.tiers.base import Tier
 from lmtier.tiers.copies import check_out, copy_to
 from lmtier.tiers.disk_files import key_digest
-from lmtier.tiers.redis_connections import ValueParts, parts_connection_class
+from lmtier.tiers.redis_connections import ValueParts, large_values_connection_class
 
 __all__ = ["RemoteEntry", "RemoteTier", "default_key_prefix"]
 
@@ -440,7 +440,7 @@ class RemoteTier(Tier):
             return RedisCluster.from_url(self.url, retry=Retry(NoBackoff(), 0), **options)
         client = aioredis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0), **options)
         pool = client.connection_pool
-        parts_class = parts_connection_class(pool.connection_class)
+        parts_class = large_values_connection_class(pool.connection_class)
         if parts_class is not None:
             pool.connection_class = parts_class
         self._sends_parts = parts_class is not None
