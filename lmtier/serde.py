@@ -130,13 +130,15 @@ def encode_header(
     namespace: str = "",
 ) -> bytes:
     """The length prefix and JSON header that precede a payload of ``nbytes`` bytes."""
-    engine = isinstance(key, CacheEngineKey)
-    key_text = key.to_string() if isinstance(key, CacheEngineKey) else key
+    if isinstance(key, CacheEngineKey):
+        key_type, key_text = "engine", key.to_string()
+    else:
+        key_type, key_text = "str", key
     text = (
         _HEADER_JSON
         % (
             json.dumps(namespace),
-            "engine" if engine else "str",
+            key_type,
             json.dumps(key_text),
             json.dumps(checksum),
             _TO_SAFETENSORS[dtype],

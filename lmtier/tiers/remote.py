@@ -182,9 +182,7 @@ class RemoteTier(Tier):
 
     # ------------------------------------------------------------------ primitives
     async def _write(self, key: KeyLike, tensor: torch.Tensor) -> RemoteEntry:
-        # ``is_cpu`` rather than a device comparison: a tensor's ``device`` costs ~30 us with the
-        # caches cold, as they are after every multi-MiB write.
-        host = tensor if tensor.is_cpu else await copy_to(tensor.detach(), _CPU, private=True)
+        host = await copy_to(tensor, _CPU, private=True)
         payload = serde.payload_view(host)
         large = payload.nbytes > INLINE_CODEC_BYTES
         if large:
