@@ -19,6 +19,7 @@ from lmtier.tiers.redis_connections import (
     READ_LIMIT,
     ValueParts,
     large_values_connection_class,
+    round_trip,
 )
 
 from redis_helpers import RedisProcess, need_redis
@@ -123,4 +124,44 @@ async def test_the_transport_gets_the_payload_itself_and_the_server_the_value(
         assert await client.mget("a", "b") == [value, value]
     finally:
         await client.aclose()
+        server.kill()
+
+
+@pytest.mark.redis
+async def test_a_round_trip_answers_each_command_in_order_with_errors_in_place(
+    tmp_path: Path,
+) -> None:
+    from redis.asyncio import ConnectionPool
+    from redis.exceptions import ResponseError
+
+    need_redis()
+    server = RedisProcess(tmp_path / "redis").start()
+    pool = ConnectionPool.from_url(server.url, max_connections=1)
+    try:
+        replies = await round_trip(
+            pool, [("SET", "a", b"1"), ("LPUSH", "a", b"x"), ("GET", "a"), ("DEL", "nothing")]
+        )
+        assert replies[0] == b"OK" and replies[2] == b"1" and replies[3] == 0
+        assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
+        assert await round_trip(pool, [("GET", "a")]) == [b"1"]  # the connection is in step
+    finally:
+        await pool.disconnect()
+        server.kill()
+
+
+@pytest.mark.redis
+async def test_a_cancelled_round_trip_leaves_no_reply_for_the_next(tmp_path: Path) -> None:
+    from redis.asyncio import ConnectionPool
+
+    need_redis()
+    server = RedisProcess(tmp_path / "redis").start()
+    pool = ConnectionPool.from_url(server.url, max_connections=1)  # both on one connection
+    try:
+        await round_trip(pool, [("SET", "a", b"1")])
+        # The server answers BLPOP (None) after 0.3 s: long after the caller gave up on it.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(round_trip(pool, [("BLPOP", "empty", "0.3")]), 0.05)
+        assert await round_trip(pool, [("GET", "a")]) == [b"1"]
+    finally:
+        await pool.disconnect()
         server.kill()

@@ -29,7 +29,8 @@ operation after the backoff probes the server with a PING on a new connection; t
 doubles from 0.1 s up to ``reconnect_max_s``.
 
 **Batching.**  Commands issued in the same event-loop turn (``put_many``, ``get_many``, a burst
-of demotions) go to the server as one pipeline: one round trip (one per node on a cluster).
+of demotions) go to the server together: one round trip (``round_trip`` on one connection; on a
+cluster redis-py's pipeline, one round trip per node).
 """
 
 from __future__ import annotations
@@ -56,7 +57,11 @@ from lmtier.metadata import DiskCacheMetadata
 from lmtier.tiers.base import Tier
 from lmtier.tiers.copies import check_out, copy_to
 from lmtier.tiers.disk_files import key_digest
-from lmtier.tiers.redis_connections import ValueParts, large_values_connection_class
+from lmtier.tiers.redis_connections import (
+    ValueParts,
+    large_values_connection_class,
+    round_trip,
+)
 
 __all__ = ["RemoteEntry", "RemoteTier", "default_key_prefix"]
 
@@ -91,7 +96,7 @@ def default_key_prefix(namespace: str) -> str:
 
 @dataclass
 class _Command:
-    name: str  # a redis-py command method: "get", "set", "delete", "ping"
+    name: str  # the server's command: "GET", "SET", "DEL"
     args: tuple[Any, ...]
     done: asyncio.Future[Any]
 
@@ -209,7 +214,7 @@ class RemoteTier(Tier):
         # A removed entry of this key must not delete the value being written (same name).
         self._writing[key] += 1
         try:
-            await self._command("set", entry.path, value)
+            await self._command("SET", entry.path, value)
         finally:
             self._writing[key] -= 1
             if not self._writing[key]:
@@ -247,7 +252,7 @@ class RemoteTier(Tier):
         return await self._read(obj, out)
 
     async def _read(self, entry: RemoteEntry, out: torch.Tensor | None) -> torch.Tensor | None:
-        value = await self._command("get", entry.path)
+        value = await self._command("GET", entry.path)
         if value is None:  # deleted by another store, evicted by the server, or a restart
             self._mark_gone(entry)
             return None
@@ -265,7 +270,7 @@ class RemoteTier(Tier):
     async def fetch(self, key: KeyLike) -> tuple[Any, torch.Tensor] | None:
         """GET the key's value: an entry another store wrote (or this one un-indexed)."""
         try:
-            value = await self._command("get", self.name_for(key))
+            value = await self._command("GET", self.name_for(key))
             if value is None:
                 return None
             header = self._check_header(value, key)
@@ -314,7 +319,7 @@ class RemoteTier(Tier):
         if obj.key in self.cache_dict or obj.key in self._writing:
             return  # the key was written again: the name holds the newer value
         try:
-            await self._command("delete", obj.path)
+            await self._command("DEL", obj.path)
         except StorageError as exc:  # the entry is gone from the index either way
             log.info("redis tier %r could not delete %s: %s", self.name, obj.path, exc)
 
@@ -336,7 +341,7 @@ class RemoteTier(Tier):
         if key in self._writing:
             return False
         try:
-            return bool(await self._command("delete", self.name_for(key)))
+            return bool(await self._command("DEL", self.name_for(key)))
         except StorageError:
             return False
 
@@ -384,15 +389,18 @@ class RemoteTier(Tier):
         self, client: aioredis.Redis | RedisCluster, batch: list[_Command]
     ) -> list[Any]:
         """The batch's results (a command's error as its result); one round trip."""
-        if len(batch) == 1:  # a lone command skips the pipeline's bookkeeping (~2 ms at 2 MiB)
-            command = batch[0]
+        commands = [(command.name, *command.args) for command in batch]
+        if not isinstance(client, RedisCluster):
+            return await round_trip(client.connection_pool, commands)
+        # A cluster routes each command by its key: redis-py's pipeline sends one batch per node.
+        if len(commands) == 1:
             try:
-                return [await getattr(client, command.name)(*command.args)]
+                return [await client.execute_command(*commands[0])]
             except ResponseError as exc:
                 return [exc]
         pipe = client.pipeline(transaction=False)
-        for command in batch:
-            getattr(pipe, command.name)(*command.args)
+        for command in commands:
+            pipe.execute_command(*command)
         return list(await pipe.execute(raise_on_error=False))
 
     async def _connected(self) -> None:
