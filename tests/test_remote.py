@@ -253,6 +253,9 @@ async def test_put_many_and_get_many_cost_one_round_trip(
         before = tier.round_trips
         assert await store.put_many(items) == [PutStatus.LEGAL] * 8
         assert tier.round_trips - before == 1
+        # The tier's timeout bounds a round trip; a socket timeout would add a task to each send.
+        pool = tier._client.connection_pool  # type: ignore[union-attr]
+        assert [c.socket_timeout for c in pool._available_connections] == [None]
         stats = await raw.info("commandstats")
         assert stats["cmdstat_set"]["calls"] == 8
         before = tier.round_trips

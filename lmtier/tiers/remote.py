@@ -436,8 +436,11 @@ class RemoteTier(Tier):
 
     def _new_client(self) -> aioredis.Redis | RedisCluster:
         # No retries inside redis-py: they would outlast the timeout, and the tier retries.
+        # No socket timeout either (redis-py 8 defaults to 5 s): ``op_timeout_s``
+        # bounds each round trip, and a socket timeout wraps every send in one more task.
         options: dict[str, Any] = {
             "socket_connect_timeout": self.connect_timeout_s,
+            "socket_timeout": None,
             **{k: v for k, v in self._credentials.items() if v is not None},
             **self._tls,
         }
