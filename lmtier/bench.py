@@ -388,7 +388,9 @@ def run_bench(options: BenchOptions, on_row: Callable[[Row], None] | None = None
         add(asyncio.run(gpu_rows(2 * MiB, repeats * 4)))
     from lmtier.bench_remote import remote_bench_rows  # it imports this module
 
-    add(remote_bench_rows(options.redis_url, repeats))
+    # A round trip takes ~1.5 ms: eight times the samples cost a few seconds and steady the
+    # medians, which a shared machine's noise moved by several hundredths at 9 samples.
+    add(remote_bench_rows(options.redis_url, repeats * 8))
     return rows
 
 
