@@ -137,7 +137,7 @@ class RemoteTier(Tier):
         self._credentials = {"username": username, "password": password}
         tls_options = zip(("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"), tls_files, strict=True)
         self._tls = {option: path for option, path in tls_options if path is not None}
-        self.round_trips = 0  # pipelines sent (one round trip each, one per node on a cluster)
+        self.round_trips = 0  # batches sent (one round trip each, one per node on a cluster)
         self._client: aioredis.Redis | RedisCluster | None = None
         self._next_probe = 0.0  # loop time before which no reconnection is tried
         self._backoff = FIRST_BACKOFF_S
@@ -347,7 +347,7 @@ class RemoteTier(Tier):
 
     # ------------------------------------------------------------------ the connection
     async def _command(self, name: str, *args: Any) -> Any:
-        """Run one command, in one pipeline with the others issued in this event-loop turn."""
+        """Run one command, in one batch with the others issued in this event-loop turn."""
         await self._connected()
         command = _Command(name, args, asyncio.get_running_loop().create_future())
         self._queue.append(command)
