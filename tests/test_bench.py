@@ -9,7 +9,7 @@ import pytest
 
 from lmtier.bench import Row, cpu_put_get, disk_rows, format_rows
 
-from redis_helpers import RedisProcess, need_redis
+from redis_helpers import RedisProcess
 
 MiB = 1024**2
 
@@ -27,15 +27,10 @@ def test_bench_rows_measure_and_format(tmp_path: Path) -> None:
 
 
 @pytest.mark.redis
-def test_redis_rows_measure_against_redis_py(tmp_path: Path) -> None:
-    need_redis()
+def test_redis_rows_measure_against_redis_py(redis_server: RedisProcess) -> None:
     from lmtier.bench_remote import remote_rows
 
-    server = RedisProcess(tmp_path / "redis").start()
-    try:
-        rows = asyncio.run(remote_rows(server.url, MiB, 2))
-    finally:
-        server.kill()
+    rows = asyncio.run(remote_rows(redis_server.url, MiB, 2))
     assert [r.name for r in rows] == [
         "redis put 1 MiB", "redis get(out=) 1 MiB", "redis put_many 16 x 1 MiB",
     ]  # fmt: skip

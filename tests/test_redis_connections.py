@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import torch
 from redis.asyncio.connection import (
     Connection,
+    ConnectionPool,
     SSLConnection,
     UnixDomainSocketConnection,
 )
+from redis.exceptions import ResponseError
 
 from lmtier.serde import payload_view
 from lmtier.tiers.redis_connections import (
@@ -22,7 +24,7 @@ from lmtier.tiers.redis_connections import (
     round_trip,
 )
 
-from redis_helpers import RedisProcess, need_redis
+from redis_helpers import RedisProcess
 
 
 def test_a_value_in_parts_packs_to_the_bytes_of_the_joined_value() -> None:
@@ -75,15 +77,13 @@ def test_joined_into_writes_the_concatenation() -> None:
 
 @pytest.mark.redis
 async def test_the_transport_gets_the_payload_itself_and_the_server_the_value(
-    tmp_path: Path,
+    redis_server: RedisProcess,
 ) -> None:
     # Python 3.11's socket transport joins what ``writelines`` is given into one new bytes
     # object: a copy of every payload, which the parts connection avoids.
     import redis.asyncio as aioredis
 
-    need_redis()
-    server = RedisProcess(tmp_path / "redis").start()
-    client = aioredis.Redis.from_url(server.url)
+    client = aioredis.Redis.from_url(redis_server.url)
     try:
         parts_class = large_values_connection_class(client.connection_pool.connection_class)
         assert parts_class is not None
@@ -124,44 +124,33 @@ async def test_the_transport_gets_the_payload_itself_and_the_server_the_value(
         assert await client.mget("a", "b") == [value, value]
     finally:
         await client.aclose()
-        server.kill()
+
+
+@pytest.fixture
+async def one_connection(redis_server: RedisProcess) -> AsyncIterator[ConnectionPool]:
+    """A pool of at most one connection: every round trip reuses the same one."""
+    pool = ConnectionPool.from_url(redis_server.url, max_connections=1)
+    yield pool
+    await pool.disconnect()
 
 
 @pytest.mark.redis
 async def test_a_round_trip_answers_each_command_in_order_with_errors_in_place(
-    tmp_path: Path,
+    one_connection: ConnectionPool,
 ) -> None:
-    from redis.asyncio import ConnectionPool
-    from redis.exceptions import ResponseError
-
-    need_redis()
-    server = RedisProcess(tmp_path / "redis").start()
-    pool = ConnectionPool.from_url(server.url, max_connections=1)
-    try:
-        replies = await round_trip(
-            pool, [("SET", "a", b"1"), ("LPUSH", "a", b"x"), ("GET", "a"), ("DEL", "nothing")]
-        )
-        assert replies[0] == b"OK" and replies[2] == b"1" and replies[3] == 0
-        assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
-        assert await round_trip(pool, [("GET", "a")]) == [b"1"]  # the connection is in step
-    finally:
-        await pool.disconnect()
-        server.kill()
+    commands = [("SET", "a", b"1"), ("LPUSH", "a", b"x"), ("GET", "a"), ("DEL", "nothing")]
+    replies = await round_trip(one_connection, commands)
+    assert replies[0] == b"OK" and replies[2] == b"1" and replies[3] == 0
+    assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
+    assert await round_trip(one_connection, [("GET", "a")]) == [b"1"]  # still in step
 
 
 @pytest.mark.redis
-async def test_a_cancelled_round_trip_leaves_no_reply_for_the_next(tmp_path: Path) -> None:
-    from redis.asyncio import ConnectionPool
-
-    need_redis()
-    server = RedisProcess(tmp_path / "redis").start()
-    pool = ConnectionPool.from_url(server.url, max_connections=1)  # both on one connection
-    try:
-        await round_trip(pool, [("SET", "a", b"1")])
-        # The server answers BLPOP (None) after 0.3 s: long after the caller gave up on it.
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(round_trip(pool, [("BLPOP", "empty", "0.3")]), 0.05)
-        assert await round_trip(pool, [("GET", "a")]) == [b"1"]
-    finally:
-        await pool.disconnect()
-        server.kill()
+async def test_a_cancelled_round_trip_leaves_no_reply_for_the_next(
+    one_connection: ConnectionPool,
+) -> None:
+    await round_trip(one_connection, [("SET", "a", b"1")])
+    # The server answers BLPOP (None) after 0.3 s: long after the caller gave up on it.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(round_trip(one_connection, [("BLPOP", "empty", "0.3")]), 0.05)
+    assert await round_trip(one_connection, [("GET", "a")]) == [b"1"]

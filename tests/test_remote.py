@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -44,11 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisProcess]:
-    need_redis()
-    process = RedisProcess(tmp_path / "redis").start()
-    yield process
-    process.kill()
+def server(redis_server: RedisProcess) -> RedisProcess:
+    return redis_server
 
 
 def remote_store(url: str, budget: int = 1 << 20, cpu: int = 0, **fields: object) -> TieredStore:

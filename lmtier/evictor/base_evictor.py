@@ -96,7 +96,7 @@ class BaseEvictor(metaclass=abc.ABCMeta):
     def get_size(self, kv_obj: Any) -> int:
         """Bytes held by ``kv_obj``: a tensor, bytes-like object or ``DiskCacheMetadata``."""
         if isinstance(kv_obj, torch.Tensor):
-            return kv_obj.numel() * kv_obj.element_size()
+            return kv_obj.nbytes
         if isinstance(kv_obj, (bytes, bytearray)):
             return len(kv_obj)
         if isinstance(kv_obj, memoryview):

@@ -393,7 +393,7 @@ class RemoteTier(Tier):
         if not isinstance(client, RedisCluster):
             return await round_trip(client.connection_pool, commands)
         # A cluster routes each command by its key: redis-py's pipeline sends one batch per node.
-        if len(commands) == 1:
+        if len(commands) == 1:  # a lone command skips the pipeline's bookkeeping
             try:
                 return [await client.execute_command(*commands[0])]
             except ResponseError as exc:
