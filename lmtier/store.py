@@ -338,6 +338,11 @@ class TieredStore:
                 admitted[tier] = tier.admits(key, size)
             if not admitted[tier]:
                 continue
+            if source is None:
+                replaced_here = tier.make_way(key, size)
+                if replaced_here is not None:
+                    self._notify_drop(key)  # reported only if this put then fails
+                    await tier.discard(replaced_here)
             victims = tier.admit(key, size, self._positions.get(key))
             if victims is None:
                 continue
@@ -355,24 +360,34 @@ class TieredStore:
                 log.warning("tier %r could not write %r: %s", tier.name, key, exc)
                 result = _Outcome.FAILED
                 continue
+            # From the currency check to the commit nothing awaits: a delete or put of the key
+            # comes wholly before (the move goes stale) or wholly after.
+            if source is not None and source[0].lookup(key) is not source[1]:
+                tier.unreserve(key, size)
+                await tier.discard(obj)
+                return _Outcome.STALE
+            try:
+                tier.publish(obj)
+            except OSError as exc:
+                tier.unreserve(key, size)
+                tier.counters.errors += 1
+                log.warning("tier %r could not publish %r: %s", tier.name, key, exc)
+                await tier.discard(obj)
+                result = _Outcome.FAILED
+                continue
             if source is None:
                 replaced = self._remove_everywhere(key)
-                tier.commit(key, obj, size)
             else:
-                src_tier, src_obj = source
-                if src_tier.lookup(key) is not src_obj:
-                    tier.unreserve(key, size)
-                    await tier.discard(obj)
-                    return _Outcome.STALE
-                src_tier.remove(key)
-                tier.commit(key, obj, size)
-                replaced = [(src_tier, src_obj)]
+                source[0].remove(key)
+                replaced = [source]
+            tier.commit(key, obj, size)
             tier.counters.count(arrival)
             for old_tier, old_obj in replaced:
                 if arrival == "promotions_in":
                     await old_tier.release_promoted(old_obj)
                 else:
                     await old_tier.discard(old_obj)
+            await tier.make_durable(obj)
             if source is None and self._shared:
                 for other in self.tiers:
                     if other.shared and other is not tier:

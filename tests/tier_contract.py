@@ -23,6 +23,7 @@ async def store_in(tier: Tier, key: str, tensor: torch.Tensor) -> list[tuple[Any
         await tier.discard(tier.remove(victim))
     await tier.reserve(size, timeout=1)
     obj = await tier.write(key, tensor)
+    tier.publish(obj)
     tier.commit(key, obj, size)
     return victims
 

@@ -29,8 +29,8 @@ class Tier(abc.ABC):
         if admits(key, size):            # the admission policy, asked once per offer
         victims = admit(key, size)       # evictor picks victims; they stay readable, "leaving"
         await reserve(size, timeout)     # wait until the leaving bytes are gone
-        obj = await write(key, tensor)   # the backend copies or writes; not yet visible
-        commit(key, obj, size)           # visible; or unreserve(key, size) if abandoned
+        obj = await write(key, tensor)   # the backend copies or writes; staged, not visible
+        publish(obj); commit(key, obj, size)  # visible; or unreserve + discard if abandoned
         old = remove(key); await discard(old)
 
     Accounting, true at every await point:
@@ -136,6 +136,19 @@ class Tier(abc.ABC):
         self.counters.evictions += len(chosen)
         return chosen
 
+    def make_way(self, key: KeyLike, size: int) -> Any:
+        """Before a put of ``key`` here: take its older value out if the tier cannot hold both,
+        so that the replaced value, not another entry, makes room; its object, or None.
+
+        The older value is unreadable from then on; a value being moved (leaving) is left to
+        its move, which goes stale once the put commits.
+        """
+        if key not in self.cache_dict or key in self._leaving:
+            return None
+        if self.evictor.charged_bytes + size <= self.budget and self._fits(size):
+            return None
+        return self.remove(key)
+
     async def reserve(self, size: int, timeout: float) -> None:
         """Wait until ``size`` more bytes fit beside what the tier holds and writes, then hold them.
 
@@ -162,6 +175,15 @@ class Tier(abc.ABC):
     async def write(self, key: KeyLike, tensor: torch.Tensor) -> Any:
         return await self._write(key, tensor)
 
+    def publish(self, obj: Any) -> None:
+        """Make a written object durable-visible (what a restart would find), synchronously,
+        right before ``commit``.  Until then a write is staged: ``discard`` removes it and a
+        crash leaves nothing a restart would index.  The default does nothing."""
+
+    async def make_durable(self, obj: Any) -> None:
+        """Wait until a published object (or a discard's removal) survives a power loss, where
+        the tier promises that; the default does nothing."""
+
     def commit(self, key: KeyLike, obj: Any, size: int) -> None:
         """Make a written entry visible; the key must not be present."""
         if key in self.cache_dict:
@@ -171,6 +193,9 @@ class Tier(abc.ABC):
         self._committed += size
         self.cache_dict[key] = obj
         self.counters.bytes_in += size
+        # The entry can now be chosen as a victim: a put refused for lack of evictable
+        # entries may succeed.
+        self._notify()
 
     def adopt(self, key: KeyLike, obj: Any, size: int) -> None:
         """Index an entry that already exists in storage (found when the tier opens)."""

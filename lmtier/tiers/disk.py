@@ -177,7 +177,7 @@ class DiskTier(Tier):
         )
         path = self.path_for(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(TEMP_PREFIX + path.name)
+        temp = _staged_name(path)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
@@ -186,13 +186,25 @@ class DiskTier(Tier):
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(temp, path)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        if self.fsync:
-            _fsync_dir(path.parent)
+        # Staged under its temporary name: ``publish`` renames it into place once the store
+        # knows the entry is still current, so a move that went stale meanwhile never leaves
+        # a file that a restart would index.
         return DiskCacheMetadata(str(path), payload.nbytes, shape, cpu.dtype, checksum)
+
+    def publish(self, obj: Any) -> None:
+        """Rename the staged file into place: from here a restart indexes it."""
+        assert isinstance(obj, DiskCacheMetadata)
+        path = Path(obj.path)
+        os.replace(_staged_name(path), path)
+
+    async def make_durable(self, obj: Any) -> None:
+        """With ``durability: fsync``, sync the folder that a publish or removal changed."""
+        assert isinstance(obj, DiskCacheMetadata)
+        if self.fsync:
+            await self._removals.call(_fsync_dir, Path(obj.path).parent)
 
     async def load(self, obj: Any) -> torch.Tensor | None:
         assert isinstance(obj, DiskCacheMetadata)
@@ -224,9 +236,11 @@ class DiskTier(Tier):
         return await asyncio.to_thread(self._read_file, obj, out)
 
     async def discard(self, obj: Any) -> None:
+        """Remove the entry's file (or its staged file, if it was never published); with
+        ``durability: fsync`` the removal is synced before this returns."""
         assert isinstance(obj, DiskCacheMetadata)
         try:
-            await self._removals.call(Path(obj.path).unlink, True)
+            await self._removals.call(_remove_file, Path(obj.path), self.fsync)
         except OSError as exc:  # the entry is gone from the index either way
             self.counters.errors += 1
             log.warning("disk tier %r could not remove %s: %s", self.name, obj.path, exc)
@@ -241,6 +255,20 @@ def _write_all(fd: int, buffers: list[bytes | memoryview]) -> None:
             views.pop(0)
         if views and written:
             views[0] = views[0][written:]
+
+
+def _staged_name(path: Path) -> Path:
+    return path.with_name(TEMP_PREFIX + path.name)
+
+
+def _remove_file(path: Path, fsync: bool) -> None:
+    """Unlink an entry's file, or its staged file when it was never published."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        _staged_name(path).unlink(missing_ok=True)
+    if fsync:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,0 +1,189 @@
+"""The store's promises under an engine's load: bursts larger than a tier, overwrites in a full
+tier, and deletes or overwrites that race a demotion and then a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lmtier import PutStatus, StoreConfig, TierConfig, TieredStore
+from lmtier.tiers.base import Tier
+
+from conftest import tensor_for
+
+KIB = 1024
+CHUNK = 16 * KIB  # 4096 int32 values
+BIG = 1 << 20  # written by a thread of its own, never queued behind another write
+
+
+def chunk(key: str, version: int = 0) -> torch.Tensor:
+    return tensor_for(key, version, CHUNK // 4)
+
+
+class WakeupLog:
+    """Every future a tier hands out to a waiting put, to check that each one was woken."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.waiters: list[asyncio.Future[None]] = []
+        real = Tier.changed
+
+        def changed(tier: Tier) -> asyncio.Future[None]:
+            waiter = real(tier)
+            self.waiters.append(waiter)
+            return waiter
+
+        monkeypatch.setattr(Tier, "changed", changed)
+
+    def unwoken(self) -> int:
+        return sum(not waiter.done() for waiter in self.waiters)
+
+
+async def test_a_burst_larger_than_the_only_tier_waits_for_no_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """16 chunks into a tier of 4: each commit wakes the puts waiting for an evictable entry."""
+    wakeups = WakeupLog(monkeypatch)
+    config = StoreConfig((TierConfig("cpu", "memory", 4 * CHUNK),), room_timeout_s=3)
+    async with TieredStore(config) as store:
+        items = [(f"k{i}", chunk(f"k{i}")) for i in range(16)]
+        statuses = await store.put_many(items)
+        assert statuses == [PutStatus.LEGAL] * 16
+        assert store.stats()["tiers"]["cpu"]["room_timeouts"] == 0
+        assert wakeups.waiters, "the burst never had to wait: it does not test the wake-ups"
+        assert wakeups.unwoken() == 0
+        for key, value in items[-4:]:
+            got = await store.get(key)
+            assert got is not None and torch.equal(got, value)
+        assert store.audit() == []
+
+
+async def test_concurrent_bursts_spill_to_disk_without_refusals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four 16-chunk bursts into cpu(4) -> disk(16): all land, none waits out the timeout."""
+    wakeups = WakeupLog(monkeypatch)
+    config = StoreConfig(
+        (
+            TierConfig("cpu", "memory", 4 * CHUNK),
+            TierConfig("disk", "disk", 16 * CHUNK, path=str(tmp_path)),
+        ),
+        room_timeout_s=3,
+    )
+    async with TieredStore(config) as store:
+        bursts = [[(f"r{r}k{i}", chunk(f"r{r}k{i}")) for i in range(16)] for r in range(4)]
+        results = await asyncio.gather(*(store.put_many(burst) for burst in bursts))
+        assert [s for statuses in results for s in statuses] == [PutStatus.LEGAL] * 64
+        tiers = store.stats()["tiers"]
+        assert tiers["cpu"]["room_timeouts"] == tiers["disk"]["room_timeouts"] == 0
+        assert tiers["disk"]["entries"] == 16 and tiers["disk"]["drops"] == 44
+        assert wakeups.unwoken() == 0
+        assert store.audit() == []
+
+
+async def test_overwriting_a_resident_key_in_a_full_tier_evicts_nothing_else() -> None:
+    config = StoreConfig((TierConfig("cpu", "memory", 2 * CHUNK),))
+    async with TieredStore(config) as store:
+        await store.put("A", chunk("A"))
+        await store.put("B", chunk("B"))
+        assert await store.put("B", chunk("B", 1)) is PutStatus.LEGAL
+        got_a, got_b = await store.get("A"), await store.get("B")
+        assert got_a is not None and torch.equal(got_a, chunk("A"))
+        assert got_b is not None and torch.equal(got_b, chunk("B", 1))
+        assert store.stats()["tiers"]["cpu"]["evictions"] == 0
+        assert store.audit() == []
+
+
+async def test_overwrite_in_a_full_tier_with_a_lower_tier_writes_nothing_below(
+    tmp_path: Path,
+) -> None:
+    config = StoreConfig(
+        (
+            TierConfig("cpu", "memory", 2 * CHUNK),
+            TierConfig("disk", "disk", 2 * CHUNK, path=str(tmp_path)),
+        )
+    )
+    async with TieredStore(config) as store:
+        for key in ("A", "B"):
+            await store.put(key, chunk(key))
+        for version in range(1, 5):
+            await store.put("B", chunk("B", version))
+        disk = store.stats()["tiers"]["disk"]
+        assert disk["demotions_in"] == 0 and disk["entries"] == 0
+        assert await store.contains("A") == "cpu"
+
+
+# ---------------------------------------------------------------- crash after a racing call
+def _race_a_demotion_then_die(root: str, action: str) -> None:
+    """Demote "victim" to disk, blocked inside its file write; meanwhile delete or overwrite
+    it; then let the write finish and die (SIGKILL) the moment the move learns it is stale."""
+    torch.set_num_threads(1)
+
+    def chunk(key: str, version: int = 0) -> torch.Tensor:
+        return tensor_for(key, version, BIG // 4)
+
+    async def run() -> None:
+        config = StoreConfig(
+            (
+                TierConfig("cpu", "memory", BIG),
+                TierConfig("disk", "disk", 8 * BIG, path=root),
+            )
+        )
+        async with TieredStore(config) as store:
+            disk: Any = store.tiers[1]
+            entered, gate = threading.Event(), threading.Event()
+            write_file = disk._write_file
+            blocked = []
+
+            def slow_write(key: Any, tensor: torch.Tensor) -> Any:
+                if not blocked:
+                    blocked.append(key)
+                    entered.set()
+                    gate.wait(10)
+                return write_file(key, tensor)
+
+            disk._write_file = slow_write
+            await store.put("victim", chunk("victim"))
+            spill = asyncio.ensure_future(store.put("other", chunk("other")))
+            assert await asyncio.to_thread(entered.wait, 10)
+            if action == "delete":
+                assert await store.delete("victim")
+            else:
+                assert await store.put("victim", chunk("victim", 1)) is PutStatus.LEGAL
+
+            async def die(obj: Any) -> None:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            disk.discard = die
+            gate.set()
+            await spill
+            await asyncio.sleep(1)  # only if the stale move never discarded anything
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("action", ["delete", "overwrite"])
+def test_a_call_that_raced_a_demotion_is_not_undone_by_a_crash(tmp_path: Path, action: str) -> None:
+    fork = multiprocessing.get_context("fork")
+    child = fork.Process(target=_race_a_demotion_then_die, args=(str(tmp_path), action))
+    child.start()
+    child.join(30)
+    assert child.exitcode == -signal.SIGKILL, "the child did not reach the stale move"
+
+    async def reopen() -> torch.Tensor | None:
+        config = StoreConfig((TierConfig("disk", "disk", 8 * BIG, path=str(tmp_path)),))
+        async with TieredStore(config) as store:
+            return await store.get("victim")
+
+    got = asyncio.run(reopen())
+    if action == "delete":
+        assert got is None, "the deleted key came back after the crash"
+    else:
+        assert got is not None and torch.equal(got, tensor_for("victim", 1, BIG // 4))
