@@ -196,12 +196,12 @@ def disk_rows(nbytes: int, repeats: int, folder: Path, fsync: bool) -> list[Row]
     write_raw: list[float] = []
     for i in range(repeats):  # alternate, and swap who goes first, so writeback weighs alike
         pair = [
-            (write_tier, lambda: written.append(tier._write_file("k", tensor).path)),
+            (write_tier, lambda: written.append(tier.write_published("k", tensor).path)),
             (write_raw, raw_write),
         ]
         for samples, write in pair if i % 2 else pair[::-1]:
             samples.append(median_time(write, 1))
-    meta = tier._write_file("k", tensor)
+    meta = tier.write_published("k", tensor)
     out = torch.empty_like(tensor)
     raw_out = memoryview(payload_view(torch.empty_like(tensor)))
     raw_path = written[-1]
@@ -316,7 +316,7 @@ def restart_row(folder: Path, entries: int) -> Row:
     asyncio.run(tier.open())
     value = torch.arange(64, dtype=torch.int32)
     for i in range(entries):
-        tier._write_file(f"model@1@0@chunk-{i}", value)
+        tier.write_published(f"model@1@0@chunk-{i}", value)
     asyncio.run(tier.close())
     reopened = DiskTier("disk", LRUEvictor(max_cache_bytes=1 << 40), root)
     asyncio.run(reopened.open())

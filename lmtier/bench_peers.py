@@ -14,7 +14,7 @@ Rows, each a median of ``repeats`` samples taken alternately with the lmtier sid
 - cpu get: ``TieredStore.get(key, out=)`` against ``LocalCPUBackend.get_blocking`` + ``copy_``
   out of the returned ``MemoryObj`` (its get hands out a reference; a caller copies it out to
   use it, as LMCache's GPU connector does).
-- disk write: ``DiskTier._write_file`` (xxh3 checksum, header, temp file + atomic rename) against
+- disk write: ``DiskTier.write_published`` (xxh3 checksum, header, temp file + rename) against
   ``LocalDiskBackend.submit_put_task`` of a filled ``MemoryObj`` (allocated from its
   ``LocalCPUBackend``), waited for through its ``on_complete_callback``, which it calls once
   the file is written and the key indexed (the write runs on its disk worker threads).
@@ -299,7 +299,7 @@ def _disk_rows(
     written: list[str] = []
     write_s, peer_write_s = [], []
     try:
-        meta = tier._write_file("warm", src)  # first writes make folders and warm both paths
+        meta = tier.write_published("warm", src)  # first writes make folders and warm both paths
         Path(meta.path).unlink()
         key = peer.key()
         obj = peer.filled(src)
@@ -309,7 +309,7 @@ def _disk_rows(
         for turn in range(repeats):
             key, obj = peer.key(), peer.filled(src)  # its put source: a filled MemoryObj
             sides = [
-                lambda: written.append(tier._write_file(f"k{turn}", src).path),  # noqa: B023
+                lambda: written.append(tier.write_published(f"k{turn}", src).path),  # noqa: B023
                 lambda: peer.disk_put(key, obj),  # noqa: B023
             ]
             # alternate which goes first, so writeback of the other's bytes weighs on both alike
@@ -321,7 +321,7 @@ def _disk_rows(
             # a new file per write on both sides, each removed untimed before the next pair
             Path(written.pop()).unlink()
             peer.disk.remove(key)
-        meta = tier._write_file("read", src)  # one entry each to read back, warm in page cache
+        meta = tier.write_published("read", src)  # one entry each to read back, warm in page cache
         written.append(meta.path)
         peer_key, obj = peer.key(), peer.filled(src)
         peer.disk_put(peer_key, obj)

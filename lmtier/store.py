@@ -8,13 +8,20 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
 from lmtier import serde
 from lmtier.config import StoreConfig, load_config
-from lmtier.errors import CorruptEntryError, InvalidValueError, StoreClosedError
+from lmtier.errors import (
+    CorruptEntryError,
+    DeviceUnavailableError,
+    InvalidValueError,
+    StoreClosedError,
+    TierUnavailableError,
+)
 from lmtier.evictor import PutStatus
 from lmtier.keys import KeyLike, check_key
 from lmtier.tiers.base import Tier
@@ -35,6 +42,16 @@ class _Outcome(enum.Enum):
     REFUSED = enum.auto()  # no candidate tier took it
     FAILED = enum.auto()  # a tier took it but could not write it (and no later tier did)
     STALE = enum.auto()  # the moved entry was deleted or replaced meanwhile
+
+
+@dataclass
+class _Attempt:
+    """One pass over the candidate tiers: its outcome, the tiers that had no room for now
+    (worth waiting for) and those whose write failed (skipped for the rest of the placement)."""
+
+    outcome: _Outcome
+    full: list[Tier] = field(default_factory=list)
+    failed: list[Tier] = field(default_factory=list)
 
 
 class TieredStore:
@@ -59,6 +76,15 @@ class TieredStore:
         # the drop is reported only if the put fails, since otherwise the key was never gone.
         self._putting: Counter[KeyLike] = Counter()
         self._drops_held: set[KeyLike] = set()
+        # Puts are numbered as they are called; while puts of a key are in flight, the number
+        # of the newest one that committed: an older put (e.g. one whose caller was cancelled
+        # and which finished in the background) never replaces a newer value.
+        self._tickets = 0
+        self._newest_put: dict[KeyLike, int] = {}
+        # Keys with a demotion or promotion in flight: a shared tier's value of such a key may
+        # be a move's write that a delete or put has made stale, so it is never adopted.
+        self._moving: Counter[KeyLike] = Counter()
+        self._deletes = 0  # deletes so far: a fetch that overlapped one adopts nothing
         self._tasks: set[asyncio.Task[Any]] = set()
         self._active = 0
         self._idle: asyncio.Event | None = None
@@ -158,6 +184,8 @@ class TieredStore:
         target = _as_device(device)
         if out is not None:
             serde.check_storable(out)
+            if out.requires_grad:
+                raise InvalidValueError("out requires grad: pass a tensor without autograd")
         async with _Operation(self):
             for attempt in range(_MAX_LOOKUPS):
                 found = self._find(key)
@@ -193,16 +221,25 @@ class TieredStore:
         self, key: KeyLike, target: torch.device | None, out: torch.Tensor | None
     ) -> torch.Tensor | None:
         """A key no index holds may be in a shared tier's storage (another store wrote it)."""
+        if key in self._moving:
+            return None  # the server may hold a stale move's value until the move removes it
         for index, tier in enumerate(self.tiers):
             if not tier.shared:
                 continue
+            deletes = self._deletes
             found = await tier.fetch(key)
             if found is None:
                 continue
             obj, data = found
             tier.counters.fetched += 1
-            # Indexed only if no tier took the key meanwhile: a put that committed is newer.
-            adopted = self._holder(key) is None and tier.try_adopt(key, obj)
+            # Indexed only if no tier took the key meanwhile (a put that committed is newer)
+            # and no delete ran while the value was on its way (it may have been the key's).
+            adopted = (
+                self._holder(key) is None
+                and deletes == self._deletes
+                and key not in self._moving
+                and tier.try_adopt(key, obj)
+            )
             if adopted:
                 tier.touch(key)
             if out is not None:
@@ -253,6 +290,7 @@ class TieredStore:
         """Remove ``key`` from every tier; whether it was there."""
         key = check_key(key)
         async with _Operation(self):
+            self._deletes += 1
             removed = self._remove_everywhere(key)
             self._positions.pop(key, None)
             for tier, obj in removed:
@@ -272,6 +310,8 @@ class TieredStore:
             "resident_bytes": sum(t["resident_bytes"] for t in tiers.values()),
             "drops": sum(t["drops"] for t in tiers.values()),
             "corrupt": sum(t["corrupt"] for t in tiers.values()),
+            "pinned_entries": sum(t["pinned_entries"] for t in tiers.values()),
+            "pinned_bytes": sum(t["pinned_bytes"] for t in tiers.values()),
         }
 
     def audit(self) -> list[str]:
@@ -295,6 +335,7 @@ class TieredStore:
         source: tuple[Tier, Any] | None,
         arrival: str = "puts",
         wait: bool = True,
+        ticket: int = 0,
     ) -> _Outcome:
         """Write ``data`` into the first candidate that takes it and commit it there.
 
@@ -308,19 +349,33 @@ class TieredStore:
         size = data.nbytes
         could_fit = [tier for tier in candidates if size <= tier.budget]
         admitted: dict[Tier, bool] = {}
+        failed: set[Tier] = set()  # tiers whose write failed: not retried by this placement
+        waited = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.room_timeout_s
         while True:
             if source is not None and source[0].lookup(key) is not source[1]:
                 return _Outcome.STALE
-            outcome = await self._place_once(key, data, size, could_fit, source, arrival, admitted)
+            tiers = [tier for tier in could_fit if tier not in failed and tier.reachable]
+            seen = {tier: tier.changes for tier in tiers}
+            outcome = await self._place_once(
+                key, data, size, tiers, source, arrival, admitted, ticket
+            )
+            if outcome.outcome is not _Outcome.REFUSED and outcome.outcome is not _Outcome.FAILED:
+                return outcome.outcome
+            failed.update(outcome.failed)
+            # Only a refusal because entries are in use or in flight is worth waiting out; a
+            # tier that failed or is unreachable is skipped, never the reason to give up.
             remaining = deadline - loop.time()
-            # Only a refusal because entries are in use or in flight is worth waiting out.
-            waitable = [tier for tier in could_fit if admitted.get(tier, True)]
-            if outcome is not _Outcome.REFUSED or not wait or not waitable or remaining <= 0:
-                return outcome
-            changes = [tier.changed() for tier in waitable]
-            await asyncio.wait(changes, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            if not wait or not outcome.full or remaining <= 0:
+                if waited and outcome.full:
+                    self._note_room_timeout(key, size, outcome.full)
+                return outcome.outcome
+            # A tier that changed while this pass awaited a later one is tried again at once.
+            if all(tier.changes == seen[tier] for tier in outcome.full):
+                changes = [tier.changed() for tier in outcome.full]
+                await asyncio.wait(changes, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                waited = True
 
     async def _place_once(
         self,
@@ -331,52 +386,62 @@ class TieredStore:
         source: tuple[Tier, Any] | None,
         arrival: str,
         admitted: dict[Tier, bool],
-    ) -> _Outcome:
-        result = _Outcome.REFUSED
+        ticket: int,
+    ) -> _Attempt:
+        attempt = _Attempt(_Outcome.REFUSED)
         for tier in candidates:
             if tier not in admitted:  # asking records the offer, so only once per placement
                 admitted[tier] = tier.admits(key, size)
             if not admitted[tier]:
                 continue
             if source is None:
+                if self._newest_put.get(key, 0) > ticket:
+                    return _Attempt(_Outcome.PLACED)  # a later put's value is in already
                 replaced_here = tier.make_way(key, size)
                 if replaced_here is not None:
                     self._notify_drop(key)  # reported only if this put then fails
                     await tier.discard(replaced_here)
             victims = tier.admit(key, size, self._positions.get(key))
             if victims is None:
+                attempt.full.append(tier)
                 continue
             try:
                 await self._make_room(tier, victims, size)
             except TimeoutError:
                 tier.cancel(key, size)
-                tier.counters.room_timeouts += 1
+                attempt.full.append(tier)
+                self._note_room_timeout(key, size, [tier])
                 continue
             try:
                 obj = await tier.write(key, data)
             except Exception as exc:
                 tier.unreserve(key, size)
-                tier.counters.errors += 1
-                log.warning("tier %r could not write %r: %s", tier.name, key, exc)
-                result = _Outcome.FAILED
+                self._count_failure(tier, f"could not write {key!r}", exc)
+                attempt.outcome = _Outcome.FAILED
+                attempt.failed.append(tier)
                 continue
             # From the currency check to the commit nothing awaits: a delete or put of the key
             # comes wholly before (the move goes stale) or wholly after.
             if source is not None and source[0].lookup(key) is not source[1]:
                 tier.unreserve(key, size)
                 await tier.discard(obj)
-                return _Outcome.STALE
+                return _Attempt(_Outcome.STALE)
+            if source is None and self._newest_put.get(key, 0) > ticket:
+                tier.unreserve(key, size)  # a later put's value is in: this one came before it
+                await tier.discard(obj)
+                return _Attempt(_Outcome.PLACED)
             try:
                 tier.publish(obj)
             except OSError as exc:
                 tier.unreserve(key, size)
-                tier.counters.errors += 1
-                log.warning("tier %r could not publish %r: %s", tier.name, key, exc)
+                self._count_failure(tier, f"could not publish {key!r}", exc)
                 await tier.discard(obj)
-                result = _Outcome.FAILED
+                attempt.outcome = _Outcome.FAILED
+                attempt.failed.append(tier)
                 continue
             if source is None:
                 replaced = self._remove_everywhere(key)
+                self._newest_put[key] = ticket
             else:
                 source[0].remove(key)
                 replaced = [source]
@@ -392,17 +457,36 @@ class TieredStore:
                 for other in self.tiers:
                     if other.shared and other is not tier:
                         await other.superseded(key)
-            return _Outcome.PLACED
-        return result
+            return _Attempt(_Outcome.PLACED)
+        return attempt
+
+    def _count_failure(self, tier: Tier, what: str, exc: Exception) -> None:
+        tier.counters.errors += 1
+        if not isinstance(exc, TierUnavailableError):  # the tier logged its outage once
+            log.warning("tier %r %s: %s", tier.name, what, exc)
+
+    def _note_room_timeout(self, key: KeyLike, size: int, full: Sequence[Tier]) -> None:
+        """A put or move waited ``room_timeout_s`` for room in vain: count it, say what held it."""
+        for tier in full:
+            tier.counters.room_timeouts += 1
+        log.warning(
+            "%r (%d bytes) found no room within %.1f s: %s",
+            key,
+            size,
+            self.config.room_timeout_s,
+            "; ".join(tier.describe_room() for tier in full),
+        )
 
     async def _put(self, key: KeyLike, tensor: torch.Tensor) -> _Outcome:
         self._putting[key] += 1
+        self._tickets += 1
         try:
-            return await self._place(key, tensor, self.tiers, None)
+            return await self._place(key, tensor, self.tiers, None, ticket=self._tickets)
         finally:
             self._putting[key] -= 1
             if not self._putting[key]:
                 del self._putting[key]
+                self._newest_put.pop(key, None)
                 if key in self._drops_held:
                     self._drops_held.discard(key)
                     if self._holder(key) is None:
@@ -437,7 +521,11 @@ class TieredStore:
             data = await self._load_or_drop(tier, key, obj)
             if data is None:
                 return
-            outcome = await self._place(key, data, below, (tier, obj), "demotions_in")
+            self._moving[key] += 1
+            try:
+                outcome = await self._place(key, data, below, (tier, obj), "demotions_in")
+            finally:
+                self._unmoving(key)
         if outcome is _Outcome.PLACED:
             tier.counters.demotions_out += 1
         elif outcome is not _Outcome.STALE and tier.lookup(key) is obj:
@@ -448,9 +536,13 @@ class TieredStore:
 
     async def _promote(self, index: int, key: KeyLike, obj: Any, data: torch.Tensor) -> None:
         tier = self.tiers[index]
-        outcome = await self._place(
-            key, data, self.tiers[:index], (tier, obj), "promotions_in", wait=False
-        )
+        self._moving[key] += 1
+        try:
+            outcome = await self._place(
+                key, data, self.tiers[:index], (tier, obj), "promotions_in", wait=False
+            )
+        finally:
+            self._unmoving(key)
         if outcome is _Outcome.PLACED:
             tier.counters.promotions_out += 1
 
@@ -462,6 +554,11 @@ class TieredStore:
                 return index, tier, obj
             tier.counters.misses += 1
         return None
+
+    def _unmoving(self, key: KeyLike) -> None:
+        self._moving[key] -= 1
+        if not self._moving[key]:
+            del self._moving[key]
 
     def _holder(self, key: KeyLike) -> Tier | None:
         return next((tier for tier in self.tiers if tier.lookup(key) is not None), None)
@@ -482,6 +579,8 @@ class TieredStore:
         try:
             data = await (tier.load(obj) if out is None else tier.load_into(obj, out))
         except CorruptEntryError as exc:
+            if out is not None:  # it may hold the bad bytes: never leave them to the caller
+                out.zero_()
             self._drop_bad(tier, key, obj, str(exc), "corrupt")
             return None
         except OSError as exc:
@@ -575,9 +674,26 @@ class _Operation:
 
 
 def _as_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` parsed and checked up front, so that a node without it fails on its first
+    call, not once its cache is warm."""
     if device is None:
         return None
     try:
-        return torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise InvalidValueError(f"not a device: {device!r}") from exc
+    kind = parsed.type
+    if kind == "cpu":
+        return parsed
+    if kind == "meta":
+        raise InvalidValueError("a get onto the meta device would return no data")
+    backend = getattr(torch, kind, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise DeviceUnavailableError(f"device {device!r}: this machine has no {kind} device")
+    count = getattr(backend, "device_count", None)
+    if parsed.index is not None and count is not None and parsed.index >= count():
+        raise DeviceUnavailableError(
+            f"device {device!r}: this machine has {count()} {kind} devices"
+        )
+    return parsed

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from lmtier import PutStatus, StoreConfig, TierConfig, TieredStore
+from lmtier.engine import ChunkSpec, KVCacheEngine
+from lmtier.errors import DeviceUnavailableError, InvalidValueError
 from lmtier.tiers.base import Tier
 
 from conftest import tensor_for
@@ -187,3 +189,104 @@ def test_a_call_that_raced_a_demotion_is_not_undone_by_a_crash(tmp_path: Path, a
         assert got is None, "the deleted key came back after the crash"
     else:
         assert got is not None and torch.equal(got, tensor_for("victim", 1, BIG // 4))
+
+
+# ---------------------------------------------------------------- pins that nobody releases
+def _engine_over_one_tier(room_timeout_s: float, pin_lease_s: float | None) -> KVCacheEngine:
+    config = StoreConfig((TierConfig("cpu", "memory", 4 * CHUNK),), room_timeout_s=room_timeout_s)
+    spec = ChunkSpec("m", chunk_size=4)
+    return KVCacheEngine(TieredStore(config), spec, token_dim=0, pin_lease_s=pin_lease_s)
+
+
+async def _fill_and_leak_a_lookup(engine: KVCacheEngine) -> TieredStore:
+    """Four chunks fill the tier; a lookup pins them all and is never followed up."""
+    store = engine._store
+    tokens = list(range(16))
+    kv = torch.arange(16 * CHUNK // 16, dtype=torch.int32).reshape(16, -1)
+    assert await engine.store(tokens, kv) == 16
+    assert await engine.lookup(tokens) == 16
+    return store
+
+
+async def test_pins_show_in_stats_and_a_wait_they_cause_is_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = _engine_over_one_tier(room_timeout_s=0.3, pin_lease_s=None)
+    async with await _fill_and_leak_a_lookup(engine) as store:
+        stats = store.stats()
+        assert stats["pinned_entries"] == 4 and stats["pinned_bytes"] == 4 * CHUNK
+        assert await store.put("late", chunk("late")) is PutStatus.ILLEGAL
+        assert store.stats()["tiers"]["cpu"]["room_timeouts"] == 1
+        waits = [r.getMessage() for r in caplog.records if "found no room" in r.getMessage()]
+        assert len(waits) == 1 and "4 entries, 65536 bytes pinned" in waits[0]
+        engine.release(list(range(16)))
+        assert store.stats()["pinned_entries"] == 0
+
+
+async def test_a_lookup_never_followed_up_lets_go_when_its_lease_ends() -> None:
+    engine = _engine_over_one_tier(room_timeout_s=10, pin_lease_s=0.2)
+    async with await _fill_and_leak_a_lookup(engine) as store:
+        assert await store.put("late", chunk("late")) is PutStatus.LEGAL
+        assert engine.pins_expired == 4 and store.stats()["pinned_entries"] == 0
+        assert store.stats()["tiers"]["cpu"]["room_timeouts"] == 0
+        engine.release(list(range(16)))  # after expiry: releases nothing twice
+        assert store.audit() == []
+
+
+# ---------------------------------------------------------------- smaller promises
+async def test_a_get_onto_a_missing_device_fails_up_front_on_a_miss_too() -> None:
+    async with TieredStore(StoreConfig((TierConfig("cpu", "memory", CHUNK),))) as store:
+        await store.put("a", chunk("a"))
+        for device in ("cuda", "cuda:7", "mps"):
+            if device.startswith("cuda") and torch.cuda.is_available():
+                continue
+            for key in ("a", "missing"):
+                with pytest.raises(DeviceUnavailableError):
+                    await store.get(key, device)
+        with pytest.raises(InvalidValueError):
+            await store.get("a", "meta")
+        with pytest.raises(InvalidValueError):
+            await store.get("a", out=torch.zeros(CHUNK // 4, requires_grad=True))
+        got = await store.get("a")
+        assert got is not None and torch.equal(got, chunk("a"))
+
+
+async def test_a_get_into_out_that_fails_its_check_leaves_no_bad_bytes(tmp_path: Path) -> None:
+    config = StoreConfig((TierConfig("disk", "disk", 4 * CHUNK, path=str(tmp_path)),))
+    async with TieredStore(config) as store:
+        await store.put("a", chunk("a"))
+        [path] = tmp_path.rglob("*.safetensors")
+        raw = bytearray(path.read_bytes())
+        raw[-CHUNK:] = bytes(CHUNK)  # the payload zeroed, then one byte set: a bad payload
+        raw[-1] = 0x7F
+        path.write_bytes(bytes(raw))
+        out = torch.full((CHUNK // 4,), -1, dtype=torch.int32)
+        assert await store.get("a", out=out) is None
+        assert not out.view(torch.uint8).any(), "out holds the failed entry's bytes"
+        assert store.stats()["corrupt"] == 1
+
+
+async def test_a_put_cancelled_by_its_caller_never_replaces_a_later_put(tmp_path: Path) -> None:
+    """The cancelled put finishes in the background (moves never stop halfway), but a put
+    called after it wins: the older value never lands over the newer one."""
+    config = StoreConfig((TierConfig("disk", "disk", 4 * BIG, path=str(tmp_path)),))
+    async with TieredStore(config) as store:
+        disk: Any = store.tiers[0]
+        gate = threading.Event()
+        write_file = disk._write_file
+
+        def first_write_waits(key: Any, tensor: torch.Tensor) -> Any:
+            if tensor[0] == chunk("k", 1)[0]:
+                gate.wait(10)
+            return write_file(key, tensor)
+
+        disk._write_file = first_write_waits
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(store.put("k", torch.cat([chunk("k", 1)] * 64)), 0.05)
+        assert await store.put("k", chunk("k", 2)) is PutStatus.LEGAL
+        gate.set()
+        await asyncio.sleep(0.3)
+    async with TieredStore(config) as store:
+        got = await store.get("k")
+        assert got is not None and torch.equal(got, chunk("k", 2))
+        assert len(list(tmp_path.rglob("*.safetensors"))) == 1

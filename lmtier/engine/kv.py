@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import asyncio
+import logging
+from collections import deque
 from collections.abc import Sequence
 
 import torch
@@ -13,7 +15,13 @@ from lmtier.evictor import PutStatus
 from lmtier.keys import CacheEngineKey, KeyLike
 from lmtier.store import TieredStore
 
-__all__ = ["KVCacheEngine", "Tokens"]
+__all__ = ["DEFAULT_PIN_LEASE_S", "KVCacheEngine", "Tokens"]
+
+log = logging.getLogger(__name__)
+
+#: How long a lookup's pins hold without a retrieve or release (an engine retrieves within
+#: its scheduling step; a pin older than this belongs to a request that was dropped).
+DEFAULT_PIN_LEASE_S = 30.0
 
 Tokens = Sequence[int] | torch.Tensor
 
@@ -24,14 +32,27 @@ class KVCacheEngine:
     KV tensors carry the tokens along ``token_dim`` (2 in the default layout
     ``[num_layers, 2 (K and V), num_tokens, num_kv_heads, head_dim]``); each full chunk of
     ``spec.chunk_size`` tokens is one store entry.  ``lookup`` pins the chunks it counts so that
-    they survive until ``retrieve`` or ``release``.
+    they survive until ``retrieve`` or ``release``, or until ``pin_lease_s`` seconds have passed
+    (None: no limit), so that a request the engine aborted never holds room for good.
     """
 
-    def __init__(self, store: TieredStore, spec: ChunkSpec, token_dim: int = 2) -> None:
+    def __init__(
+        self,
+        store: TieredStore,
+        spec: ChunkSpec,
+        token_dim: int = 2,
+        pin_lease_s: float | None = DEFAULT_PIN_LEASE_S,
+    ) -> None:
+        if pin_lease_s is not None and not pin_lease_s > 0:
+            raise InvalidValueError(f"pin_lease_s must be > 0 or None, got {pin_lease_s!r}")
         self._store = store
         self.spec = spec
         self.token_dim = token_dim
-        self._pins: Counter[CacheEngineKey] = Counter()
+        self.pin_lease_s = pin_lease_s
+        # Each pin's lease timer (None without a lease), oldest first: a release ends the
+        # oldest, an expiry its own.
+        self._pins: dict[CacheEngineKey, deque[asyncio.TimerHandle | None]] = {}
+        self.pins_expired = 0
 
     def chunks(self, tokens: Tokens) -> list[ChunkKey]:
         return token_chunks(self.spec, tokens)
@@ -42,9 +63,37 @@ class KVCacheEngine:
         for chunk in self.chunks(tokens):
             if self._store.pin(chunk.key) is None:
                 break
-            self._pins[chunk.key] += 1
+            self._add_pin(chunk.key)
             hit = chunk.end
         return hit
+
+    def _add_pin(self, key: CacheEngineKey) -> None:
+        leases = self._pins.setdefault(key, deque())
+        if self.pin_lease_s is None:
+            leases.append(None)
+            return
+        lease: list[asyncio.TimerHandle] = []
+        loop = asyncio.get_running_loop()
+        lease.append(loop.call_later(self.pin_lease_s, self._expire, key, lease))
+        leases.append(lease[0])
+
+    def _expire(self, key: CacheEngineKey, lease: list[asyncio.TimerHandle]) -> None:
+        leases = self._pins.get(key)
+        if leases is None or lease[0] not in leases:
+            return
+        leases.remove(lease[0])
+        if not leases:
+            del self._pins[key]
+        self._store.unpin(key)
+        self.pins_expired += 1
+        if self.pins_expired == 1 or self.pins_expired % 1000 == 0:
+            log.warning(
+                "a lookup's pin of %r expired after %.1f s without retrieve or release "
+                "(%d so far): was the request aborted?",
+                key,
+                self.pin_lease_s,
+                self.pins_expired,
+            )
 
     def release(self, tokens: Tokens) -> None:
         """Drop the pins a ``lookup`` of ``tokens`` took, without retrieving."""
@@ -130,8 +179,12 @@ class KVCacheEngine:
         return pieces[: len(chunks)]
 
     def _unpin(self, key: CacheEngineKey) -> None:
-        if self._pins[key] > 0:
-            self._pins[key] -= 1
-            if not self._pins[key]:
-                del self._pins[key]
-            self._store.unpin(key)
+        leases = self._pins.get(key)
+        if not leases:
+            return
+        timer = leases.popleft()
+        if timer is not None:
+            timer.cancel()
+        if not leases:
+            del self._pins[key]
+        self._store.unpin(key)

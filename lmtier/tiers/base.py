@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 import torch
@@ -69,6 +69,10 @@ class Tier(abc.ABC):
         self._leaving: set[KeyLike] = set()
         self._leaving_bytes = 0
         self._room_waiters: list[asyncio.Future[None]] = []
+        self._pins: Counter[KeyLike] = Counter()  # pins of readers and engines, not of moves
+        #: Releases of bytes, charge or pins so far: a task that looked for room compares it
+        #: with what it saw, so that a change while it was busy elsewhere is not missed.
+        self.changes = 0
 
     # ------------------------------------------------------------------ backend primitives
     @property
@@ -250,12 +254,24 @@ class Tier(abc.ABC):
         self.evictor.update_on_get(key, self.cache_dict)
 
     def pin(self, key: KeyLike) -> None:
+        """Keep ``key`` from being chosen as a victim (a read, or an engine's lookup)."""
         self.evictor.pin(key)
+        self._pins[key] += 1
 
     def unpin(self, key: KeyLike) -> None:
         self.evictor.unpin(key)
+        self._pins[key] -= 1
+        if not self._pins[key]:
+            del self._pins[key]
         if not self.evictor.is_pinned(key):
             self._notify()
+
+    def pinned_usage(self) -> tuple[int, int]:
+        """Entries held here that a reader or an engine pinned, and their bytes."""
+        sizes = [
+            self.evictor.get_size(self.cache_dict[k]) for k in self._pins if k in self.cache_dict
+        ]
+        return len(sizes), sum(sizes)
 
     def is_leaving(self, key: KeyLike) -> bool:
         return key in self._leaving
@@ -282,13 +298,33 @@ class Tier(abc.ABC):
         """Bytes held or being written: committed entries plus reservations."""
         return self._committed + self._reserved
 
+    @property
+    def reachable(self) -> bool:
+        """Whether operations may be tried now; a tier whose storage is known to be down (and
+        not yet due for a retry) is skipped by the store instead of failing every put."""
+        return True
+
     def stats(self) -> dict[str, Any]:
+        pinned_entries, pinned_bytes = self.pinned_usage()
         return {
             "entries": len(self.cache_dict),
             "resident_bytes": self.resident_bytes,
             "budget_bytes": self.budget,
+            "pinned_entries": pinned_entries,
+            "pinned_bytes": pinned_bytes,
+            "moving_out": len(self._leaving),
             **self.counters.as_dict(),
         }
+
+    def describe_room(self) -> str:
+        """What holds this tier's bytes, for a put that waited for room in vain."""
+        pinned_entries, pinned_bytes = self.pinned_usage()
+        return (
+            f"tier {self.name!r} holds {self._committed} of {self.budget} bytes "
+            f"({pinned_entries} entries, {pinned_bytes} bytes pinned; "
+            f"{len(self._leaving)} entries, {self._leaving_bytes} bytes moving out; "
+            f"{self._pending} bytes admitted for puts in flight)"
+        )
 
     def audit(self, quiescent: bool = False) -> list[str]:
         """Broken accounting invariants, as messages (empty when all hold)."""
@@ -322,6 +358,7 @@ class Tier(abc.ABC):
 
     def _notify(self) -> None:
         """Wake every task waiting for a change; each re-checks its own condition."""
+        self.changes += 1
         waiters, self._room_waiters = self._room_waiters, []
         for waiter in waiters:
             if not waiter.done():

@@ -194,6 +194,12 @@ class DiskTier(Tier):
         # a file that a restart would index.
         return DiskCacheMetadata(str(path), payload.nbytes, shape, cpu.dtype, checksum)
 
+    def write_published(self, key: KeyLike, tensor: torch.Tensor) -> DiskCacheMetadata:
+        """Write and publish an entry at once, blocking, outside the index (benchmarks)."""
+        meta = self._write_file(key, tensor)
+        self.publish(meta)
+        return meta
+
     def publish(self, obj: Any) -> None:
         """Rename the staged file into place: from here a restart indexes it."""
         assert isinstance(obj, DiskCacheMetadata)

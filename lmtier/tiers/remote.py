@@ -145,6 +145,7 @@ class RemoteTier(Tier):
         self._queue: list[_Command] = []
         self._flushes: set[asyncio.Task[None]] = set()
         self._writing: Counter[KeyLike] = Counter()  # keys with a SET in flight
+        self._last_write: dict[KeyLike, asyncio.Future[None]] = {}  # resolved when it lands
         self._buffers: dict[int, list[bytearray]] = {}  # value buffers for reuse, by size
         self._pooled_bytes = 0
         self._sends_parts = False  # whether the client sends ``ValueParts`` without joining
@@ -160,6 +161,13 @@ class RemoteTier(Tier):
     def available(self) -> bool:
         """Whether the tier is connected (False while the server is down or being probed)."""
         return self._client is not None
+
+    @property
+    def reachable(self) -> bool:
+        """Connected, or down but due for a probe (so that the next operation tries again)."""
+        if self._client is not None:
+            return True
+        return not self._probing and asyncio.get_running_loop().time() >= self._next_probe
 
     def name_for(self, key: KeyLike) -> str:
         """The key name of ``key``'s value on the server."""
@@ -211,11 +219,20 @@ class RemoteTier(Tier):
                 value = await asyncio.to_thread(parts.joined_into, memoryview(buffer))
             else:
                 value = parts.joined_into(memoryview(buffer))
-        # A removed entry of this key must not delete the value being written (same name).
+        # A removed entry of this key must not delete the value being written (same name), and
+        # writes of one key land in the order they were issued (see ``forget``).
         self._writing[key] += 1
+        earlier = self._last_write.get(key)
+        landed = asyncio.get_running_loop().create_future()
+        self._last_write[key] = landed
         try:
+            if earlier is not None:
+                await asyncio.wait([earlier])
             await self._command("SET", entry.path, value)
         finally:
+            landed.set_result(None)
+            if self._last_write.get(key) is landed:
+                del self._last_write[key]
             self._writing[key] -= 1
             if not self._writing[key]:
                 del self._writing[key]
@@ -338,8 +355,11 @@ class RemoteTier(Tier):
 
     async def forget(self, key: KeyLike) -> bool:
         self._left.pop(key, None)
-        if key in self._writing:
-            return False
+        # A SET issued before this delete (a move that the delete made stale) must not land
+        # after it: the DEL goes out once it has.
+        earlier = self._last_write.get(key)
+        if earlier is not None:
+            await asyncio.wait([earlier])
         try:
             return bool(await self._command("DEL", self.name_for(key)))
         except StorageError:

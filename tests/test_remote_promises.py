@@ -1,0 +1,108 @@
+"""A redis tier keeps the store's promises: a delete wins over a demotion in flight, and a
+dead server is skipped rather than the reason puts are refused."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import torch
+
+from lmtier import PutStatus, StoreConfig, TierConfig, TieredStore
+from lmtier.tiers.remote import RemoteTier
+
+from conftest import tensor_for
+from redis_helpers import RedisProcess, remote_spec
+
+pytestmark = pytest.mark.redis
+
+KIB = 1024
+
+
+@pytest.fixture
+async def raw(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def test_a_delete_wins_over_a_demotion_to_redis_in_flight(
+    redis_server: RedisProcess, raw: aioredis.Redis
+) -> None:
+    """The demotion's SET lands while the delete runs: the delete returns only once the value
+    is gone from the server, and no get finds it while the stale move cleans up."""
+    config = StoreConfig(
+        (TierConfig("cpu", "memory", KIB), remote_spec(redis_server.url, 64 * KIB))
+    )
+    async with TieredStore(config) as store:
+        remote = store.tiers[1]
+        assert isinstance(remote, RemoteTier)
+        name = remote.name_for("victim")
+        set_gate, discard_gate = asyncio.Event(), asyncio.Event()
+        command = remote._command
+
+        async def gated_command(verb: str, *args: Any) -> Any:
+            if verb == "SET" and args[0] == name:
+                await set_gate.wait()
+            return await command(verb, *args)
+
+        discard = remote.discard
+
+        async def gated_discard(obj: Any) -> None:
+            await discard_gate.wait()
+            await discard(obj)
+
+        remote._command = gated_command  # type: ignore[method-assign]
+        remote.discard = gated_discard  # type: ignore[method-assign]
+        await store.put("victim", tensor_for("victim"))
+        spill = asyncio.ensure_future(store.put("other", tensor_for("other")))
+        while "victim" not in remote._writing:
+            await asyncio.sleep(0.005)
+        delete = asyncio.ensure_future(store.delete("victim"))
+        await asyncio.sleep(0.05)
+        set_gate.set()  # the stale move's SET lands now, after the delete began
+        assert await delete is True
+        assert await raw.get(name) is None, "the delete returned with the value on the server"
+        await raw.set("probe", b"")  # a round trip, so the move learns it is stale
+        assert await store.get("victim") is None
+        discard_gate.set()
+        await spill
+        assert await store.get("victim") is None
+        assert await raw.get(name) is None
+        assert store.audit() == []
+
+
+async def test_a_dead_redis_tier_is_skipped_not_a_reason_to_refuse(
+    tmp_path: Path, redis_server: RedisProcess
+) -> None:
+    """cpu -> disk -> redis with the server killed: bursts of puts all land above it."""
+    config = StoreConfig(
+        (
+            TierConfig("cpu", "memory", 8 * KIB),
+            TierConfig("disk", "disk", 32 * KIB, path=str(tmp_path)),
+            remote_spec(redis_server.url, 1 << 20),
+        ),
+        room_timeout_s=5,
+    )
+    async with TieredStore(config) as store:
+        redis_server.kill()
+
+        async def burst(task: int) -> list[PutStatus]:
+            items = [(f"t{task}k{i}", tensor_for(f"t{task}k{i}", 0, 256)) for i in range(24)]
+            return await store.put_many(items)
+
+        results = await asyncio.gather(*(burst(task) for task in range(16)))
+        statuses = [s for each in results for s in each]
+        assert statuses.count(PutStatus.ILLEGAL) == 0
+        tiers = store.stats()["tiers"]
+        assert tiers["disk"]["entries"] > 0 and tiers["disk"]["drops"] > 0
+        assert tiers["cpu"]["room_timeouts"] == tiers["disk"]["room_timeouts"] == 0
+        for task in range(16):
+            key = f"t{task}k23"
+            got = await store.get(key)
+            assert got is None or torch.equal(got, tensor_for(key, 0, 256))
+        assert store.audit() == []
