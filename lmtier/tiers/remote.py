@@ -3,9 +3,10 @@
 **Layout.**  An entry is one string value under ``{key_prefix}:{digest}``: the digest hashes
 the key (key text never becomes a key name) and the prefix defaults to one derived from the
 store's namespace.  The value is the disk tier's entry format (``serde``: a header with the
-key, namespace, dtype, shape and payload checksum, then the payload), so a value that is
-truncated, corrupt, of another format version, another namespace or another key is detected
-and read as a miss.  Every store pointed at the server finds every other store's entries.
+key, namespace, dtype, shape and a checksum of all of them and the payload, then the payload),
+so a value that is truncated, corrupt, crafted, of another format version, another namespace or
+another key (a str key and a CacheEngineKey of the same text included) is detected and read as
+a miss.  Every store pointed at the server finds every other store's entries.
 
 **Accounting.**  The index (``cache_dict``) and the evictor hold what *this* store charged:
 the entries it wrote, and entries that other stores wrote which a get found on the server and
