@@ -6,9 +6,12 @@ from dataclasses import dataclass
 
 from lmtier.errors import InvalidKeyError, LmtierTypeError
 
-__all__ = ["CacheEngineKey", "KeyLike", "check_key", "key_to_text"]
+__all__ = ["MAX_KEY_BYTES", "CacheEngineKey", "KeyLike", "check_key", "key_to_text"]
 
 _SEP = "@"
+# The longest key, in bytes of UTF-8 text: a key travels in each entry's header, and a header
+# must stay far below ``serde.MAX_HEADER_BYTES`` even with every byte escaped in JSON (6x).
+MAX_KEY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -80,14 +83,31 @@ KeyLike = CacheEngineKey | str
 
 
 def check_key(key: object) -> KeyLike:
-    """Return ``key`` if it is a usable key, else raise a clear error naming the problem."""
+    """Return ``key`` if it is a usable key, else raise a clear error naming the problem.
+
+    A key's text (``key_to_text``) may be at most ``MAX_KEY_BYTES`` bytes of UTF-8.
+    """
     if isinstance(key, CacheEngineKey):
+        # Counted in characters first: a UTF-8 character is at most 4 bytes, a number's text
+        # and the separators far less than the margin.
+        if len(key.fmt) + len(key.model_name) + len(key.chunk_hash) > MAX_KEY_BYTES // 4 - 64:
+            _check_length(key.to_string())
         return key
     if isinstance(key, str):
         if not key:
             raise InvalidKeyError("a str key must not be empty")
+        if len(key) > MAX_KEY_BYTES // 4:
+            _check_length(key)
         return key
     raise LmtierTypeError(f"a key must be CacheEngineKey or str, got {type(key).__name__}")
+
+
+def _check_length(text: str) -> None:
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_KEY_BYTES:
+        raise InvalidKeyError(
+            f"a key of {size} bytes of UTF-8 text is longer than the {MAX_KEY_BYTES} allowed"
+        )
 
 
 def key_to_text(key: KeyLike) -> str:

@@ -1,15 +1,23 @@
 """Tensor <-> lmtier's on-disk entry format: a safetensors file whose header carries the key.
 
 Pure functions, no I/O. One entry is one safetensors file holding one tensor named ``kv``;
-its ``__metadata__`` carries the format tag and version, the key and a checksum of the payload,
+its ``__metadata__`` carries the format tag and version, the namespace, the key and a checksum,
 so a file can be verified and re-indexed without trusting anything outside it.  The layout is
 ``u64 little-endian header length | JSON header (space-padded to 8 bytes) | payload``.
+
+The checksum covers the header's fields as well as the payload: a header rewritten to another
+shape, dtype, key or namespace (a payload of the same size read as something else) fails it
+like a flipped payload byte.  It is xxh3-64 of the canonical text of the fields (format
+version, namespace, key type and text, dtype, shape, size), seeded with xxh3-64 of the payload:
+one pass over the payload, then a hash of a short string.  Every header field is also checked
+for its type and range when decoded, before anything is allocated from it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import re
 import struct
 from typing import NamedTuple
 
@@ -17,23 +25,28 @@ import torch
 import xxhash
 
 from lmtier.errors import CorruptEntryError, InvalidValueError, LmtierTypeError
-from lmtier.keys import CacheEngineKey, KeyLike
+from lmtier.keys import CacheEngineKey, KeyLike, check_key
 
 __all__ = [
+    "CHECKSUM_CHARS",
     "FORMAT_TAG",
     "FORMAT_VERSION",
     "EntryHeader",
+    "check_checksum",
     "check_storable",
     "decode_header",
     "encode_header",
+    "entry_checksum",
     "header_length",
-    "payload_checksum",
+    "payload_digest",
     "payload_hasher",
     "payload_view",
 ]
 
 FORMAT_TAG = "lmtier"
-FORMAT_VERSION = 1
+# 2: the checksum covers the header's fields, and key digests tell the kinds of keys apart.
+FORMAT_VERSION = 2
+CHECKSUM_CHARS = 16  # xxh3-64 in lower-case hex
 TENSOR_NAME = "kv"
 PREFIX_BYTES = 8
 # A header holds one tensor entry and a key: anything near this size is not ours.
@@ -62,6 +75,8 @@ _HEADER_JSON = (
     f'"{TENSOR_NAME}":{{"dtype":"%s","shape":[%s],"data_offsets":[0,%d]}}}}'
 )
 _DECODER = json.JSONDecoder()
+_META_FIELDS = 6  # format, version, namespace, key_type, key, checksum
+_CHECKSUM = re.compile(f"[0-9a-f]{{{CHECKSUM_CHARS}}}")
 
 
 class EntryHeader(NamedTuple):
@@ -85,6 +100,8 @@ def check_storable(value: object) -> torch.Tensor:
     """Return ``value`` if lmtier can store it, else raise an error naming the problem."""
     if not isinstance(value, torch.Tensor):
         raise LmtierTypeError(f"a value must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_nested:
+        raise InvalidValueError("a nested tensor cannot be stored; store its components")
     if value.layout is not torch.strided:
         raise InvalidValueError(f"only dense tensors can be stored, got layout {value.layout}")
     if value.is_meta:
@@ -100,7 +117,13 @@ def check_storable(value: object) -> torch.Tensor:
 
 
 def payload_view(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (of a contiguous copy otherwise)."""
+    """The bytes of a contiguous CPU tensor, without a copy (of a contiguous copy otherwise).
+
+    A negative or conjugate view's memory holds the values before negation: its view is of a
+    resolved copy, so writing into it does not reach ``tensor``.
+    """
+    if tensor.is_neg() or tensor.is_conj():
+        tensor = tensor.resolve_conj().resolve_neg()
     nbytes = tensor.nbytes
     if nbytes and tensor.is_cpu and tensor.is_contiguous():
         # A ctypes array over the tensor's memory costs a fifth of torch's chain of views (and
@@ -112,13 +135,48 @@ def payload_view(tensor: torch.Tensor) -> memoryview:
     return flat.numpy().data.cast("B")
 
 
-def payload_checksum(payload: memoryview | bytes) -> str:
-    return xxhash.xxh3_64_hexdigest(payload)
+def payload_digest(payload: memoryview | bytes) -> int:
+    """The payload's hash, which ``entry_checksum`` folds into an entry's checksum."""
+    return xxhash.xxh3_64_intdigest(payload)
 
 
 def payload_hasher() -> xxhash.xxh3_64:
-    """A streaming form of ``payload_checksum``: ``update`` piece by piece, then ``hexdigest``."""
+    """A streaming form of ``payload_digest``: ``update`` piece by piece, then ``intdigest``."""
     return xxhash.xxh3_64()
+
+
+def entry_checksum(
+    key: KeyLike,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    nbytes: int,
+    payload_digest: int,
+    namespace: str = "",
+) -> str:
+    """The checksum of an entry: its header's fields, seeded with ``payload_digest(payload)``."""
+    key_type, key_text = _key_fields(key)
+    # Strings carry their lengths, so no choice of texts makes two field lists read alike.
+    fields = (
+        f"{FORMAT_TAG}/{FORMAT_VERSION}|{len(namespace)}:{namespace}|{key_type}|"
+        f"{len(key_text)}:{key_text}|{_TO_SAFETENSORS[dtype]}|{','.join(map(str, shape))}|{nbytes}"
+    )
+    return xxhash.xxh3_64_hexdigest(fields.encode("utf-8", "surrogatepass"), seed=payload_digest)
+
+
+def check_checksum(header: EntryHeader, payload_digest: int, where: str) -> None:
+    """Raise ``CorruptEntryError`` unless ``header``'s checksum is that of its fields and of the
+    payload whose digest is given."""
+    expected = entry_checksum(
+        header.key, header.dtype, header.shape, header.nbytes, payload_digest, header.namespace
+    )
+    if expected != header.checksum:
+        raise CorruptEntryError(f"{where}: checksum mismatch (payload or header altered)")
+
+
+def _key_fields(key: KeyLike) -> tuple[str, str]:
+    if isinstance(key, CacheEngineKey):
+        return "engine", key.to_string()
+    return "str", key
 
 
 def encode_header(
@@ -130,10 +188,7 @@ def encode_header(
     namespace: str = "",
 ) -> bytes:
     """The length prefix and JSON header that precede a payload of ``nbytes`` bytes."""
-    if isinstance(key, CacheEngineKey):
-        key_type, key_text = "engine", key.to_string()
-    else:
-        key_type, key_text = "str", key
+    key_type, key_text = _key_fields(key)
     text = (
         _HEADER_JSON
         % (
@@ -161,38 +216,80 @@ def header_length(prefix: bytes) -> int:
 
 
 def decode_header(data: bytes) -> EntryHeader:
-    """Parse the prefix and header at the start of ``data`` (which may run on into the payload)."""
+    """Parse the prefix and header at the start of ``data`` (which may run on into the payload).
+
+    Every field is checked (types, ranges, consistency), so a header that decodes describes a
+    tensor that can be allocated; whether it is the payload's own is ``check_checksum``'s part.
+    """
     length = header_length(data)
     if len(data) < PREFIX_BYTES + length:
         raise CorruptEntryError("file ends inside its header")
     try:
         # raw_decode of text: less than half of json.loads(bytes) on a restart's hot path.
-        header, _ = _DECODER.raw_decode(data[PREFIX_BYTES : PREFIX_BYTES + length].decode())
-        meta = header["__metadata__"]
-        if meta.get("format") != FORMAT_TAG:
-            raise CorruptEntryError(f"not an lmtier entry (format {meta.get('format')!r})")
-        if meta.get("version") != str(FORMAT_VERSION):
-            raise CorruptEntryError(
-                f"format version {meta.get('version')!r}, this lmtier reads {FORMAT_VERSION}"
-            )
-        info = header[TENSOR_NAME]
-        key_text = meta["key"]
-        key: KeyLike = (
-            CacheEngineKey.from_string(key_text) if meta["key_type"] == "engine" else key_text
-        )
-        dtype = _FROM_SAFETENSORS[info["dtype"]]
-        shape = tuple(map(int, info["shape"]))
-        start, end = map(int, info["data_offsets"])
-        checksum = str(meta["checksum"])
-        namespace = str(meta.get("namespace", ""))
+        text = data[PREFIX_BYTES : PREFIX_BYTES + length].decode()
+        header, end = _DECODER.raw_decode(text)
+        return _header_from(header, text[end:], length)
     except CorruptEntryError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # UnicodeDecodeError too
         raise CorruptEntryError(f"unreadable header: {exc!r}") from exc
-    nbytes = end - start
+
+
+def _header_from(header: object, rest: str, length: int) -> EntryHeader:
+    # Fields are looked up by name (KeyError: corrupt) and counted, so none is extra.
+    if rest.strip(" "):
+        raise CorruptEntryError("the header has more than padding after its JSON")
+    if type(header) is not dict or len(header) != 2:
+        raise CorruptEntryError("not an lmtier entry (its header is not one tensor's)")
+    meta, info = header["__metadata__"], header[TENSOR_NAME]
+    if type(meta) is not dict or meta.get("format") != FORMAT_TAG:
+        raise CorruptEntryError(f"not an lmtier entry (format {_get(meta, 'format')!r})")
+    if meta.get("version") != str(FORMAT_VERSION):
+        raise CorruptEntryError(
+            f"another format version ({meta.get('version')!r}), this lmtier reads {FORMAT_VERSION}"
+        )
+    if len(meta) != _META_FIELDS or type(info) is not dict or len(info) != 3:
+        raise CorruptEntryError("the header's fields are not those of an lmtier entry")
+    namespace, checksum = meta["namespace"], meta["checksum"]
+    if type(namespace) is not str:
+        raise CorruptEntryError(f"namespace {namespace!r} is not a string")
+    if type(checksum) is not str or _CHECKSUM.fullmatch(checksum) is None:
+        raise CorruptEntryError(f"checksum {checksum!r} is not {CHECKSUM_CHARS} hex digits")
+    key = _key_from(meta["key_type"], meta["key"])
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    dtype = _FROM_SAFETENSORS.get(dtype_name) if type(dtype_name) is str else None
+    if dtype is None:
+        raise CorruptEntryError(f"dtype {dtype_name!r} is not one lmtier stores")
+    if type(shape) is not list:
+        raise CorruptEntryError(f"shape {shape!r} is not a list")
     numel = 1
     for dim in shape:
+        if type(dim) is not int or dim < 0:  # bool is no int here, nor 2.0
+            raise CorruptEntryError(f"shape {shape!r} is not of non-negative integers")
         numel *= dim
+    if type(offsets) is not list or len(offsets) != 2:
+        raise CorruptEntryError(f"data_offsets {offsets!r} are not two integers")
+    start, end = offsets
+    if type(start) is not int or type(end) is not int:
+        raise CorruptEntryError(f"data_offsets {offsets!r} are not two integers")
+    nbytes = end - start
     if start != 0 or nbytes != numel * dtype.itemsize or nbytes <= 0:
-        raise CorruptEntryError(f"header offsets {start}..{end} do not match {dtype}{list(shape)}")
-    return EntryHeader(key, dtype, shape, nbytes, checksum, PREFIX_BYTES + length, namespace)
+        raise CorruptEntryError(f"header offsets {start}..{end} do not match {dtype}{shape}")
+    return EntryHeader(key, dtype, tuple(shape), nbytes, checksum, PREFIX_BYTES + length, namespace)
+
+
+def _key_from(key_type: object, text: object) -> KeyLike:
+    if type(text) is not str:
+        raise CorruptEntryError(f"key {text!r} is not a string")
+    if key_type == "str":
+        return check_key(text)
+    if key_type == "engine":
+        key = CacheEngineKey.from_string(text)
+        if key.to_string() != text:  # e.g. "01" for a worker id: not text lmtier writes
+            raise CorruptEntryError(f"engine key {text!r} is not in its canonical form")
+        return key
+    raise CorruptEntryError(f"key type {key_type!r} is neither 'str' nor 'engine'")
+
+
+def _get(mapping: object, name: str) -> object:
+    return mapping.get(name) if isinstance(mapping, dict) else None

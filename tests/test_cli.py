@@ -132,3 +132,19 @@ def test_argument_types_reject_bad_values_clearly() -> None:
                         (non_negative_float_list, "-1")):  # fmt: skip
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+async def test_inspect_finds_a_header_rewritten_to_another_shape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmtier import serde
+
+    a_file = await _two_entries(tmp_path)
+    data = a_file.read_bytes()
+    header = serde.decode_header(data)
+    crafted = serde.encode_header(
+        header.key, torch.int32, (8, 8), header.nbytes, header.checksum, header.namespace
+    )
+    a_file.write_bytes(crafted + data[header.payload_offset :])
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "1 entries" in capsys.readouterr().out

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmtier import CacheEngineKey, StorageError, StoreConfig, TierConfig, TieredStore
+from lmtier import CacheEngineKey, StorageError, StoreConfig, TierConfig, TieredStore, serde
+from lmtier.inspect import inspect_path
 from lmtier.tiers import DiskTier
 from lmtier.tiers.disk_files import TEMP_PREFIX
 
@@ -137,3 +138,111 @@ async def test_a_second_store_on_the_same_folder_is_refused(tmp_path: Path) -> N
         assert await first.get("a") is not None
     async with disk_only(tmp_path) as again:  # released on close
         assert await again.contains("a") == "disk"
+
+
+def rewrite_header(path: Path, **changes: object) -> None:
+    """Rewrite an entry file's header with ``changes`` to its fields (dtype, shape, key, ...),
+    keeping its checksum and payload: what a stray writer or a bit-rotted header could leave."""
+    data = path.read_bytes()
+    header = serde.decode_header(data)
+    fields = {
+        "key": header.key,
+        "dtype": header.dtype,
+        "shape": header.shape,
+        "nbytes": header.nbytes,
+        "checksum": header.checksum,
+        "namespace": header.namespace,
+    }
+    fields.update(changes)
+    new = serde.encode_header(**fields)  # type: ignore[arg-type]
+    path.write_bytes(new + data[header.payload_offset :])
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"shape": (64, 4)},
+        {"shape": (256,)},
+        {"dtype": torch.float32},  # the entry is int32
+        {"dtype": torch.bfloat16, "shape": (4, 128)},
+        {"key": "b"},  # the file then sits under another key's name, so the scan skips it
+        {"namespace": "other"},
+    ],
+    ids=repr,
+)
+async def test_a_header_rewritten_to_another_shape_or_dtype_is_never_served(
+    tmp_path: Path, changes: dict[str, object]
+) -> None:
+    async with disk_only(tmp_path) as store:
+        await store.put("a", tensor_for("a").reshape(4, 64))
+        path = Path(disk_of(store).lookup("a").path)
+    rewrite_header(path, **changes)
+    reports = inspect_path(tmp_path)
+    assert sum(len(r.scan.unreadable) for r in reports) == 1
+    assert sum(r.entries for r in reports) == 0
+    async with disk_only(tmp_path) as store:
+        tier = disk_of(store)
+        got = await store.get("a")
+        assert got is None, f"served {got.dtype}{list(got.shape)} from a crafted header"
+        assert tier.recovery.unreadable + tier.counters.corrupt == 1
+        assert store.audit() == []
+
+
+async def test_a_header_with_negative_dimensions_is_unreadable_not_an_error(
+    tmp_path: Path,
+) -> None:
+    async with disk_only(tmp_path) as store:
+        await store.put("a", tensor_for("a").reshape(4, 64))
+        path = Path(disk_of(store).lookup("a").path)
+    rewrite_header(path, shape=(-4, -64))
+    async with disk_only(tmp_path) as store:
+        assert await store.get("a") is None
+        assert disk_of(store).recovery.unreadable == 1
+        await store.put("a", tensor_for("again"))
+        got = await store.get("a")
+        assert got is not None and torch.equal(got, tensor_for("again"))
+
+
+async def test_a_file_of_the_previous_format_version_is_detected_not_served(
+    tmp_path: Path,
+) -> None:
+    await fill(tmp_path, ["a"])
+    path = entry_files(tmp_path)[0]
+    data = path.read_bytes()
+    version = f'"version":"{serde.FORMAT_VERSION}"'.encode()
+    assert version in data
+    path.write_bytes(data.replace(version, f'"version":"{serde.FORMAT_VERSION - 1}"'.encode()))
+    async with disk_only(tmp_path) as store:
+        assert await store.get("a") is None and disk_of(store).recovery.unreadable == 1
+    (report,) = inspect_path(tmp_path)
+    assert "format version" in report.scan.unreadable[0][1]
+
+
+async def test_a_str_key_and_an_engine_key_of_the_same_text_are_two_keys(tmp_path: Path) -> None:
+    text, engine = "f@m@1@0@h", CacheEngineKey("f", "m", 1, 0, "h")
+    async with disk_only(tmp_path) as store:
+        await store.put(text, tensor_for("text"))
+        await store.put(engine, tensor_for("engine"))
+        tier = disk_of(store)
+        assert Path(tier.lookup(text).path).name[:32] != Path(tier.lookup(engine).path).name[:32]
+    async with disk_only(tmp_path) as store:
+        assert disk_of(store).recovery.indexed == 2
+        for key, name in ((text, "text"), (engine, "engine")):
+            got = await store.get(key)
+            assert got is not None and torch.equal(got, tensor_for(name))
+
+
+async def test_a_negative_view_is_stored_with_its_sign(tmp_path: Path) -> None:
+    values = {
+        "neg": torch._neg_view(torch.arange(1.0, 65.0)),
+        "conj": torch.tensor([1 + 2j]).conj().imag,  # one element, its negative bit set
+    }
+    async with disk_only(tmp_path) as store:
+        for key, value in values.items():
+            await store.put(key, value)
+            got = await store.get(key)
+            assert got is not None and got.tolist() == value.tolist(), key
+    async with disk_only(tmp_path) as store:
+        for key, value in values.items():
+            got = await store.get(key)
+            assert got is not None and got.tolist() == value.tolist(), key

@@ -497,3 +497,82 @@ async def test_the_stress_run_keeps_every_invariant_through_a_redis_tier(
         report = await run_stress(store, StressOptions(tasks=8, ops=200, keys_per_task=16))
         assert report.problems == [] and store.audit() == []
         assert remote_of(store).counters.demotions_in > 0
+
+
+def _reshaped(value: bytes, **changes: object) -> bytes:
+    """``value`` with its header rewritten by ``changes``, its checksum and payload kept."""
+    header = serde.decode_header(value)
+    fields = {
+        "key": header.key,
+        "dtype": header.dtype,
+        "shape": header.shape,
+        "nbytes": header.nbytes,
+        "checksum": header.checksum,
+        "namespace": header.namespace,
+    }
+    fields.update(changes)
+    return serde.encode_header(**fields) + value[header.payload_offset :]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"shape": (64, 64)}, {"dtype": torch.float32}, {"shape": (-64, -64)}, {"shape": (4096,)}],
+    ids=repr,
+)
+@pytest.mark.parametrize("indexed", [True, False], ids=["indexed", "fetched"])
+async def test_a_value_rewritten_by_another_client_is_a_counted_miss(
+    server: RedisProcess, raw: aioredis.Redis, changes: dict[str, object], indexed: bool
+) -> None:
+    async with remote_store(server.url) as writer:
+        await writer.put("k", tensor_for("k", numel=4096).reshape(32, 128))
+        name = remote_of(writer).name_for("k")
+        await raw.set(name, _reshaped(await raw.get(name), **changes))
+        reader = writer if indexed else remote_store(server.url)
+        async with reader:
+            got = await reader.get("k")
+            assert got is None, f"served {got.dtype}{list(got.shape)} from a crafted value"
+            tier = remote_of(reader)
+            assert tier.counters.corrupt == 1 and len(tier.cache_dict) == 0
+            assert reader.audit() == []
+
+
+async def test_a_str_key_and_an_engine_key_of_the_same_text_are_two_keys_on_redis(
+    server: RedisProcess,
+) -> None:
+    text, engine = "f@m@1@0@h", CacheEngineKey("f", "m", 1, 0, "h")
+    async with remote_store(server.url) as store:
+        assert remote_of(store).name_for(text) != remote_of(store).name_for(engine)
+        await store.put(text, tensor_for("text"))
+        await store.put(engine, tensor_for("engine"))
+        async with remote_store(server.url) as other:  # reads the server, not an index
+            for key, name in ((text, "text"), (engine, "engine")):
+                got = await other.get(key)
+                assert got is not None and torch.equal(got, tensor_for(name))
+            assert remote_of(other).counters.corrupt == 0
+
+
+async def test_a_value_holding_another_kind_of_key_is_a_miss(
+    server: RedisProcess, raw: aioredis.Redis
+) -> None:
+    text, engine = "f@m@1@0@h", CacheEngineKey("f", "m", 1, 0, "h")
+    async with remote_store(server.url) as store:
+        await store.put(engine, tensor_for("engine"))
+        tier = remote_of(store)
+        await raw.set(tier.name_for(text), await raw.get(tier.name_for(engine)))
+        async with remote_store(server.url) as other:
+            assert await other.get(text) is None
+            assert remote_of(other).counters.corrupt == 1
+
+
+async def test_a_negative_view_keeps_its_sign_on_redis(server: RedisProcess) -> None:
+    values = {
+        "neg": torch._neg_view(torch.arange(1.0, 65.0)),
+        "conj": torch.tensor([1 + 2j]).conj().imag,  # one element, its negative bit set
+    }
+    async with remote_store(server.url) as store:
+        for key, value in values.items():
+            await store.put(key, value)
+        async with remote_store(server.url) as other:
+            for key, value in values.items():
+                got = await other.get(key)
+                assert got is not None and got.tolist() == value.tolist(), key

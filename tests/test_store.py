@@ -8,14 +8,17 @@ import pytest
 import torch
 
 from lmtier import (
+    CacheEngineKey,
     ConfigError,
     DeviceUnavailableError,
+    InvalidKeyError,
     InvalidValueError,
     LmtierTypeError,
     PutStatus,
     StoreClosedError,
 )
 from lmtier.config import StoreConfig, TierConfig
+from lmtier.keys import MAX_KEY_BYTES
 from lmtier.store import TieredStore
 
 from conftest import tensor_for
@@ -156,6 +159,22 @@ async def test_put_many_and_get_many(tmp_path: Path) -> None:
         ("k", torch.ones(0), InvalidValueError),
         ("k", torch.ones(2, dtype=torch.complex64), InvalidValueError),
         ("k", torch.ones(2).to_sparse(), InvalidValueError),
+        pytest.param(
+            "k",
+            torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]),
+            InvalidValueError,
+            id="nested",
+        ),
+        pytest.param("x" * (MAX_KEY_BYTES + 1), torch.ones(2), InvalidKeyError, id="long-key"),
+        pytest.param(  # two bytes of UTF-8 each
+            "\u00e9" * (MAX_KEY_BYTES // 2 + 1), torch.ones(2), InvalidKeyError, id="long-utf8"
+        ),
+        pytest.param(
+            CacheEngineKey("f", "m" * MAX_KEY_BYTES, 1, 0, "h"),
+            torch.ones(2),
+            InvalidKeyError,
+            id="long-engine-key",
+        ),
     ],
 )
 async def test_bad_input_is_a_clear_error_and_the_store_stays_usable(
@@ -320,3 +339,37 @@ async def test_a_put_that_evicts_its_own_older_value_and_then_fails_reports_the_
         assert dropped == ["a"]  # the old value went and the new one never landed
         assert await store.get("a") is None
         assert store.audit() == []
+
+
+def one_tier_stores(root: Path) -> list[TieredStore]:
+    return [
+        TieredStore(StoreConfig((TierConfig("cpu", "memory", 64 * KIB),))),
+        TieredStore(StoreConfig((TierConfig("disk", "disk", 64 * KIB, path=str(root)),))),
+    ]
+
+
+async def test_a_key_at_the_length_limit_round_trips_through_every_tier(tmp_path: Path) -> None:
+    key = "k" * MAX_KEY_BYTES
+    for store in one_tier_stores(tmp_path):
+        async with store:
+            assert await store.put(key, tensor_for("k")) is PutStatus.LEGAL
+            got = await store.get(key)
+            assert got is not None and torch.equal(got, tensor_for("k"))
+
+
+async def test_negative_and_conjugate_views_keep_their_values_in_every_tier(
+    tmp_path: Path,
+) -> None:
+    values = {
+        "neg": torch._neg_view(torch.arange(1.0, 65.0)),
+        "conj": torch.tensor([1 + 2j]).conj().imag,  # one element, its negative bit set
+    }
+    for store in one_tier_stores(tmp_path):
+        async with store:
+            for key, value in values.items():
+                assert await store.put(key, value) is PutStatus.LEGAL
+                got = await store.get(key)
+                assert got is not None and got.tolist() == value.tolist(), key
+                for out in (torch.empty_like(value), torch._neg_view(torch.empty_like(value))):
+                    assert await store.get(key, out=out) is out
+                    assert out.tolist() == value.tolist(), (key, out.is_neg())

@@ -170,8 +170,10 @@ class DiskTier(Tier):
             copy_blocking(cpu, tensor.detach())
         cpu = cpu.contiguous()
         payload = serde.payload_view(cpu)
-        checksum = serde.payload_checksum(payload)
         shape = tuple(cpu.shape)
+        checksum = serde.entry_checksum(
+            key, cpu.dtype, shape, payload.nbytes, serde.payload_digest(payload), self.namespace
+        )
         header = serde.encode_header(
             key, cpu.dtype, shape, payload.nbytes, checksum, self.namespace
         )
@@ -237,7 +239,7 @@ class DiskTier(Tier):
         """Read straight into ``out`` when it is contiguous host memory: no buffer between."""
         assert isinstance(obj, DiskCacheMetadata)
         check_out(out, obj.shape or (), obj.dtype or out.dtype)
-        if out.device.type != "cpu" or not out.is_contiguous():
+        if out.device.type != "cpu" or not out.is_contiguous() or out.is_neg() or out.is_conj():
             return await super().load_into(obj, out)
         return await asyncio.to_thread(self._read_file, obj, out)
 

@@ -18,7 +18,7 @@ import torch
 
 from lmtier import serde
 from lmtier.errors import CorruptEntryError
-from lmtier.keys import KeyLike, key_to_text
+from lmtier.keys import CacheEngineKey, KeyLike, key_to_text
 from lmtier.metadata import DiskCacheMetadata
 
 __all__ = [
@@ -53,8 +53,13 @@ def namespace_folder(root: Path, namespace: str) -> Path:
 
 
 def key_digest(key: KeyLike) -> str:
-    """The hex hash that names a key's files (key text never becomes a path)."""
-    text = key_to_text(key).encode("utf-8", "surrogatepass")
+    """The hex hash that names a key's files (key text never becomes a path).
+
+    The kind of key is hashed too: the str ``"f@m@1@0@h"`` and the ``CacheEngineKey`` of that
+    text are two keys in every tier, so their names differ.
+    """
+    kind = "engine:" if isinstance(key, CacheEngineKey) else "str:"
+    text = (kind + key_to_text(key)).encode("utf-8", "surrogatepass")
     return hashlib.blake2b(text, digest_size=16).hexdigest()
 
 
@@ -104,8 +109,7 @@ def read_entry(path: str, verify: bool = True) -> tuple[serde.EntryHeader, int, 
             )
         if verify:
             payload = head[header.payload_offset :] + os.pread(fd, header.nbytes, len(head))
-            if serde.payload_checksum(payload) != header.checksum:
-                raise CorruptEntryError(f"{path}: payload checksum mismatch")
+            serde.check_checksum(header, serde.payload_digest(payload), path)
     finally:
         os.close(fd)
     return header, stat.st_size, stat.st_mtime_ns
@@ -217,6 +221,5 @@ def tensor_from(
         hasher.update(payload[hashed:filled])
         hashed = filled
     hasher.update(payload[hashed:])
-    if hasher.hexdigest() != header.checksum:
-        raise CorruptEntryError(f"{path}: payload checksum mismatch")
+    serde.check_checksum(header, hasher.intdigest(), path)
     return tensor

@@ -3,9 +3,10 @@
 **Layout.**  An entry is one string value under ``{key_prefix}:{digest}``: the digest hashes
 the key (key text never becomes a key name) and the prefix defaults to one derived from the
 store's namespace.  The value is the disk tier's entry format (``serde``: a header with the
-key, namespace, dtype, shape and payload checksum, then the payload), so a value that is
-truncated, corrupt, of another format version, another namespace or another key is detected
-and read as a miss.  Every store pointed at the server finds every other store's entries.
+key, namespace, dtype, shape and a checksum of all of them and the payload, then the payload),
+so a value that is truncated, corrupt, crafted, of another format version, another namespace or
+another key (a str key and a CacheEngineKey of the same text included) is detected and read as
+a miss.  Every store pointed at the server finds every other store's entries.
 
 **Accounting.**  The index (``cache_dict``) and the evictor hold what *this* store charged:
 the entries it wrote, and entries that other stores wrote which a get found on the server and
@@ -199,10 +200,13 @@ class RemoteTier(Tier):
         payload = serde.payload_view(host)
         large = payload.nbytes > INLINE_CODEC_BYTES
         if large:
-            checksum = await asyncio.to_thread(serde.payload_checksum, payload)
+            digest = await asyncio.to_thread(serde.payload_digest, payload)
         else:
-            checksum = serde.payload_checksum(payload)
+            digest = serde.payload_digest(payload)
         shape = tuple(host.shape)
+        checksum = serde.entry_checksum(
+            key, host.dtype, shape, payload.nbytes, digest, self.namespace
+        )
         header = serde.encode_header(
             key, host.dtype, shape, payload.nbytes, checksum, self.namespace
         )
@@ -264,7 +268,7 @@ class RemoteTier(Tier):
         """Decode straight into ``out`` when it is contiguous host memory."""
         assert isinstance(obj, RemoteEntry)
         check_out(out, obj.shape or (), obj.dtype or out.dtype)
-        if not out.is_cpu or not out.is_contiguous():
+        if not out.is_cpu or not out.is_contiguous() or out.is_neg() or out.is_conj():
             return await super().load_into(obj, out)
         return await self._read(obj, out)
 
@@ -280,7 +284,10 @@ class RemoteTier(Tier):
             entry.shape,
             entry.checksum,
         ):
-            self._mark_gone(entry)  # another store replaced it: its value, not ours to delete
+            # Another store replaced it (its value, not ours to delete), unless the value fails
+            # its checksum: then it is corrupt, and counted so.
+            await self._decode(value, header, None)
+            self._mark_gone(entry)
             return None
         return await self._decode(value, header, out)
 
@@ -495,8 +502,7 @@ def _decode_payload(
     tensor = torch.empty(header.shape, dtype=header.dtype) if out is None else out
     payload = serde.payload_view(tensor)
     payload[:] = memoryview(value)[header.payload_offset :]
-    if serde.payload_checksum(payload) != header.checksum:
-        raise CorruptEntryError("payload checksum mismatch")
+    serde.check_checksum(header, serde.payload_digest(payload), "value")
     return tensor
 
 
