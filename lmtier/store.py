@@ -14,7 +14,7 @@ import torch
 
 from lmtier import serde
 from lmtier.config import StoreConfig, load_config
-from lmtier.errors import CorruptEntryError, InvalidValueError, StoreClosedError
+from lmtier.errors import CorruptEntryError, InvalidValueError, StorageError, StoreClosedError
 from lmtier.evictor import PutStatus
 from lmtier.keys import KeyLike, check_key
 from lmtier.tiers.base import Tier
@@ -462,15 +462,27 @@ class TieredStore:
     async def _load_or_drop(
         self, tier: Tier, key: KeyLike, obj: Any, out: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        """``tier.load(obj)`` (into ``out`` if given), or None after dropping an entry whose
-        bytes cannot be served."""
+        """``tier.load(obj)`` (into ``out`` if given), or None: a miss.
+
+        Only evidence that the stored bytes are wrong (``CorruptEntryError``) or gone (the
+        tier answers None) drops the entry.  An error of the environment (out of file
+        descriptors or memory, an I/O error, a server down) is counted and leaves the entry
+        where it is, to be read again later.
+        """
         try:
             data = await (tier.load(obj) if out is None else tier.load_into(obj, out))
         except CorruptEntryError as exc:
             self._drop_bad(tier, key, obj, str(exc), "corrupt")
             return None
+        except StorageError:
+            return None  # a tier that names its own failures (a server down) counted them
         except OSError as exc:
-            self._drop_bad(tier, key, obj, f"read failed: {exc}", "errors")
+            tier.counters.errors += 1
+            errors = tier.counters.errors
+            if errors & (errors - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a storm logs little
+                log.warning(
+                    "tier %r could not read %r (its error %d): %s", tier.name, key, errors, exc
+                )
             return None
         if data is None:
             self._drop_bad(tier, key, obj, "its storage vanished", "errors")

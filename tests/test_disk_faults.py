@@ -93,8 +93,46 @@ async def test_a_read_error_is_a_counted_miss(
 
         monkeypatch.setattr(DiskTier, "_read_file", io_error)
         assert await store.get("a") is None
-        assert disk_of(store).counters.errors == 1 and store.audit() == []
+        assert disk_of(store).counters.errors >= 1 and store.audit() == []
         assert await store.get("d") is not None  # the memory tier still serves
+        assert await store.contains("a") == "disk", "an I/O error is no evidence of bad bytes"
+        monkeypatch.undo()
+        got = await store.get("a")
+        assert got is not None and torch.equal(got, tensor_for("a"))
+
+
+async def test_a_passing_error_keeps_every_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads that fail for want of file descriptors are misses: the entries stay, intact."""
+    keys = [f"k{i}" for i in range(400)]
+    tiers = (TierConfig("disk", "disk", 400 * KIB, path=str(tmp_path)),)
+    async with TieredStore(StoreConfig(tiers, promote_on_hit=False)) as store:
+        for key in keys:
+            await store.put(key, tensor_for(key))
+        disk = disk_of(store)
+        failed = 0
+        lock = threading.Lock()
+        real_open = open
+
+        def crowded_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal failed
+            with lock:
+                if failed < 346:
+                    failed += 1
+                    raise OSError(errno.EMFILE, "Too many open files")
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(disk_module, "open", crowded_open, raising=False)
+        await asyncio.gather(*(store.get(key) for key in keys))
+        monkeypatch.undo()
+        assert failed == 346 and disk.counters.errors == failed
+        assert disk.counters.corrupt == 0 and len(disk.cache_dict) == len(keys)
+        assert len(list(tmp_path.rglob("*.safetensors"))) == len(keys)
+        for key in keys:
+            got = await store.get(key)
+            assert got is not None and torch.equal(got, tensor_for(key)), key
+        assert store.audit() == []
 
 
 def gate_open(
