@@ -74,10 +74,11 @@ async def test_files_lost_behind_the_stores_back_become_misses(tmp_path: Path) -
         assert await store.get("b") is None
         assert disk.counters.errors == 2 and len(disk.cache_dict) == 0
         assert store.audit() == []
-        for key in "efgh":  # and writes recreate what they need
+        for key in "efgh":  # writes fail: the folder is not recreated without its lock
             await store.put(key, tensor_for(key))
-        got = await store.get("e")
-        assert got is not None and torch.equal(got, tensor_for("e"))
+        assert disk.counters.errors > 2 and not disk.root.exists()
+        got = await store.get("h")  # the memory tier still serves
+        assert got is not None and torch.equal(got, tensor_for("h"))
         assert store.audit() == []
 
 
