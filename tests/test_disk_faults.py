@@ -6,6 +6,8 @@ import asyncio
 import errno
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,51 @@ async def test_a_passing_error_keeps_every_entry(
             got = await store.get(key)
             assert got is not None and torch.equal(got, tensor_for(key)), key
         assert store.audit() == []
+
+
+RLIMIT_BURST = """
+import asyncio, os, resource, sys
+import torch
+from lmtier import StoreConfig, TierConfig, TieredStore
+
+async def main(root):
+    keys = [f"k{i}" for i in range(400)]
+    tensors = {key: torch.full((256,), i, dtype=torch.int32) for i, key in enumerate(keys)}
+    tiers = (TierConfig("disk", "disk", 400 * 1024, path=root),)
+    async with TieredStore(StoreConfig(tiers, promote_on_hit=False)) as store:
+        for key in keys:
+            await store.put(key, tensors[key])
+        disk = store.tiers[-1]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 2, hard))
+        try:
+            await asyncio.gather(*(store.get(key) for key in keys))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        intact = 0
+        for key in keys:
+            got = await store.get(key)
+            intact += got is not None and torch.equal(got, tensors[key])
+        print(disk.counters.errors, disk.counters.corrupt, len(disk.cache_dict), intact)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_the_open_file_limit_reached_keeps_every_entry(tmp_path: Path) -> None:
+    """The same burst with a real RLIMIT_NOFILE, lowered in a process of its own."""
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", RLIMIT_BURST, str(tmp_path)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    errors, corrupt, indexed, intact = map(int, done.stdout.split())
+    assert errors > 0, "the limit never bit: the test proves nothing"
+    assert (corrupt, indexed, intact) == (0, 400, 400)
 
 
 def gate_open(
