@@ -247,15 +247,22 @@ def _run_inspect(args: argparse.Namespace) -> int:
         names = ", ".join(repr(n) for n in sorted(report.namespaces)) or "-"
         print(
             f"{report.folder}: {report.entries} entries, {report.payload_bytes:,} bytes "
-            f"(namespace {names}); {len(scan.unreadable)} corrupt or foreign, "
+            f"(namespace {names}); {len(scan.corrupt)} corrupt, "
+            f"{len(report.foreign)} of another namespace, {len(scan.left_alone)} left alone, "
             f"{len(scan.temp_files)} temporary"
         )
-        for bad, why in scan.unreadable:
+        for bad, why in scan.corrupt:
             print(f"  corrupt  {bad}: {why}")
+        for entry in report.foreign:
+            print(f"  foreign  {entry.meta.path}: namespace {entry.namespace!r}")
+        for other, why in scan.left_alone:
+            print(f"  skipped  {other}: {why}")
         for temp in scan.temp_files:
             print(f"  temp     {temp}")
         if args.repair:
             print(f"  repaired: removed {report.removed} file(s)")
+            for bad, why in report.failed:
+                print(f"  could not remove {bad}: {why}")
     return 1 if any(report.problems for report in reports) else 0
 
 

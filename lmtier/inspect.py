@@ -9,7 +9,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lmtier.errors import StorageError
-from lmtier.tiers.disk_files import FolderScan, scan_folder, try_lock
+from lmtier.tiers.disk_files import (
+    FolderScan,
+    FoundEntry,
+    namespace_folder,
+    remove_own,
+    scan_folder,
+    try_lock,
+)
 
 __all__ = ["FolderReport", "inspect_path"]
 
@@ -20,8 +27,10 @@ class FolderReport:
 
     folder: Path
     namespaces: set[str] = field(default_factory=set)
-    scan: FolderScan = field(default_factory=FolderScan)
+    scan: FolderScan = field(default_factory=FolderScan)  # its entries: the folder's namespace
+    foreign: list[FoundEntry] = field(default_factory=list)  # intact, of another namespace
     removed: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # a repair could not remove
 
     @property
     def entries(self) -> int:
@@ -33,7 +42,9 @@ class FolderReport:
 
     @property
     def problems(self) -> int:
-        return len(self.scan.unreadable) + len(self.scan.temp_files) - self.removed
+        scan = self.scan
+        found = len(scan.corrupt) + len(scan.temp_files) + len(scan.left_alone)
+        return found + len(self.foreign) - self.removed
 
 
 def namespace_folders(path: Path) -> list[Path]:
@@ -42,36 +53,65 @@ def namespace_folders(path: Path) -> list[Path]:
         raise StorageError(f"{path} is not a folder")
     if path.name.startswith("ns-"):
         return [path]
-    return sorted(p for p in path.iterdir() if p.is_dir() and p.name.startswith("ns-"))
+    return sorted(
+        p for p in path.iterdir() if p.name.startswith("ns-") and p.is_dir() and not p.is_symlink()
+    )
 
 
 def inspect_path(path: Path, repair: bool = False, progress: bool = False) -> list[FolderReport]:
     """Verify every entry under ``path``; with ``repair``, remove corrupt and temporary files.
 
     A repair takes the folder's lock, so it refuses to run beside a store using the folder.
+    It removes only regular files of the folder's own: links, FIFOs, unreadable files and
+    another namespace's entries are reported and left alone.
     """
     reports = []
     for folder in namespace_folders(path):
-        total = sum(len(files) for _, _, files in os.walk(folder))
-        with tqdm(total=total, desc=folder.name, unit="file", disable=not progress) as bar:
-            report = FolderReport(folder)
-            lock = _lock(folder) if repair else None
-            try:
-                report.scan = scan_folder(folder, None, verify=True, on_file=lambda: bar.update())
-                report.namespaces = {e.namespace for e in report.scan.entries}
-                if repair:
-                    for bad in [p for p, _ in report.scan.unreadable] + report.scan.temp_files:
-                        bad.unlink(missing_ok=True)
-                        report.removed += 1
-            finally:
-                if lock is not None:
-                    os.close(lock)
-        reports.append(report)
+        try:
+            reports.append(_inspect_folder(folder, repair, progress))
+        except StorageError:
+            raise
+        except OSError as exc:
+            raise StorageError(exc.errno, f"cannot inspect {folder}: {exc}") from exc
     return reports
 
 
+def _inspect_folder(folder: Path, repair: bool, progress: bool) -> FolderReport:
+    total = sum(len(files) for _, _, files in os.walk(folder))
+    with tqdm(total=total, desc=folder.name, unit="file", disable=not progress) as bar:
+        report = FolderReport(folder)
+        lock = _lock(folder) if repair else None
+        try:
+            scan = scan_folder(folder, None, verify=True, on_file=lambda: bar.update())
+            # The folder's name is its namespace's hash: entries of any other are foreign.
+            own = {e.namespace for e in scan.entries if _folder_of(e.namespace) == folder.name}
+            report.namespaces = own
+            report.foreign = [e for e in scan.entries if e.namespace not in own]
+            scan.entries = [e for e in scan.entries if e.namespace in own]
+            report.scan = scan
+            if repair:
+                for bad in [p for p, _ in scan.corrupt] + scan.temp_files:
+                    try:
+                        report.removed += remove_own(bad)
+                    except OSError as exc:
+                        report.failed.append((bad, exc.strerror or str(exc)))
+        finally:
+            if lock is not None:
+                os.close(lock)
+    return report
+
+
+def _folder_of(namespace: str) -> str:
+    return namespace_folder(Path(), namespace).name
+
+
 def _lock(folder: Path) -> int:
-    fd = try_lock(folder)
+    try:
+        fd = try_lock(folder)
+    except OSError as exc:
+        raise StorageError(
+            exc.errno, f"cannot lock {folder} to repair it: {exc.strerror or exc}"
+        ) from exc
     if fd is None:
         raise StorageError(f"{folder} is in use by a running store; stop it to repair")
     return fd

@@ -19,6 +19,7 @@ from lmtier.errors import (
     CorruptEntryError,
     DeviceUnavailableError,
     InvalidValueError,
+    StorageError,
     StoreClosedError,
     TierUnavailableError,
 )
@@ -198,8 +199,10 @@ class TieredStore:
                 tier.pin(key)
                 try:
                     data = await self._load_or_drop(tier, key, obj, out)
-                    if data is None:  # moved, replaced or lost while we read: look again
-                        continue
+                    if data is None:
+                        if tier.lookup(key) is obj:
+                            return None  # an error of the environment: a miss, the entry stays
+                        continue  # moved, replaced or lost while we read: look again
                     result = data
                     if out is None:
                         home = target or tier.home_device
@@ -519,13 +522,14 @@ class TieredStore:
         outcome = _Outcome.REFUSED
         if below:
             data = await self._load_or_drop(tier, key, obj)
-            if data is None:
-                return
-            self._moving[key] += 1
-            try:
-                outcome = await self._place(key, data, below, (tier, obj), "demotions_in")
-            finally:
-                self._unmoving(key)
+            if data is not None:
+                self._moving[key] += 1
+                try:
+                    outcome = await self._place(key, data, below, (tier, obj), "demotions_in")
+                finally:
+                    self._unmoving(key)
+            # Unreadable for now (an error of the environment): evicted all the same, as the
+            # put waiting for its room would otherwise wait in vain.
         if outcome is _Outcome.PLACED:
             tier.counters.demotions_out += 1
         elif outcome is not _Outcome.STALE and tier.lookup(key) is obj:
@@ -574,8 +578,13 @@ class TieredStore:
     async def _load_or_drop(
         self, tier: Tier, key: KeyLike, obj: Any, out: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        """``tier.load(obj)`` (into ``out`` if given), or None after dropping an entry whose
-        bytes cannot be served."""
+        """``tier.load(obj)`` (into ``out`` if given), or None: a miss.
+
+        Only evidence that the stored bytes are wrong (``CorruptEntryError``) or gone (the
+        tier answers None) drops the entry.  An error of the environment (out of file
+        descriptors or memory, an I/O error, a server down) is counted and leaves the entry
+        where it is, to be read again later.
+        """
         try:
             data = await (tier.load(obj) if out is None else tier.load_into(obj, out))
         except CorruptEntryError as exc:
@@ -583,8 +592,15 @@ class TieredStore:
                 out.zero_()
             self._drop_bad(tier, key, obj, str(exc), "corrupt")
             return None
+        except StorageError:
+            return None  # a tier that names its own failures (a server down) counted them
         except OSError as exc:
-            self._drop_bad(tier, key, obj, f"read failed: {exc}", "errors")
+            tier.counters.errors += 1
+            errors = tier.counters.errors
+            if errors & (errors - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a storm logs little
+                log.warning(
+                    "tier %r could not read %r (its error %d): %s", tier.name, key, errors, exc
+                )
             return None
         if data is None:
             self._drop_bad(tier, key, obj, "its storage vanished", "errors")

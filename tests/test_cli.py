@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +102,57 @@ async def test_inspect_finds_corrupt_files_and_repairs(
     assert "removed 2 file(s)" in capsys.readouterr().out
     assert not a_file.exists()
     assert main(["inspect", str(tmp_path)]) == 0
+
+
+async def test_inspect_counts_another_namespaces_files_apart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = await _two_entries(tmp_path)  # namespace "m|bf16"
+    from lmtier import StoreConfig, TierConfig, TieredStore
+
+    tiers = (TierConfig("disk", "disk", 1 << 20, path=str(tmp_path)),)
+    async with TieredStore(StoreConfig(tiers, namespace="other")) as store:
+        await store.put("c", torch.ones(64))
+        other = Path(store.tiers[0].lookup("c").path)  # type: ignore[attr-defined]
+    stray = other.parent.parent / a_file.parent.name / a_file.name
+    stray.parent.mkdir(exist_ok=True)
+    shutil.copyfile(a_file, stray)  # an intact entry of m|bf16 in other's folder
+    assert main(["inspect", str(other.parent.parent), "--repair"]) == 1
+    out = capsys.readouterr().out
+    assert "1 entries, 256 bytes (namespace 'other')" in out
+    assert "1 of another namespace" in out and f"foreign  {stray}" in out
+    assert stray.exists(), "another namespace's entry is not removed"
+
+
+async def test_repair_of_a_read_only_folder_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a_file = await _two_entries(tmp_path)
+    with open(a_file, "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x01")
+    real_open = os.open
+
+    def read_only_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    assert main(["inspect", str(tmp_path), "--repair"]) == 2
+    err = capsys.readouterr().err
+    assert "Read-only file system" in err and str(a_file.parent.parent) in err
+    monkeypatch.undo()
+
+    def cannot_unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "unlink", cannot_unlink)
+    assert main(["inspect", str(tmp_path), "--repair"]) == 1
+    out = capsys.readouterr().out
+    assert f"could not remove {a_file}: Permission denied" in out
+    monkeypatch.undo()
+    assert a_file.exists()
 
 
 def test_inspect_of_a_missing_path_is_a_clear_error(

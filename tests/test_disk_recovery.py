@@ -178,7 +178,7 @@ async def test_a_header_rewritten_to_another_shape_or_dtype_is_never_served(
         path = Path(disk_of(store).lookup("a").path)
     rewrite_header(path, **changes)
     reports = inspect_path(tmp_path)
-    assert sum(len(r.scan.unreadable) for r in reports) == 1
+    assert sum(len(r.scan.corrupt) for r in reports) == 1
     assert sum(r.entries for r in reports) == 0
     async with disk_only(tmp_path) as store:
         tier = disk_of(store)
@@ -215,7 +215,7 @@ async def test_a_file_of_the_previous_format_version_is_detected_not_served(
     async with disk_only(tmp_path) as store:
         assert await store.get("a") is None and disk_of(store).recovery.unreadable == 1
     (report,) = inspect_path(tmp_path)
-    assert "format version" in report.scan.unreadable[0][1]
+    assert "format version" in report.scan.corrupt[0][1]
 
 
 async def test_a_str_key_and_an_engine_key_of_the_same_text_are_two_keys(tmp_path: Path) -> None:

@@ -290,3 +290,37 @@ async def test_a_put_cancelled_by_its_caller_never_replaces_a_later_put(tmp_path
         got = await store.get("k")
         assert got is not None and torch.equal(got, chunk("k", 2))
         assert len(list(tmp_path.rglob("*.safetensors"))) == 1
+
+
+async def test_an_error_of_the_environment_is_one_miss_and_never_strands_a_victim(
+    tmp_path: Path,
+) -> None:
+    """A read failing with EMFILE: the get misses after one try and the entry stays; a
+    demotion whose read fails so evicts its victim all the same (the put gets its room)."""
+    import errno
+
+    config = StoreConfig(
+        (
+            TierConfig("disk", "disk", 2 * CHUNK, path=str(tmp_path / "d")),
+            TierConfig("disk2", "disk", 8 * CHUNK, path=str(tmp_path / "d2")),
+        ),
+        room_timeout_s=5,
+    )
+    async with TieredStore(config) as store:
+        disk: Any = store.tiers[0]
+        await store.put("a", chunk("a"))
+        await store.put("b", chunk("b"))
+        read_file = disk._read_file
+
+        def emfile(*args: Any) -> Any:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        disk._read_file = emfile
+        assert await store.get("a") is None
+        assert disk.counters.errors == 1 and await store.contains("a") == "disk"
+        assert await store.put("c", chunk("c")) is PutStatus.LEGAL  # evicts "a", unreadable
+        assert disk.counters.room_timeouts == 0 and disk.counters.drops == 1
+        disk._read_file = read_file
+        got = await store.get("b")
+        assert got is not None and torch.equal(got, chunk("b"))
+        assert store.audit() == []

@@ -28,7 +28,9 @@ from lmtier.tiers.disk_files import (
     FoundEntry,
     key_digest,
     namespace_folder,
+    open_regular,
     read_header,
+    remove_own,
     scan_folder,
     tensor_from,
     try_lock,
@@ -50,7 +52,7 @@ class Recovery:
     indexed: int = 0  # entries adopted into the index
     evicted: int = 0  # intact entries over the budget, oldest first, removed
     duplicates: int = 0  # older files of a key that has a newer one, removed
-    unreadable: int = 0  # files that are not intact entries of this namespace, left alone
+    unreadable: int = 0  # what is not an intact entry of this namespace (or a link), left alone
     temp_removed: int = 0  # temporary files of interrupted writes, removed
     seconds: float = 0.0
 
@@ -63,7 +65,9 @@ class DiskTier(Tier):
     in place.  ``durability="fsync"`` also syncs the file before the rename and its folder
     after.  Each ``namespace`` has its own sub-folder; one store at a time holds it (a lock
     file, released on close or when the process dies).  Opening rebuilds the index from the
-    files' headers.
+    files' headers.  The folder is the tier's alone: no link is followed out of it, only
+    regular files are opened or deleted, and a folder removed or replaced behind the store's
+    back is never recreated (writes fail instead, and the put goes elsewhere).
     """
 
     loads_are_private = True
@@ -84,6 +88,8 @@ class DiskTier(Tier):
         self.fsync = durability == "fsync"
         self.recovery = Recovery()
         self._lock_fd: int | None = None
+        self._lock_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the lock file held
+        self._lost: str | None = None  # why the folder is no longer this tier's, once it is not
         self._small_writes = ThreadBatcher()
         # Removals have their own queue: a file unlinked must never wait behind a slow write.
         self._removals = ThreadBatcher()
@@ -110,7 +116,17 @@ class DiskTier(Tier):
                 f"disk tier {self.name!r}: {self.root} is in use by another store "
                 f"(it holds {self.root / LOCK_NAME})"
             )
-        self._recover()
+        try:
+            self._lock_id = _file_id(os.fstat(self._lock_fd))
+            self._recover()
+        except BaseException as exc:
+            os.close(self._lock_fd)  # a retry must not find the folder "in use"
+            self._lock_fd = None
+            if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+                raise StorageError(
+                    exc.errno, f"disk tier {self.name!r} cannot open {self.root}: {exc}"
+                ) from exc
+            raise
         self.recovery.seconds = time.perf_counter() - started
         if self.recovery.indexed or self.recovery.unreadable or self.recovery.temp_removed:
             log.info("disk tier %r reopened %s: %s", self.name, self.root, asdict(self.recovery))
@@ -118,11 +134,10 @@ class DiskTier(Tier):
     def _recover(self) -> None:
         """Index the entries on disk, newest kept within the budget; clear interrupted writes."""
         scan = scan_folder(self.root, self.namespace)
-        for temp in scan.temp_files:
-            temp.unlink(missing_ok=True)
-        self.recovery.temp_removed = len(scan.temp_files)
-        self.recovery.unreadable = len(scan.unreadable)
-        for path, why in scan.unreadable[:10]:
+        self.recovery.temp_removed = sum(remove_own(temp) for temp in scan.temp_files)
+        skipped = scan.corrupt + scan.left_alone
+        self.recovery.unreadable = len(skipped)
+        for path, why in skipped[:10]:
             log.warning("disk tier %r skipped %s: %s", self.name, path, why)
         newest_first = sorted(scan.entries, key=lambda e: e.mtime_ns, reverse=True)
         kept: dict[KeyLike, FoundEntry] = {}
@@ -136,7 +151,7 @@ class DiskTier(Tier):
                 continue
             else:
                 self.recovery.evicted += 1
-            Path(entry.meta.path).unlink(missing_ok=True)
+            remove_own(entry.meta.path)
         for key, entry in reversed(kept.items()):  # least recent first, as LRU expects
             self.adopt(key, entry.meta, entry.meta.size)
         self.recovery.indexed = len(kept)
@@ -178,9 +193,9 @@ class DiskTier(Tier):
             key, cpu.dtype, shape, payload.nbytes, checksum, self.namespace
         )
         path = self.path_for(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._check_folder()
         temp = _staged_name(path)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = self._create(temp)
         try:
             try:
                 _write_all(fd, [header, payload])
@@ -214,6 +229,42 @@ class DiskTier(Tier):
         if self.fsync:
             await self._removals.call(_fsync_dir, Path(obj.path).parent)
 
+    def _check_folder(self) -> None:
+        """Raise ``StorageError`` unless the folder is still the one whose lock this tier holds.
+
+        One stat of the lock file: a folder removed (``rm -rf``), moved or replaced behind the
+        store's back no longer holds that file, and another store may own its path by now.
+        """
+        if self._lost is None:
+            try:
+                found: tuple[int, int] | None = _file_id(os.stat(self.root / LOCK_NAME))
+            except FileNotFoundError:
+                found = None
+            if found is not None and found == self._lock_id:
+                return
+            self._lost = (
+                f"disk tier {self.name!r}: {self.root} was removed or replaced behind the "
+                "store's back; it writes there no more"
+            )
+            log.error("%s", self._lost)
+        raise StorageError(self._lost)
+
+    def _create(self, temp: Path) -> int:
+        """A new temporary file; its shard is made if missing, never the tier's folder itself."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(temp, flags, 0o644)
+        except FileNotFoundError:
+            pass
+        try:
+            os.mkdir(temp.parent)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            self._check_folder()  # the folder went away since the last check
+            raise
+        return os.open(temp, flags, 0o644)
+
     async def load(self, obj: Any) -> torch.Tensor | None:
         assert isinstance(obj, DiskCacheMetadata)
         return await asyncio.to_thread(self._read_file, obj)
@@ -222,7 +273,7 @@ class DiskTier(Tier):
         self, meta: DiskCacheMetadata, out: torch.Tensor | None = None
     ) -> torch.Tensor | None:
         try:
-            with open(meta.path, "rb", buffering=0) as f:
+            with open(meta.path, "rb", buffering=0, opener=open_regular) as f:
                 header, start = read_header(f)
                 if (header.nbytes, header.dtype, header.shape, header.checksum) != (
                     meta.size,
@@ -247,6 +298,8 @@ class DiskTier(Tier):
         """Remove the entry's file (or its staged file, if it was never published); with
         ``durability: fsync`` the removal is synced before this returns."""
         assert isinstance(obj, DiskCacheMetadata)
+        if self._lost is not None:
+            return  # the path may be another store's folder now
         try:
             await self._removals.call(_remove_file, Path(obj.path), self.fsync)
         except OSError as exc:  # the entry is gone from the index either way
@@ -270,13 +323,15 @@ def _staged_name(path: Path) -> Path:
 
 
 def _remove_file(path: Path, fsync: bool) -> None:
-    """Unlink an entry's file, or its staged file when it was never published."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        _staged_name(path).unlink(missing_ok=True)
+    """Remove an entry's file, or its staged file when it was never published (only ever a
+    regular file of the tier's own, see ``remove_own``)."""
+    remove_own(path if os.path.lexists(path) else _staged_name(path))
     if fsync:
         _fsync_dir(path.parent)
+
+
+def _file_id(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -5,9 +5,11 @@ Shared by the disk tier (reads, restart recovery) and ``lmtier inspect``; no ind
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
+import stat as stat_module
 import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,8 +31,10 @@ __all__ = [
     "FoundEntry",
     "key_digest",
     "namespace_folder",
+    "open_regular",
     "read_entry",
     "read_header",
+    "remove_own",
     "scan_folder",
     "try_lock",
 ]
@@ -78,6 +82,46 @@ def try_lock(folder: Path) -> int | None:
     return fd
 
 
+def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> int:
+    """A descriptor of the regular file at ``path``; ``CorruptEntryError`` for anything else.
+
+    Never follows a symbolic link, and never waits on a FIFO or a device: a file replaced
+    by one of those behind the store's back is not the entry it was.  Fits ``open``'s
+    ``opener``.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptEntryError(f"{os.fsdecode(path)}: a symbolic link, not followed") from exc
+        raise
+    try:
+        if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptEntryError(f"{os.fsdecode(path)}: not a regular file")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_own(path: str | os.PathLike[str]) -> bool:
+    """Unlink ``path`` if it is a regular file in a real folder (not reached through a link).
+
+    False, and nothing removed, for anything else: the tier deletes only its own files.
+    """
+    path = Path(path)
+    try:
+        if not stat_module.S_ISDIR(os.lstat(path.parent).st_mode):
+            return False
+        if not stat_module.S_ISREG(os.lstat(path).st_mode):
+            return False
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    return True
+
+
 def read_header(f: BinaryIO) -> tuple[serde.EntryHeader, bytes]:
     """The header at the start of an open file, and the bytes read past it (payload start)."""
     header, head = _read_whole_header(f.read)
@@ -99,7 +143,7 @@ def read_entry(path: str, verify: bool = True) -> tuple[serde.EntryHeader, int, 
     Raises ``CorruptEntryError`` for a file that is not a complete, intact entry.
     """
     # Plain descriptors: a restart reads 100k headers, and file objects cost a third more.
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)
     try:
         header, head = _read_whole_header(lambda size: os.read(fd, size))
         stat = os.fstat(fd)
@@ -134,8 +178,13 @@ class FolderScan:
     """What a namespace folder holds."""
 
     entries: list[FoundEntry] = field(default_factory=list)
-    temp_files: list[Path] = field(default_factory=list)
-    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
+    temp_files: list[Path] = field(default_factory=list)  # regular files only
+    # Entry files whose bytes are wrong (a failed check, a short file): (file, why).
+    corrupt: list[tuple[Path, str]] = field(default_factory=list)
+    # What is not the tier's own or cannot be read now, left alone by restarts and repairs:
+    # links, FIFOs, folders where files belong, unlistable shards, another namespace's
+    # entries, files that failed to open for want of descriptors or permission.
+    left_alone: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def scan_folder(
@@ -146,29 +195,52 @@ def scan_folder(
 ) -> FolderScan:
     """Read every entry header under ``folder`` (payloads too with ``verify``).
 
-    Entries of another namespace count as unreadable, unless ``namespace`` is None.
-    ``on_file`` is called once per file looked at (for progress bars).
+    Entries of another namespace are left alone, unless ``namespace`` is None.  Links are
+    never followed, and only regular files are opened.  ``on_file`` is called once per
+    file looked at (for progress bars).
     """
     scan = FolderScan()
     if not folder.is_dir():
         return scan
+    shards = []
     with os.scandir(folder) as top:
-        shards = sorted(e.path for e in top if e.is_dir() and _is_shard(e.name))
-    for name in os.listdir(folder):
-        if name.startswith(TEMP_PREFIX):
-            scan.temp_files.append(folder / name)
-    for shard in shards:
-        with os.scandir(shard) as files:
-            names = [e.name for e in files]
-        for name in names:
-            path = os.path.join(shard, name)
-            if name.startswith(TEMP_PREFIX):
-                scan.temp_files.append(Path(path))
-            elif name.endswith(SUFFIX):
-                _scan_file(path, name, namespace, verify, scan)
+        for item in top:
+            if item.name.startswith(TEMP_PREFIX):
+                _found_temp(item, scan)
+            elif _is_shard(item.name):
+                if item.is_dir(follow_symlinks=False):
+                    shards.append(item.path)
+                elif item.is_symlink():
+                    scan.left_alone.append((Path(item.path), "a symbolic link, not followed"))
+    for shard in sorted(shards):
+        try:
+            with os.scandir(shard) as files:
+                items = list(files)
+        except OSError as exc:
+            scan.left_alone.append((Path(shard), f"cannot list it: {exc.strerror}"))
+            continue
+        for item in items:
+            if item.name.startswith(TEMP_PREFIX):
+                _found_temp(item, scan)
+            elif item.name.endswith(SUFFIX):
+                if item.is_file(follow_symlinks=False):
+                    _scan_file(item.path, item.name, namespace, verify, scan)
+                else:
+                    scan.left_alone.append((Path(item.path), _not_regular(item)))
             if on_file is not None:
                 on_file()
     return scan
+
+
+def _found_temp(item: os.DirEntry[str], scan: FolderScan) -> None:
+    if item.is_file(follow_symlinks=False):
+        scan.temp_files.append(Path(item.path))
+    else:
+        scan.left_alone.append((Path(item.path), _not_regular(item)))
+
+
+def _not_regular(item: os.DirEntry[str]) -> str:
+    return "a symbolic link, not followed" if item.is_symlink() else "not a regular file"
 
 
 def _scan_file(path: str, name: str, namespace: str | None, verify: bool, scan: FolderScan) -> None:
@@ -176,15 +248,18 @@ def _scan_file(path: str, name: str, namespace: str | None, verify: bool, scan: 
         header, size, mtime_ns = read_entry(path, verify)
     except FileNotFoundError:
         return  # removed while we looked
-    except (CorruptEntryError, OSError) as exc:
-        scan.unreadable.append((Path(path), str(exc)))
+    except CorruptEntryError as exc:
+        scan.corrupt.append((Path(path), str(exc)))
+        return
+    except OSError as exc:  # no evidence against the bytes (EMFILE, EACCES, EIO...)
+        scan.left_alone.append((Path(path), f"cannot read it: {exc.strerror}"))
         return
     if namespace is not None and header.namespace != namespace:
         why = f"namespace {header.namespace!r}, not {namespace!r}"
-        scan.unreadable.append((Path(path), why))
+        scan.left_alone.append((Path(path), why))
         return
     if not name.startswith(key_digest(header.key)):
-        scan.unreadable.append((Path(path), "file name does not match the key in its header"))
+        scan.corrupt.append((Path(path), "file name does not match the key in its header"))
         return
     scan.entries.append(
         FoundEntry(header.key, metadata_for(path, header), size, mtime_ns, header.namespace)
