@@ -140,3 +140,136 @@ def run_contract(
         EvictorContract,
         settings=settings(max_examples=max_examples, stateful_step_count=40, deadline=None),
     )
+
+
+SHARED_KEYS = st.sampled_from(["a", "b", "c", "d"])
+
+
+def run_shared_key_contract(
+    factory: Callable[[int], BaseEvictor],
+    capacity: int,
+    victim_model: VictimModel | None = None,
+    max_examples: int = 150,
+) -> None:
+    """Drive ``factory(capacity)`` as a tier does, with a few keys shared by overlapping puts.
+
+    Each put names its key, is admitted, and later commits (replacing the key's committed
+    entry, which is removed with its own size) or is abandoned (removed with the put's size),
+    in any order; several puts of one key, of different sizes, are in flight at once.
+    Victims stay in ``cache_dict``, pinned, until they have moved out, as the store keeps
+    them.  After every step the evictor's charge must equal the model's: for each key, the
+    sizes of its admitted puts not yet committed or abandoned, plus its committed entry unless
+    that entry is a victim on its way out.
+    """
+
+    class SharedKeyContract(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.evictor = factory(capacity)
+            self.bounded = self.evictor.capacity_bytes is not None
+            self.cache: OrderedDict[str, bytes] = OrderedDict()
+            self.in_flight: list[tuple[str, int]] = []  # admitted puts, in admission order
+            self.leaving: set[str] = set()  # victims still in cache_dict while they move
+            self.pins: dict[str, int] = {}
+
+        def _model_charge(self) -> int:
+            committed = sum(len(v) for k, v in self.cache.items() if k not in self.leaving)
+            return committed + sum(size for _, size in self.in_flight)
+
+        def _leave(self, key: str) -> None:
+            """A victim finished moving out: it leaves cache_dict without a removal."""
+            del self.cache[key]
+            self.leaving.discard(key)
+            self.evictor.unpin(key)
+
+        @rule(key=SHARED_KEYS, size=st.integers(0, capacity // 2), position=st.integers(0, 9))
+        def admit(self, key: str, size: int, position: int) -> None:
+            charged_before = self.evictor.charged_bytes
+            pinned = set(self.pins) | self.leaving
+            expected = (
+                victim_model(self.cache, pinned, charged_before, capacity, size)
+                if victim_model
+                else None
+            )
+            before = list(self.cache.items())
+            victims, status = self.evictor.update_on_put(self.cache, size, key, position=position)
+            assert list(self.cache.items()) == before, "update_on_put mutated cache_dict"
+            if victim_model is not None:
+                assert (victims if status is PutStatus.LEGAL else None) == expected
+            if status is PutStatus.ILLEGAL:
+                assert victims == []
+                assert self.evictor.charged_bytes == charged_before
+                if self.bounded:
+                    evictable = sum(len(v) for k, v in self.cache.items() if k not in pinned)
+                    free = capacity - charged_before
+                    assert size > free + evictable, "refused a put that fits"
+                return
+            assert len(set(victims)) == len(victims), "a victim named twice"
+            for victim in victims:
+                assert victim in self.cache, f"victim {victim} is not in cache_dict"
+                assert victim not in self.pins, f"pinned {victim} chosen as victim"
+                assert victim not in self.leaving, f"{victim} named again while it moves"
+                self.leaving.add(victim)
+                self.evictor.pin(victim)
+            self.in_flight.append((key, size))
+
+        @rule(data=st.data())
+        def commit(self, data: st.DataObject) -> None:
+            if not self.in_flight:
+                return
+            index = data.draw(st.integers(0, len(self.in_flight) - 1))
+            key, size = self.in_flight.pop(index)
+            if key in self.leaving:  # the store takes the moving victim out first
+                self._leave(key)
+            elif key in self.cache:  # the replaced entry is removed with its own size
+                self.evictor.update_on_remove(key, len(self.cache.pop(key)))
+            self.cache[key] = bytes(size)
+
+        @rule(data=st.data())
+        def abandon(self, data: st.DataObject) -> None:
+            if not self.in_flight:
+                return
+            index = data.draw(st.integers(0, len(self.in_flight) - 1))
+            key, size = self.in_flight.pop(index)
+            self.evictor.update_on_remove(key, size)
+
+        @rule(key=SHARED_KEYS)
+        def moved_out(self, key: str) -> None:
+            if key in self.leaving:
+                self._leave(key)
+
+        @rule(key=SHARED_KEYS)
+        def remove(self, key: str) -> None:
+            if key in self.cache and key not in self.leaving:
+                self.evictor.update_on_remove(key, len(self.cache.pop(key)))
+
+        @rule(key=SHARED_KEYS)
+        def get(self, key: str) -> None:
+            keys_before = set(self.cache)
+            self.evictor.update_on_get(key, self.cache)
+            assert set(self.cache) == keys_before
+
+        @rule(key=SHARED_KEYS)
+        def pin(self, key: str) -> None:
+            self.evictor.pin(key)
+            self.pins[key] = self.pins.get(key, 0) + 1
+
+        @rule(key=SHARED_KEYS)
+        def unpin(self, key: str) -> None:
+            if key not in self.pins:
+                return
+            self.evictor.unpin(key)
+            self.pins[key] -= 1
+            if not self.pins[key]:
+                del self.pins[key]
+
+        @invariant()
+        def charge_matches_the_model(self) -> None:
+            assert self.evictor.charged_bytes == self._model_charge()
+            if self.bounded:
+                assert self.evictor.charged_bytes <= capacity
+
+    run_state_machine_as_test(
+        SharedKeyContract,
+        settings=settings(max_examples=max_examples, stateful_step_count=50, deadline=None),
+    )

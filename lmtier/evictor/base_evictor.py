@@ -127,7 +127,7 @@ class BaseEvictor(metaclass=abc.ABCMeta):
                 f"removing {cache_size} bytes for {key!r} but only {self._charged} are charged"
             )
         self._charged -= cache_size
-        self._forget(key)
+        self._forget(key, cache_size)
 
     def pin(self, key: KeyLike) -> None:
         """Make ``key`` unevictable until a matching ``unpin``; pins are counted."""
@@ -147,8 +147,9 @@ class BaseEvictor(metaclass=abc.ABCMeta):
         return key in self._pins
 
     # ----------------------------------------------------------------- for subclasses
-    def _forget(self, key: KeyLike) -> None:
-        """Hook: drop any per-key state a policy keeps when ``key`` leaves by removal."""
+    def _forget(self, key: KeyLike, cache_size: int) -> None:
+        """Hook: drop any per-key state a policy keeps when ``key`` (the copy of it charged
+        ``cache_size`` bytes) leaves by removal."""
 
     def _charge(self, cache_size: int) -> None:
         self._charged += cache_size

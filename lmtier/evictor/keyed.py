@@ -24,7 +24,12 @@ class KeyedEvictor(BaseEvictor):
     * the tracked bytes that are pinned, so that a put that cannot fit is refused at once,
       without a walk;
     * a key admitted again while still tracked (an overwrite whose old entry is removed only
-      after the new one is written) is held aside and takes over when either copy leaves.
+      after the new one is written, or two puts of one key in flight at once) is held aside as
+      another *copy* of the key.  A removal names its copy by size, so it discharges and forgets
+      that copy, not whichever was admitted first; a copy's commit is not announced, so before
+      choosing victims the tracked copy of such a key is made the one in ``cache_dict`` (the
+      only one that can be a victim, and the one whose size a victim frees).  When the tracked
+      copy leaves, the next one takes over.
 
     Subclasses implement:
 
@@ -48,6 +53,7 @@ class KeyedEvictor(BaseEvictor):
         self._tracked_bytes = 0
         self._pinned_bytes = 0
         self._again: dict[KeyLike, list[tuple[int, int | None]]] = {}
+        self._positions: dict[KeyLike, int] = {}  # tracked keys put with a position
         self._unnamed: tuple[int, int | None] | None = None  # a seed-style put not yet seen
         self._dict: OrderedDict[Any, Any] | None = None
 
@@ -93,6 +99,8 @@ class KeyedEvictor(BaseEvictor):
         self._dict = cache_dict
         if self._unnamed is not None:
             self._sync(cache_dict)
+        if self._again:  # rare: only keys with overlapping puts in flight
+            self._settle(cache_dict)
         capacity = self._capacity
         assert capacity is not None
         if cache_size > capacity:
@@ -119,19 +127,30 @@ class KeyedEvictor(BaseEvictor):
             self._track(key, cache_size, position)
         return victims, PutStatus.LEGAL
 
-    def _forget(self, key: KeyLike) -> None:
+    def _forget(self, key: KeyLike, cache_size: int) -> None:
         # update_on_remove has discharged the bytes; a seed-style put is resolved first, so
         # that an abandoned one is not mistaken later for the entry at the end.
         if self._dict is not None:
             self._sync(self._dict)
         self._unnamed = None
+        again = self._again.get(key)
+        if again:
+            # The copy that left is the one of its size: a put of another size abandoned while
+            # the tracked copy stays, or the tracked copy itself.  Equal sizes are
+            # interchangeable, and an aside copy keeps the tracked one's place in the order.
+            for index, (size, _) in enumerate(again):
+                if size == cache_size:
+                    del again[index]
+                    if not again:
+                        del self._again[key]
+                    return
         if key in self._sizes:
             self._remove(key)
             self._untrack(key)
             self._take_over(key)
-        elif key in self._again:
-            self._again[key].pop()
-            if not self._again[key]:
+        elif again:
+            again.pop()
+            if not again:
                 del self._again[key]
 
     def pin(self, key: KeyLike) -> None:
@@ -165,8 +184,31 @@ class KeyedEvictor(BaseEvictor):
             if last not in self._sizes:
                 self._track(last, size, position)
 
+    def _settle(self, cache_dict: OrderedDict[Any, Any]) -> None:
+        """Make the tracked copy of each key admitted more than once the one in ``cache_dict``.
+
+        Copies commit in any order (a small write finishes before a large one), and a victim
+        must free the bytes of the committed copy.
+        """
+        for key, again in list(self._again.items()):
+            if key not in cache_dict or key not in self._sizes:
+                continue
+            committed = self.get_size(cache_dict[key])
+            tracked = self._sizes[key]
+            if committed == tracked:
+                continue
+            for index, (size, position) in enumerate(again):
+                if size == committed:
+                    again[index] = (tracked, self._positions.get(key))
+                    self._remove(key)
+                    self._untrack(key)
+                    self._track(key, size, position)
+                    break
+
     def _track(self, key: KeyLike, size: int, position: int | None) -> None:
         self._sizes[key] = size
+        if position is not None:
+            self._positions[key] = position
         self._tracked_bytes += size
         if key in self._pins:
             self._pinned_bytes += size
@@ -174,6 +216,7 @@ class KeyedEvictor(BaseEvictor):
 
     def _untrack(self, key: KeyLike) -> int:
         size = self._sizes.pop(key)
+        self._positions.pop(key, None)
         self._tracked_bytes -= size
         if key in self._pins:
             self._pinned_bytes -= size
