@@ -140,10 +140,9 @@ async def _stress(
         async with TieredStore(config) as store:
             print(
                 "stress: "
-                + " -> ".join(
-                    f"{t.name} ({t.budget / 2**20:g} MiB, {type(t.evictor).__name__})"
-                    for t in store.tiers
-                )
+                + " -> ".join(f"{t.name} ({t.budget / 2**20:g} MiB)" for t in store.tiers)
+                + (f"; evictor {policy}" if policy else "")
+                + (f"; admission {admission} below the first tier" if admission else "")
                 + f"; {options.tasks} tasks, {options.ops} ops"
                 + (", shared keys" if options.shared_keys else ""),
                 flush=True,

@@ -31,7 +31,7 @@ def test_shared_keys_from_the_command_line(capsys: pytest.CaptureFixture[str]) -
     argv = ["stress", "--shared-keys", "--policy", "arc", "--tasks", "16", "--ops", "320"]
     assert main([*argv, "--keys-per-task", "32", "--rounds", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "ARCEvictor" in out and "wrong reads 0" in out and "OK:" in out
+    assert "evictor arc" in out and "wrong reads 0" in out and "OK:" in out
 
 
 def test_an_unknown_policy_is_refused() -> None:
