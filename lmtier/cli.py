@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 
+from lmtier.admission import ADMISSION_POLICIES
 from lmtier.argtypes import float_list, name_list, positive_int
 from lmtier.bench import BenchOptions, Row, format_rows, run_bench
 from lmtier.config import load_config
 from lmtier.errors import LmtierError
+from lmtier.evictor import evictor_names
 from lmtier.inspect import inspect_path
 from lmtier.replay.report import check_plotting, format_table, write_csv, write_plot
 from lmtier.replay.sweep import ReplayOptions, run_sweep
@@ -24,7 +26,15 @@ from lmtier.replay.synthetic import SYNTHETIC_PREFIX, SyntheticSpec, parse_synth
 from lmtier.replay.traces import FORMATS, WINDOWS, parse_part, trace_stats
 from lmtier.replay.workloads import load_trace
 from lmtier.store import TieredStore
-from lmtier.stress import StressOptions, default_stress_config, format_report, run_stress
+from lmtier.stress import (
+    StressOptions,
+    default_stress_config,
+    format_report,
+    run_shared_stress,
+    run_stress,
+    shared_stress_config,
+    with_policy,
+)
 
 __all__ = ["main"]
 
@@ -72,6 +82,27 @@ def _add_stress(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     stress.add_argument("--get-fraction", type=float, default=defaults.get_fraction)
     stress.add_argument("--delete-fraction", type=float, default=defaults.delete_fraction)
     stress.add_argument("--seed", type=int, default=defaults.seed)
+    stress.add_argument(
+        "--policy", choices=evictor_names(), help="every tier's evictor (default: as configured)"
+    )
+    stress.add_argument(
+        "--admission",
+        choices=ADMISSION_POLICIES,
+        help="the admission policy of every tier below the first (default: as configured)",
+    )
+    stress.add_argument(
+        "--shared-keys",
+        action="store_true",
+        help="all tasks share one key space of --keys-per-task keys: they overwrite and delete "
+        "each other's entries and give up on --cancel-fraction of their calls",
+    )
+    stress.add_argument("--cancel-fraction", type=float, default=defaults.cancel_fraction)
+    stress.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=defaults.rounds,
+        help="--shared-keys: quiet points where every key is read back",
+    )
     stress.add_argument("--no-progress", action="store_true")
     stress.set_defaults(run=_run_stress)
 
@@ -89,21 +120,35 @@ def _run_stress(args: argparse.Namespace) -> int:
         size_distribution=args.size_dist,
         duration_s=args.duration,
         progress=args.progress,
+        shared_keys=args.shared_keys,
+        cancel_fraction=args.cancel_fraction,
+        rounds=args.rounds,
     )
-    return asyncio.run(_stress(args.config, options))
+    return asyncio.run(_stress(args.config, options, args.policy, args.admission))
 
 
-async def _stress(config_path: Path | None, options: StressOptions) -> int:
+async def _stress(
+    config_path: Path | None,
+    options: StressOptions,
+    policy: str | None = None,
+    admission: str | None = None,
+) -> int:
     with tempfile.TemporaryDirectory(prefix="lmtier-stress-") as folder:
-        config = load_config(config_path) if config_path else default_stress_config(Path(folder))
+        embedded = shared_stress_config if options.shared_keys else default_stress_config
+        config = load_config(config_path) if config_path else embedded(Path(folder))
+        config = with_policy(config, policy, admission)
         async with TieredStore(config) as store:
             print(
                 "stress: "
                 + " -> ".join(f"{t.name} ({t.budget / 2**20:g} MiB)" for t in store.tiers)
-                + f"; {options.tasks} tasks, {options.ops} ops",
+                + (f"; evictor {policy}" if policy else "")
+                + (f"; admission {admission} below the first tier" if admission else "")
+                + f"; {options.tasks} tasks, {options.ops} ops"
+                + (", shared keys" if options.shared_keys else ""),
                 flush=True,
             )
-            report = await run_stress(store, options)
+            run = run_shared_stress if options.shared_keys else run_stress
+            report = await run(store, options)
         print(format_report(report))
     return 0 if report.ok else 1
 

