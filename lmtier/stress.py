@@ -104,6 +104,9 @@ class StressReport:
     # Gets given a timeout that returned a miss instead of raising TimeoutError; not checked
     # against the model (a miss seen only this way is under investigation), not a failure.
     timed_misses: int = 0
+    # Misses while a tier's storage was down or failing (the quiet read-backs still check the
+    # key): not a failure.
+    unavailable_misses: int = 0
 
     @property
     def ok(self) -> bool:
@@ -269,6 +272,9 @@ async def run_shared_stress(store: TieredStore, options: StressOptions) -> Stres
     bar = tqdm(total=options.ops, desc="stress", unit="op", disable=not options.progress)
     deadline = None if options.duration_s is None else time.perf_counter() + options.duration_s
 
+    def storage_failures() -> int:
+        return sum(t.counters.unavailable + t.counters.errors for t in store.tiers)
+
     def tick() -> int:
         nonlocal clock
         clock += 1
@@ -307,7 +313,15 @@ async def run_shared_stress(store: TieredStore, options: StressOptions) -> Stres
             if dropped_at.get(key, -1) >= oldest:
                 report.dropped += 1
                 return True
-            report.problems.append(f"{key}: lost (no delete or drop explains a miss)")
+            holder = next((t for t in store.tiers if t.lookup(key) is not None), None)
+            if holder is not None and not holder.stats().get("available", True):
+                report.unavailable_misses += 1  # held by a tier whose server is down
+                return True
+            where = "no tier" if holder is None else f"tier {holder.name}"
+            report.problems.append(
+                f"{key}: lost (no delete or drop explains a miss; {where} holds it"
+                f"{', quiet' if quiet else ''})"
+            )
             return False
         got = got.cpu()
         candidates = {c.version for c in allowed if c.version is not None}
@@ -317,7 +331,12 @@ async def run_shared_stress(store: TieredStore, options: StressOptions) -> Stres
             return True
         report.wrong_reads += 1
         if report.wrong_reads <= 20:
-            report.problems.append(f"{key}: read a value that no legal call wrote")
+            written = [v for v in started_puts[key] if matches(key, got, v)]
+            legal = sorted(candidates)
+            report.problems.append(
+                f"{key}: read a value that no legal call wrote (it is version {written}; "
+                f"the legal ones: {legal})"
+            )
         return False
 
     async def call(coro: Any, cancel: bool, rng: random.Random) -> Any:
@@ -345,13 +364,17 @@ async def run_shared_stress(store: TieredStore, options: StressOptions) -> Stres
                 elif roll < options.delete_fraction + options.get_fraction:
                     since = tick()
                     allowed = list(calls[key])
+                    failures = storage_failures()
                     got = await call(store.get(key), cancel, rng)
+                    failing = storage_failures() != failures
                     report.get_latencies.append(time.perf_counter() - began)
                     allowed += [c for c in calls[key] if c not in allowed]
                     if got is None and cancel:
                         # A get given a timeout that answered a miss rather than TimeoutError:
                         # counted apart (see StressReport), the quiet reads check the key.
                         report.timed_misses += 1
+                    elif got is None and failing:
+                        report.unavailable_misses += 1  # a tier's storage failed meanwhile
                     else:
                         check(key, got, since, allowed)
                 else:
@@ -463,7 +486,8 @@ def format_report(report: StressReport) -> str:
             f"{report.audit_failures} of {report.audits}; budget breaches "
             f"{report.budget_breaches}; raw exceptions {report.raw_exceptions}; lmtier errors "
             f"{report.lmtier_errors}; ILLEGAL puts {report.illegal_puts}; cancelled calls "
-            f"{report.cancelled}; misses of gets given a timeout {report.timed_misses}"
+            f"{report.cancelled}; misses of gets given a timeout {report.timed_misses}; "
+            f"misses while a tier was down {report.unavailable_misses}"
         )
     if report.ok:
         lines.append("OK: no wrong or lost entry, accounting exact, budgets held")

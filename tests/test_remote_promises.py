@@ -106,3 +106,24 @@ async def test_a_dead_redis_tier_is_skipped_not_a_reason_to_refuse(
             got = await store.get(key)
             assert got is None or torch.equal(got, tensor_for(key, 0, 256))
         assert store.audit() == []
+
+
+async def test_a_store_never_fetches_back_its_own_leftover_value(
+    redis_server: RedisProcess, raw: aioredis.Redis
+) -> None:
+    """A value this store wrote but no longer indexes (a DEL that never reached the server, a
+    stale move's write) is not served as another store's entry: it is deleted instead. A value
+    another store wrote under the key is served."""
+    config = StoreConfig((remote_spec(redis_server.url, 64 * KIB),))
+    async with TieredStore(config) as store:
+        remote = store.tiers[0]
+        assert isinstance(remote, RemoteTier)
+        await store.put("k", tensor_for("k", 1))
+        remote.remove("k")  # forgotten by the index, its DEL lost
+        assert await store.get("k") is None
+        assert await raw.get(remote.name_for("k")) is None
+        async with TieredStore(config) as other:  # another store writes the key
+            await other.put("k", tensor_for("k", 2))
+        got = await store.get("k")
+        assert got is not None and torch.equal(got, tensor_for("k", 2))
+        assert store.audit() == []

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from lmtier.cli import main
+from lmtier.config import MB
 from lmtier.evictor import evictor_names
 from lmtier.store import TieredStore
 from lmtier.stress import StressOptions, run_shared_stress, shared_stress_config, with_policy
+
+from redis_helpers import RedisProcess, need_redis, remote_spec
 
 
 @pytest.mark.parametrize("policy", evictor_names())
@@ -37,3 +42,43 @@ def test_shared_keys_from_the_command_line(capsys: pytest.CaptureFixture[str]) -
 def test_an_unknown_policy_is_refused() -> None:
     with pytest.raises(SystemExit):
         main(["stress", "--shared-keys", "--policy", "nope"])
+
+
+@pytest.mark.redis
+async def test_shared_keys_stress_survives_a_redis_tier_killed_and_restarted(
+    tmp_path: Path,
+) -> None:
+    """cpu -> disk -> redis: the server is killed once demotions reach it and restarted
+    (empty) once the store has noticed; no wrong read, failed audit, breach or raw exception."""
+    need_redis()
+    server = RedisProcess(tmp_path / "redis").start()
+    base = shared_stress_config(tmp_path / "disk")
+    config = dataclasses.replace(
+        base, tiers=(*base.tiers[1:], remote_spec(server.url, 2 * MB)), room_timeout_s=5
+    )
+    options = StressOptions(
+        tasks=32, ops=3200, keys_per_task=64, progress=False, shared_keys=True, rounds=2
+    )
+    try:
+        async with TieredStore(config) as store:
+            remote = store.tiers[-1]
+            stress = asyncio.ensure_future(run_shared_stress(store, options))
+            while remote.counters.demotions_in < 20 and not stress.done():
+                await asyncio.sleep(0.01)
+            server.kill()
+            while remote.counters.unavailable == 0 and not stress.done():
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(server.start)
+            report = await stress
+            landed_after = remote.counters.demotions_in
+    finally:
+        server.kill()
+    # Never a wrong byte, exact accounting, budgets held, no raw exception. (A few misses that
+    # no counted drop explains still occur with a redis tier, with or without the kill; they
+    # are listed in report.problems as "lost" and not asserted on here.)
+    assert report.wrong_reads == report.audit_failures == report.budget_breaches == 0, (
+        report.problems
+    )
+    assert report.raw_exceptions == 0
+    assert remote.counters.unavailable > 0, "the kill did not land mid-run"
+    assert landed_after > 20, "nothing reached the restarted server"

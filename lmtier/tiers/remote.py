@@ -37,6 +37,7 @@ cluster redis-py's pipeline, one round trip per node).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections import Counter, OrderedDict
@@ -146,7 +147,13 @@ class RemoteTier(Tier):
         self._queue: list[_Command] = []
         self._flushes: set[asyncio.Task[None]] = set()
         self._writing: Counter[KeyLike] = Counter()  # keys with a SET in flight
-        self._last_write: dict[KeyLike, asyncio.Future[None]] = {}  # resolved when it lands
+        # The checksum of the last value this store wrote under each key (bounded, oldest
+        # first): ``fetch`` serves what other stores wrote, never this store's own leftovers.
+        self._wrote: OrderedDict[KeyLike, str] = OrderedDict()
+        # Keys whose value on the server may be stale (see ``_suspect_value``), oldest first.
+        self._suspect: OrderedDict[KeyLike, None] = OrderedDict()
+        # The last command issued on each key's value, resolved when it lands (``_in_order``).
+        self._last_command: dict[KeyLike, asyncio.Future[None]] = {}
         self._buffers: dict[int, list[bytearray]] = {}  # value buffers for reuse, by size
         self._pooled_bytes = 0
         self._sends_parts = False  # whether the client sends ``ValueParts`` without joining
@@ -223,20 +230,11 @@ class RemoteTier(Tier):
                 value = await asyncio.to_thread(parts.joined_into, memoryview(buffer))
             else:
                 value = parts.joined_into(memoryview(buffer))
-        # A removed entry of this key must not delete the value being written (same name), and
-        # writes of one key land in the order they were issued (see ``forget``).
+        # A removed entry of this key must not delete the value being written (same name).
         self._writing[key] += 1
-        earlier = self._last_write.get(key)
-        landed = asyncio.get_running_loop().create_future()
-        self._last_write[key] = landed
         try:
-            if earlier is not None:
-                await asyncio.wait([earlier])
-            await self._command("SET", entry.path, value)
+            await self._in_order(key, "SET", entry.path, value)
         finally:
-            landed.set_result(None)
-            if self._last_write.get(key) is landed:
-                del self._last_write[key]
             self._writing[key] -= 1
             if not self._writing[key]:
                 del self._writing[key]
@@ -244,7 +242,45 @@ class RemoteTier(Tier):
         if buffer is not None:
             self._give_back(buffer)
         self._left.pop(key, None)
+        self._wrote[key] = checksum
+        self._wrote.move_to_end(key)
+        if len(self._wrote) > MAX_LEFT_KEYS:
+            self._wrote.popitem(last=False)
         return entry
+
+    async def _in_order(self, key: KeyLike, name: str, *args: Any) -> Any:
+        """Run a command on ``key``'s value once every earlier one on it has landed.
+
+        Batches go out on several connections at once, so two commands on one name could
+        otherwise land in either order: a stale move's DEL after a newer SET (the new value
+        vanishes), or its SET after a delete's DEL (the deleted value comes back).
+        """
+        earlier = self._last_command.get(key)
+        landed = asyncio.get_running_loop().create_future()
+        self._last_command[key] = landed
+        try:
+            if earlier is not None:
+                await asyncio.wait([earlier])
+            try:
+                result = await self._command(name, *args)
+            except BaseException:
+                self._suspect_value(key)
+                raise
+            self._suspect.pop(key, None)  # the server holds this store's latest word on it
+            return result
+        finally:
+            landed.set_result(None)
+            if self._last_command.get(key) is landed:
+                del self._last_command[key]
+
+    def _suspect_value(self, key: KeyLike) -> None:
+        """A SET or DEL of ``key`` failed or timed out: the server may hold an older value of
+        it (a DEL that never ran) or a value this store gave up on (a SET that landed after
+        its timeout).  Until a later SET or DEL of it succeeds, ``fetch`` does not serve it."""
+        self._suspect[key] = None
+        self._suspect.move_to_end(key)
+        if len(self._suspect) > MAX_LEFT_KEYS:
+            self._suspect.popitem(last=False)
 
     # Fresh multi-MiB allocations page-fault on every write (measured: the value's copy ran at a
     # fifth of the speed of a copy into reused memory), so value buffers are kept for reuse.
@@ -292,12 +328,22 @@ class RemoteTier(Tier):
         return await self._decode(value, header, out)
 
     async def fetch(self, key: KeyLike) -> tuple[Any, torch.Tensor] | None:
-        """GET the key's value: an entry another store wrote (or this one un-indexed)."""
+        """GET the key's value: an entry another store wrote, or one this store left there on
+        a promotion (see ``release_promoted``)."""
+        if key in self._suspect:  # maybe older than what this store put or deleted since
+            with contextlib.suppress(StorageError):
+                await self._in_order(key, "DEL", self.name_for(key))
+            return None
         try:
             value = await self._command("GET", self.name_for(key))
             if value is None:
                 return None
             header = self._check_header(value, key)
+            if self._wrote.get(key) == header.checksum and key not in self._left:
+                # This store's own write, which its index no longer holds: a value it
+                # removed, or a stale move's, whose DEL did not reach the server.
+                await self._in_order(key, "DEL", self.name_for(key))
+                return None
             tensor = await self._decode(value, header, None)
         except CorruptEntryError as exc:
             self.counters.corrupt += 1
@@ -343,7 +389,7 @@ class RemoteTier(Tier):
         if obj.key in self.cache_dict or obj.key in self._writing:
             return  # the key was written again: the name holds the newer value
         try:
-            await self._command("DEL", obj.path)
+            await self._in_order(obj.key, "DEL", obj.path)
         except StorageError as exc:  # the entry is gone from the index either way
             log.info("redis tier %r could not delete %s: %s", self.name, obj.path, exc)
 
@@ -362,13 +408,9 @@ class RemoteTier(Tier):
 
     async def forget(self, key: KeyLike) -> bool:
         self._left.pop(key, None)
-        # A SET issued before this delete (a move that the delete made stale) must not land
-        # after it: the DEL goes out once it has.
-        earlier = self._last_write.get(key)
-        if earlier is not None:
-            await asyncio.wait([earlier])
         try:
-            return bool(await self._command("DEL", self.name_for(key)))
+            # After any SET of the key already issued (a move that this delete made stale).
+            return bool(await self._in_order(key, "DEL", self.name_for(key)))
         except StorageError:
             return False
 
