@@ -23,6 +23,7 @@ __all__ = [
     "StoreConfig",
     "TierConfig",
     "apply_env_overrides",
+    "config_from_mapping",
     "load_config",
     "parse_config",
 ]
@@ -399,6 +400,19 @@ def apply_env_overrides(data: Mapping[str, Any], environ: Mapping[str, str]) -> 
     return out
 
 
+def config_from_mapping(
+    data: Mapping[str, Any],
+    source: str = "<mapping>",
+    environ: Mapping[str, str] | None = None,
+) -> StoreConfig:
+    """Validate a config mapping as a YAML file's content is: ``LMTIER_*`` overrides from
+    ``environ`` (default ``os.environ``) applied first, then ``parse_config``."""
+    env = os.environ if environ is None else environ
+    if isinstance(data, Mapping):
+        data = apply_env_overrides(data, env)
+    return parse_config(data, source)
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> StoreConfig:
@@ -418,6 +432,4 @@ def load_config(
         raise ConfigError(f"cannot read config file {source}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: malformed YAML: {exc}") from exc
-    if isinstance(data, Mapping):
-        data = apply_env_overrides(data, env)
-    return parse_config(data, source)
+    return config_from_mapping(data, source, env)

@@ -1,0 +1,430 @@
+"""SGLang HiCache L3 storage backend on lmtier (SGLang 0.5.23's ``HiCacheStorage``).
+
+Loaded by SGLang's ``StorageBackendFactory`` as a "dynamic" backend::
+
+    --enable-hierarchical-cache --hicache-storage-backend dynamic
+    --hicache-storage-backend-extra-config '{"backend_name": "lmtier",
+        "module_path": "lmtier.integrations.sglang", "class_name": "LmtierHiCacheStorage",
+        "config_path": "/etc/lmtier/cpu_disk.yaml", "interface_v1": 1}'
+
+The factory calls ``LmtierHiCacheStorage(storage_config, kwargs)`` and the cache controller then
+calls ``register_mem_pool_host(host_pool)``; with ``"interface_v1": 1`` it moves pages with
+``batch_get_v1``/``batch_set_v1`` (straight between lmtier and the host pool's pages), else with
+``batch_get``/``batch_set`` on flat page copies.  Both store the same entries.
+
+extra_config keys read here: ``config_path`` (an lmtier YAML file) or ``config`` (the same
+content inline); with neither, ``$LMTIER_CONFIG``.  ``rank_dirs`` (default true) gives each rank
+its own sub-folder of every disk tier's path, since a disk folder belongs to one store.
+
+Keys carry the model and rank suffixes of SGLang's own file backend (``HiCacheFile``), so another
+model, or another shard of the same model, never hits.  Pages are stored in the host pool's page
+shape; a page stored under another layout has another shape and reads as a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from sglang.srt.mem_cache.hicache_storage import (
+    HiCacheStorage,
+    HiCacheStorageConfig,
+    HiCacheStorageExtraInfo,
+)
+
+from lmtier.config import StoreConfig, config_from_mapping, load_config
+from lmtier.errors import ConfigError, LmtierError
+from lmtier.evictor import PutStatus
+from lmtier.integrations.blocking import BlockingStore
+from lmtier.store import TieredStore
+
+__all__ = ["LmtierHiCacheStorage"]
+
+log = logging.getLogger(__name__)
+
+_MAMBA_SUFFIX = ".mamba"  # SGLang's PoolName.MAMBA: TP-sharded even for MLA models
+
+
+class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
+    """HiCache's L3 tier kept in a ``TieredStore`` (memory -> disk -> redis, as configured)."""
+
+    def __init__(
+        self, storage_config: HiCacheStorageConfig, kwargs: Mapping[str, Any] | Any = None
+    ) -> None:
+        self.storage_config = storage_config
+        extra = dict(storage_config.extra_config or {})
+        self.config_suffix, self.tp_config_suffix = _key_suffixes(storage_config)
+        self.mem_pool_host: Any = None
+        self._page_shape: tuple[int, ...] | None = None  # the host pool's page, as stored
+        self._pages_are_views = True  # get_data_page(flat=False) is a view into the pool
+        self._metrics_lock = threading.Lock()
+        self._metrics: dict[str, list[float]] = {
+            "prefetch_pgs": [],
+            "backup_pgs": [],
+            "prefetch_bandwidth": [],
+            "backup_bandwidth": [],
+        }
+        config = _store_config(extra, storage_config)
+        self._store = BlockingStore(
+            config, thread_name=f"lmtier-hicache-tp{storage_config.tp_rank}"
+        )
+        log.info(
+            "lmtier HiCache storage: tiers %s, keys suffixed %r",
+            [tier.name for tier in self._store.store.tiers],
+            self.config_suffix,
+        )
+        # The built-in constructors' shape, (storage_config, mem_pool_host), works too.
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            self.register_mem_pool_host(kwargs)
+
+    # ------------------------------------------------------------------ host pool
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        super().register_mem_pool_host(mem_pool_host)
+        try:
+            page = mem_pool_host.get_data_page(0, flat=False)
+        except Exception:
+            log.warning("host pool %r gives no page view: pages are stored flat", mem_pool_host)
+            self._page_shape = None
+            return
+        self._page_shape = tuple(page.shape)
+        self._pages_are_views = bool(page._is_view())
+
+    def _as_page(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (a flat page or a page) viewed in the stored page shape where it can be."""
+        shape = self._page_shape
+        if shape is None or tuple(tensor.shape) == shape:
+            return tensor
+        if tensor.is_contiguous() and tensor.numel() == _numel(shape):
+            return tensor.view(shape)
+        return tensor
+
+    def _suffixed(self, key: str) -> str:
+        if key.endswith(_MAMBA_SUFFIX):
+            return key + self.tp_config_suffix
+        return key + self.config_suffix
+
+    # ------------------------------------------------------------------ generic path
+    def get(
+        self,
+        key: str,
+        target_location: Any | None = None,
+        target_sizes: Any | None = None,
+    ) -> torch.Tensor | None:
+        return self.batch_get([key], [target_location])[0]
+
+    def batch_get(
+        self,
+        keys: list[str],
+        target_locations: Any | None = None,
+        target_sizes: Any | None = None,
+    ) -> list[torch.Tensor | None]:
+        targets = list(target_locations) if target_locations is not None else [None] * len(keys)
+        if len(targets) != len(keys):
+            log.error("batch_get: %d keys but %d target locations", len(keys), len(targets))
+            return [None] * len(keys)
+        began = time.perf_counter()
+        outs = [None if target is None else self._as_page(target) for target in targets]
+        found = self._run(_get_all, [self._suffixed(key) for key in keys], outs, default=None)
+        results = [
+            None if data is None else (target if target is not None else data)
+            for data, target in zip(found, targets, strict=True)
+        ]
+        self._record("prefetch", results, began)
+        return results
+
+    def set(
+        self,
+        key: str,
+        value: Any | None = None,
+        target_location: Any | None = None,
+        target_sizes: Any | None = None,
+    ) -> bool:
+        if value is None:
+            log.error("set %r: no value given (target_location alone is not supported)", key)
+            return False
+        return self.batch_set([key], [value])
+
+    def batch_set(
+        self,
+        keys: list[str],
+        values: Any | None = None,
+        target_locations: Any | None = None,
+        target_sizes: Any | None = None,
+    ) -> bool:
+        if values is None:
+            log.error("batch_set: no values given (target_locations alone are not supported)")
+            return False
+        values = list(values)
+        if len(values) != len(keys):
+            log.error("batch_set: %d keys but %d values", len(keys), len(values))
+            return False
+        began = time.perf_counter()
+        pages = [self._as_page(value) for value in values]
+        done = self._run(_put_all, [self._suffixed(key) for key in keys], pages, default=False)
+        self._record("backup", done, began)
+        return all(done)
+
+    def exists(self, key: str) -> bool:
+        return self.batch_exists([key]) == 1
+
+    def batch_exists(
+        self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None
+    ) -> int:
+        """How many of ``keys``, from the first, are stored: the count stops at the first miss."""
+        suffixed = [self._suffixed(key) for key in keys]
+        try:
+            return self._store.call(lambda store: _leading_hits(store, suffixed))
+        except LmtierError as exc:
+            log.warning("lmtier batch_exists failed: %s", exc)
+            return 0
+
+    # ------------------------------------------------------------------ zero-copy path
+    def batch_get_v1(
+        self,
+        keys: list[str],
+        host_indices: torch.Tensor,
+        extra_info: HiCacheStorageExtraInfo | None = None,
+    ) -> list[bool]:
+        """Read each page straight into its host-pool page (one copy from its tier)."""
+        located = self._host_pages(keys, host_indices, "batch_get_v1")
+        if located is None:
+            return [False] * len(keys)
+        indices, pages = located
+        began = time.perf_counter()
+        found = self._run(_get_all, [self._suffixed(key) for key in keys], pages, default=None)
+        hits = [data is not None for data in found]
+        if not self._pages_are_views:  # a copy of the page: hand it back to the pool
+            for index, page, hit in zip(indices, pages, hits, strict=True):
+                if hit:
+                    self.mem_pool_host.set_from_flat_data_page(index, page.reshape(-1))
+        self._record("prefetch", hits, began)
+        return hits
+
+    def batch_set_v1(
+        self,
+        keys: list[str],
+        host_indices: torch.Tensor,
+        extra_info: HiCacheStorageExtraInfo | None = None,
+    ) -> list[bool]:
+        """Store each host-pool page as it lies in the pool (the tier makes the one copy)."""
+        located = self._host_pages(keys, host_indices, "batch_set_v1")
+        if located is None:
+            return [False] * len(keys)
+        _, pages = located
+        began = time.perf_counter()
+        done = self._run(_put_all, [self._suffixed(key) for key in keys], pages, default=False)
+        self._record("backup", done, began)
+        return done
+
+    def _host_pages(
+        self, keys: Sequence[str], host_indices: torch.Tensor, what: str
+    ) -> tuple[list[int], list[torch.Tensor]] | None:
+        pool = self.mem_pool_host
+        if pool is None:
+            log.error("%s: no host pool registered (register_mem_pool_host)", what)
+            return None
+        page_size = int(getattr(pool, "page_size", 1) or 1)
+        if host_indices.numel() != len(keys) * page_size:
+            log.error(
+                "%s: %d keys need %d host indices, got %d",
+                what,
+                len(keys),
+                len(keys) * page_size,
+                host_indices.numel(),
+            )
+            return None
+        firsts = host_indices[::page_size].tolist()
+        indices = [int(index) for index in firsts]
+        return indices, [pool.get_data_page(index, flat=False) for index in indices]
+
+    # ------------------------------------------------------------------ the rest
+    def clear(self) -> bool:
+        """Delete this backend's entries (this model's and rank's keys) from every tier."""
+        suffixes = (self.config_suffix, self.tp_config_suffix)
+        try:
+            removed = self._store.call(lambda store: _delete_suffixed(store, suffixes))
+        except LmtierError as exc:
+            log.error("lmtier clear failed: %s", exc)
+            return False
+        log.info("lmtier HiCache storage cleared: %d entries", removed)
+        return True
+
+    def get_stats(self) -> Any:
+        """SGLang's ``StorageMetrics`` of the transfers since the last call, when storage
+        metrics are on (None otherwise); ``lmtier_stats()`` gives the store's own counters."""
+        if not self.storage_config.enable_storage_metrics:
+            return None
+        storage_metrics = _storage_metrics_class()
+        if storage_metrics is None:
+            return None
+        metrics = storage_metrics()
+        with self._metrics_lock:
+            for name, values in self._metrics.items():
+                getattr(metrics, name).extend(values)
+                values.clear()
+        return metrics
+
+    def lmtier_stats(self) -> dict[str, Any]:
+        return self._store.stats()
+
+    def close(self) -> None:
+        """Finish the transfers in flight and close the store; later calls do nothing."""
+        self._store.close()
+
+    # ------------------------------------------------------------------ helpers
+    def _run(self, fn: Any, keys: list[str], tensors: list[Any], default: Any) -> list[Any]:
+        """``fn(store, keys, tensors)`` on the store's loop; every key ``default`` if the store
+        failed as a whole (a key's own failure is handled, and logged, by ``fn``)."""
+        try:
+            result: list[Any] = self._store.call(lambda store: fn(store, keys, tensors))
+            return result
+        except LmtierError as exc:
+            log.error("lmtier HiCache storage: %s", exc)
+            return [default] * len(keys)
+
+    def _record(self, direction: str, results: Sequence[object], began: float) -> None:
+        if not self.storage_config.enable_storage_metrics:
+            return
+        pages = sum(1 for result in results if result is not None and result is not False)
+        seconds = time.perf_counter() - began
+        page_bytes = 0
+        if self._page_shape is not None and self.mem_pool_host is not None:
+            itemsize = torch.empty((), dtype=self.mem_pool_host.dtype).element_size()
+            page_bytes = _numel(self._page_shape) * itemsize
+        with self._metrics_lock:
+            self._metrics[f"{direction}_pgs"].append(pages)
+            if seconds > 0 and page_bytes:
+                self._metrics[f"{direction}_bandwidth"].append(pages * page_bytes / seconds / 1e9)
+
+
+async def _get_all(
+    store: TieredStore, keys: list[str], outs: list[torch.Tensor | None]
+) -> list[torch.Tensor | None]:
+    gets = (_get_one(store, key, out) for key, out in zip(keys, outs, strict=True))
+    return list(await asyncio.gather(*gets))
+
+
+async def _get_one(store: TieredStore, key: str, out: torch.Tensor | None) -> torch.Tensor | None:
+    try:
+        if out is None:
+            return await store.get(key, "cpu")
+        return await store.get(key, out=out)
+    except LmtierError as exc:  # e.g. a page of another shape: a miss, never wrong data
+        log.warning("lmtier get %r: %s", key, exc)
+        return None
+
+
+async def _put_all(store: TieredStore, keys: list[str], pages: list[torch.Tensor]) -> list[bool]:
+    puts = (_put_one(store, key, page) for key, page in zip(keys, pages, strict=True))
+    return list(await asyncio.gather(*puts))
+
+
+async def _put_one(store: TieredStore, key: str, page: torch.Tensor) -> bool:
+    try:
+        # A page's key names its tokens and their whole prefix: a stored one is already right.
+        if await store.contains(key) is not None:
+            return True
+        return await store.put(key, page) is PutStatus.LEGAL
+    except LmtierError as exc:
+        log.warning("lmtier put %r: %s", key, exc)
+        return False
+
+
+async def _leading_hits(store: TieredStore, keys: list[str]) -> int:
+    for count, key in enumerate(keys):
+        if await store.contains(key) is None:
+            return count
+    return len(keys)
+
+
+async def _delete_suffixed(store: TieredStore, suffixes: tuple[str, ...]) -> int:
+    keys = {
+        key
+        for tier in store.tiers
+        for key in list(tier.cache_dict)
+        if isinstance(key, str) and key.endswith(suffixes)
+    }
+    removed = await asyncio.gather(*(store.delete(key) for key in keys))
+    return sum(removed)
+
+
+def _key_suffixes(config: HiCacheStorageConfig) -> tuple[str, str]:
+    """(suffix of most keys, suffix of TP-sharded keys), exactly as ``HiCacheFile`` builds them."""
+    model_name = "-".join(config.model_name.split("/")) if config.model_name else ""
+    shard = f"_{config.pp_size}_{config.pp_rank}" if config.pp_size > 1 else ""
+    if config.attn_cp_size > 1:
+        shard += f"_cp{config.attn_cp_rank}_{config.attn_cp_size}"
+    tp_suffix = f"_{model_name}_{config.tp_rank}_{config.tp_size}{shard}"
+    suffix = f"_{model_name}{shard}" if config.is_mla_model else tp_suffix
+    if getattr(config, "dcp_size", 1) > 1:
+        dcp = (
+            f"_tp{config.tp_size}_dcp{config.dcp_rank}_{config.dcp_size}"
+            f"_page{config.logical_page_size}"
+        )
+        suffix += dcp
+        tp_suffix += dcp
+    return suffix, tp_suffix
+
+
+def _store_config(extra: Mapping[str, Any], config: HiCacheStorageConfig) -> StoreConfig:
+    path, inline = extra.get("config_path"), extra.get("config")
+    if path is not None and inline is not None:
+        raise ConfigError("extra_config: give 'config_path' or 'config', not both")
+    if inline is not None:
+        if not isinstance(inline, Mapping):
+            raise ConfigError(
+                f"extra_config field 'config' must be a mapping, got {type(inline).__name__}"
+            )
+        parsed = config_from_mapping(inline, "extra_config['config']")
+    else:
+        parsed = load_config(path)  # None: $LMTIER_CONFIG
+    rank_dirs = extra.get("rank_dirs", True)
+    if not isinstance(rank_dirs, bool):
+        raise ConfigError(f"extra_config field 'rank_dirs' must be a bool, got {rank_dirs!r}")
+    if not rank_dirs:
+        return parsed
+    folder = (
+        f"rank-tp{config.tp_rank}-pp{config.pp_rank}-dp{getattr(config, 'dp_rank', 0)}"
+        f"-cp{config.attn_cp_rank}"
+    )
+    tiers = tuple(
+        dataclasses.replace(tier, path=os.path.join(tier.path, folder))
+        if tier.kind == "disk" and tier.path is not None
+        else tier
+        for tier in parsed.tiers
+    )
+    return dataclasses.replace(parsed, tiers=tiers)
+
+
+_METRICS_MODULE = "sglang.srt.observability.metrics_collector"
+_metrics_import_failed = False
+
+
+def _storage_metrics_class() -> Any:
+    """SGLang's StorageMetrics, or None where its module cannot be imported (it pulls in
+    SGLang's model layers; a server that collects storage metrics has it loaded already)."""
+    global _metrics_import_failed
+    module = sys.modules.get(_METRICS_MODULE)
+    if module is None and not _metrics_import_failed:
+        try:
+            module = importlib.import_module(_METRICS_MODULE)
+        except ImportError as exc:
+            _metrics_import_failed = True
+            log.warning("SGLang's StorageMetrics is not importable (%s): get_stats gives None", exc)
+    return getattr(module, "StorageMetrics", None)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
