@@ -8,7 +8,6 @@ greedy output tokens, plus the lmtier tier's counters.  The engine core runs in 
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import sys
@@ -18,6 +17,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # vllm_torch_spe
 
 
 def main(path: str) -> None:
+    import lmtier.integrations.vllm as integration
+
+    tiers: list[integration.LmtierSecondaryTier] = []
+    init = integration.LmtierSecondaryTier.__init__
+
+    def remember(self: integration.LmtierSecondaryTier, *a: object, **k: object) -> None:
+        init(self, *a, **k)
+        tiers.append(self)
+
+    integration.LmtierSecondaryTier.__init__ = remember  # type: ignore[method-assign]
+
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
@@ -61,10 +71,9 @@ def main(path: str) -> None:
         runs.append(
             {"cached": out.num_cached_tokens or 0, "tokens": list(out.outputs[0].token_ids)}
         )
-    tiers = [o for o in gc.get_objects() if type(o).__name__ == "LmtierSecondaryTier"]
-    stats = tiers[0].stats() if tiers else None
-    if stats:
-        stats.pop("store", None)
+    stats = None
+    if tiers:
+        stats = {k: v for k, v in tiers[-1].stats().items() if k != "store"}
     print("RESULT " + json.dumps({"runs": runs, "tier": stats}), flush=True)
     del llm
 
