@@ -257,3 +257,21 @@ def test_block_stored_by_another_instance_is_found_on_redis(
     assert reader.tier.stats()["shared_hits"] >= 1
     # A block nobody stored settles as a miss.
     assert reader.lookup_until_settled(keys("nobody", 1)[0], req)[-1] is LookupResult.MISS
+
+
+def test_metrics_are_declared_and_reported(tmp_path: Path, engines: Any) -> None:
+    from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec
+
+    from lmtier.integrations.vllm import METRIC_LOADED_BLOCKS, METRIC_STORED_BLOCKS
+
+    extra = kv_transfer_extra(disk_config(tmp_path), 4, ROW)
+    definitions = TieringOffloadingSpec.build_metric_definitions(extra)
+    assert definitions[METRIC_STORED_BLOCKS].labelnames == ("tier",)
+    assert METRIC_LOADED_BLOCKS in definitions
+    engine = engines(None, extra=extra)
+    fill(engine, "m", 3, engine.ctx("r1"))
+    stats = engine.tier.get_stats()
+    assert stats is not None
+    assert stats.data["data"][METRIC_STORED_BLOCKS][("LmtierSecondaryTier",)] == 3
+    assert engine.tier.get_stats() is None  # reported once
+    assert engine.manager.get_stats() is not None  # vLLM aggregates it with its own
