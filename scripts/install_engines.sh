@@ -54,7 +54,7 @@ sys.exit(m.version("vllm") != "0.33.0")' 2>/dev/null; then
 VLLM_KV_OFFLOAD_DEPS=(
     msgspec==0.22.0 cbor2==6.3.0 cloudpickle==3.1.3 psutil==7.2.2 py-cpuinfo==9.0.0
     pyzmq==27.3.0 uvloop==0.23.0 pybase64==1.5.1 cachetools==8.0.2 prometheus_client==0.26.0
-    requests==2.34.2 urllib3==2.8.0 certifi==2026.10.19.post1 sniffio==1.3.1
+    requests==2.34.2 urllib3==2.8.0 certifi==2026.10.19.post1 charset-normalizer==3.5.3 sniffio==1.3.1
     aiohttp==3.14.5 multidict==7.2.1 attrs==26.1.0 yarl==1.25.1 propcache==0.5.4
     aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist==1.8.0
     fastapi==0.136.3 starlette==1.10.0 openai==3.57.0 openai-harmony==0.0.8
