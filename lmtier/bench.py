@@ -41,6 +41,7 @@ class BenchOptions:
     restart_entries: int = 100_000
     peers: bool = False  # rows beside LMCache 0.5.6's local backends (lmtier.bench_peers)
     redis_url: str | None = None  # redis rows on this server (default: a local one, if installed)
+    vllm: bool = False  # the vLLM secondary tier's rows (lmtier.bench_vllm; needs vLLM)
 
     @property
     def repeats(self) -> int:
@@ -384,6 +385,10 @@ def run_bench(options: BenchOptions, on_row: Callable[[Row], None] | None = None
 
             for nbytes in (2 * MiB, 16 * MiB):
                 add(peer_rows(nbytes, repeats, folder))
+        if options.vllm:
+            from lmtier.bench_vllm import vllm_tier_rows  # imports vLLM: only when asked
+
+            add(vllm_tier_rows(folder, repeats=repeats))
     if torch.cuda.is_available():
         add(asyncio.run(gpu_rows(2 * MiB, repeats * 4)))
     from lmtier.bench_remote import remote_bench_rows  # it imports this module

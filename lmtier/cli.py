@@ -333,13 +333,18 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench.add_argument(
         "--redis", metavar="URL", help="redis rows on this server (default: a local redis-server)"
     )
+    bench.add_argument(
+        "--vllm",
+        action="store_true",
+        help="also the vLLM tier's store and load jobs (needs vLLM: scripts/install_engines.sh)",
+    )
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(run=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     options = BenchOptions(
-        args.quick, args.folder, args.fsync, args.restart_entries, args.peers, args.redis
+        args.quick, args.folder, args.fsync, args.restart_entries, args.peers, args.redis, args.vllm
     )
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
     print(
