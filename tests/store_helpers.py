@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmtier import serde
 from lmtier.config import StoreConfig, TierConfig
 from lmtier.keys import KeyLike
 from lmtier.store import TieredStore
@@ -43,3 +44,20 @@ class DropLog:
 def make_store(root: Path, **kwargs: object) -> tuple[TieredStore, DropLog]:
     drops = DropLog()
     return TieredStore(cascade_config(root, **kwargs), on_drop=drops), drops  # type: ignore[arg-type]
+
+
+def reshaped_entry(value: bytes, **changes: object) -> bytes:
+    """An entry's bytes (a file's or a redis value's) with its header's fields (dtype, shape,
+    key, ...) rewritten by ``changes``, its checksum and payload kept: what a stray writer or a
+    bit-rotted header could leave."""
+    header = serde.decode_header(value)
+    fields = {
+        "key": header.key,
+        "dtype": header.dtype,
+        "shape": header.shape,
+        "nbytes": header.nbytes,
+        "checksum": header.checksum,
+        "namespace": header.namespace,
+    }
+    fields.update(changes)
+    return serde.encode_header(**fields) + value[header.payload_offset :]  # type: ignore[arg-type]

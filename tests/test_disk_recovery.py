@@ -15,6 +15,7 @@ from lmtier.tiers import DiskTier
 from lmtier.tiers.disk_files import TEMP_PREFIX
 
 from conftest import tensor_for
+from store_helpers import reshaped_entry
 
 KIB = 1024
 HOSTILE_KEYS = [
@@ -141,21 +142,7 @@ async def test_a_second_store_on_the_same_folder_is_refused(tmp_path: Path) -> N
 
 
 def rewrite_header(path: Path, **changes: object) -> None:
-    """Rewrite an entry file's header with ``changes`` to its fields (dtype, shape, key, ...),
-    keeping its checksum and payload: what a stray writer or a bit-rotted header could leave."""
-    data = path.read_bytes()
-    header = serde.decode_header(data)
-    fields = {
-        "key": header.key,
-        "dtype": header.dtype,
-        "shape": header.shape,
-        "nbytes": header.nbytes,
-        "checksum": header.checksum,
-        "namespace": header.namespace,
-    }
-    fields.update(changes)
-    new = serde.encode_header(**fields)  # type: ignore[arg-type]
-    path.write_bytes(new + data[header.payload_offset :])
+    path.write_bytes(reshaped_entry(path.read_bytes(), **changes))
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from redis_helpers import (
     remote_spec,
     start_cluster,
 )
+from store_helpers import reshaped_entry
 from tier_contract import TierContract, lru, store_in
 
 try:
@@ -499,21 +500,6 @@ async def test_the_stress_run_keeps_every_invariant_through_a_redis_tier(
         assert remote_of(store).counters.demotions_in > 0
 
 
-def _reshaped(value: bytes, **changes: object) -> bytes:
-    """``value`` with its header rewritten by ``changes``, its checksum and payload kept."""
-    header = serde.decode_header(value)
-    fields = {
-        "key": header.key,
-        "dtype": header.dtype,
-        "shape": header.shape,
-        "nbytes": header.nbytes,
-        "checksum": header.checksum,
-        "namespace": header.namespace,
-    }
-    fields.update(changes)
-    return serde.encode_header(**fields) + value[header.payload_offset :]  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize(
     "changes",
     [{"shape": (64, 64)}, {"dtype": torch.float32}, {"shape": (-64, -64)}, {"shape": (4096,)}],
@@ -526,7 +512,7 @@ async def test_a_value_rewritten_by_another_client_is_a_counted_miss(
     async with remote_store(server.url) as writer:
         await writer.put("k", tensor_for("k", numel=4096).reshape(32, 128))
         name = remote_of(writer).name_for("k")
-        await raw.set(name, _reshaped(await raw.get(name), **changes))
+        await raw.set(name, reshaped_entry(await raw.get(name), **changes))
         reader = writer if indexed else remote_store(server.url)
         async with reader:
             got = await reader.get("k")
