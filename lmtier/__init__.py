@@ -1,6 +1,6 @@
 """lmtier: an asyncio tiered KV-cache store (GPU -> pinned CPU -> disk)."""
 
-from lmtier.config import StoreConfig, TierConfig
+from lmtier.config import StoreConfig, TierConfig, apply_log_level
 from lmtier.errors import (
     ConfigError,
     CorruptEntryError,
@@ -19,6 +19,8 @@ from lmtier.metadata import DiskCacheMetadata
 from lmtier.store import TieredStore
 
 __version__ = "0.1.0"
+
+apply_log_level()
 
 __all__ = [
     "BaseEvictor",

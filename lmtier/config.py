@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,10 @@ MB = 1024**2
 
 ENV_PREFIX = "LMTIER_"
 CONFIG_ENV = "LMTIER_CONFIG"
+#: The level of lmtier's loggers (DEBUG, INFO, WARNING, ...), read when lmtier is imported.
+LOG_LEVEL_ENV = "LMTIER_LOG_LEVEL"
+#: ``LMTIER_*`` variables that are not config overrides.
+RESERVED_ENV = (CONFIG_ENV, LOG_LEVEL_ENV)
 
 _KINDS = ("disk", "memory", "redis")
 _REDIS_SCHEMES = ("redis", "rediss")
@@ -365,15 +370,17 @@ def apply_env_overrides(data: Mapping[str, Any], environ: Mapping[str, str]) -> 
     out: dict[str, Any] = copy.deepcopy(dict(data))
     size_vars: dict[str, str] = {}
     for var in sorted(environ):  # sorted: the same environment always gives the same result
-        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
+        if not var.startswith(ENV_PREFIX) or var in RESERVED_ENV:
             continue
         target, nested, field = var[len(ENV_PREFIX) :].rpartition("__")
         field = field.lower()
         if not nested:
             if field not in _TOP_KEYS or field == "tiers":
+                known = ", ".join(key for key in _TOP_KEYS if key != "tiers")
                 raise ConfigError(
-                    f"{var}: unknown top-level field {field!r}; known: promote_on_hit, "
-                    "room_timeout_s (or LMTIER_<TIER>__<FIELD> for a tier's field)"
+                    f"{var}: unknown top-level field {field!r}; known: {known} (or "
+                    f"LMTIER_<TIER>__<FIELD> for a tier's field; {', '.join(RESERVED_ENV)} are "
+                    "not overrides)"
                 )
             out[field] = _env_value(var, field, environ[var])
             continue
@@ -408,9 +415,21 @@ def config_from_mapping(
     """Validate a config mapping as a YAML file's content is: ``LMTIER_*`` overrides from
     ``environ`` (default ``os.environ``) applied first, then ``parse_config``."""
     env = os.environ if environ is None else environ
-    if isinstance(data, Mapping):
-        data = apply_env_overrides(data, env)
-    return parse_config(data, source)
+    if not isinstance(data, Mapping):
+        return parse_config(data, source)
+    overridden = apply_env_overrides(data, env)
+    try:
+        return parse_config(overridden, source)
+    except ConfigError as exc:
+        overrides = sorted(v for v in env if v.startswith(ENV_PREFIX) and v not in RESERVED_ENV)
+        if not overrides:
+            raise
+        try:
+            parse_config(data, source)
+        except ConfigError:
+            raise exc from None  # the content itself is at fault
+        # The content alone is valid: the environment's values are what broke it.
+        raise ConfigError(f"{exc} (a value set by {', '.join(overrides)})") from None
 
 
 def load_config(
@@ -433,3 +452,21 @@ def load_config(
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: malformed YAML: {exc}") from exc
     return config_from_mapping(data, source, env)
+
+
+def apply_log_level(environ: Mapping[str, str] | None = None) -> None:
+    """Set the level of lmtier's loggers from ``LMTIER_LOG_LEVEL``, if set (a bad value is
+    reported as a warning, not raised: logging must never stop a store)."""
+    env = os.environ if environ is None else environ
+    text = env.get(LOG_LEVEL_ENV, "").strip()
+    if not text:
+        return
+    level = logging.getLevelName(text.upper())
+    if not isinstance(level, int):
+        logging.getLogger("lmtier").warning(
+            "%s=%r is not a logging level (DEBUG, INFO, WARNING, ERROR, CRITICAL)",
+            LOG_LEVEL_ENV,
+            text,
+        )
+        return
+    logging.getLogger("lmtier").setLevel(level)

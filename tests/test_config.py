@@ -318,3 +318,39 @@ def test_validation_errors_from_file_name_the_file(tmp_path: Path) -> None:
     path = _write(tmp_path, _tier(0, evictor="nope"), name="bad.yaml")
     with pytest.raises(ConfigError, match=r"bad\.yaml: tiers\[0\] \('cpu'\).*evictor"):
         load_config(path, environ={})
+
+
+def test_reserved_variables_are_not_overrides_and_set_the_log_level() -> None:
+    import logging
+    import subprocess
+    import sys
+
+    from lmtier.config import config_from_mapping
+
+    data = {"tiers": [{"name": "cpu", "kind": "memory", "max_size_gb": 0.001}]}
+    config = config_from_mapping(data, environ={"LMTIER_LOG_LEVEL": "DEBUG"})
+    assert config.tiers[0].name == "cpu"
+    code = "import logging, lmtier; print(logging.getLogger('lmtier').level)"
+    env = {"LMTIER_LOG_LEVEL": "debug", "PATH": ""}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == str(logging.DEBUG)
+
+
+def test_an_unknown_variable_names_every_top_level_field() -> None:
+    from lmtier.config import config_from_mapping
+
+    data = {"tiers": [{"name": "cpu", "kind": "memory", "max_size_gb": 0.001}]}
+    with pytest.raises(ConfigError, match="namespace, promote_on_hit, room_timeout_s"):
+        config_from_mapping(data, environ={"LMTIER_NOPE": "1"})
+
+
+def test_a_bad_value_from_the_environment_is_blamed_on_the_environment() -> None:
+    from lmtier.config import config_from_mapping
+
+    data = {"tiers": [{"name": "cpu", "kind": "memory", "max_size_gb": 0.001}]}
+    with pytest.raises(ConfigError, match="a value set by LMTIER_ROOM_TIMEOUT_S"):
+        config_from_mapping(data, "store.yaml", environ={"LMTIER_ROOM_TIMEOUT_S": "-1"})
+    bad = {**data, "room_timeout_s": -1}
+    with pytest.raises(ConfigError) as raised:
+        config_from_mapping(bad, "store.yaml", environ={"LMTIER_NAMESPACE": "x"})
+    assert "a value set by" not in str(raised.value)
