@@ -6,6 +6,7 @@ import asyncio
 import enum
 import logging
 import os
+import warnings
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,11 +15,12 @@ from typing import Any, TypeVar
 import torch
 
 from lmtier import serde
-from lmtier.config import StoreConfig, load_config
+from lmtier.config import StoreConfig, config_from_mapping, load_config
 from lmtier.errors import (
     CorruptEntryError,
     DeviceUnavailableError,
     InvalidValueError,
+    LmtierTypeError,
     StorageError,
     StoreClosedError,
     TierUnavailableError,
@@ -66,8 +68,19 @@ class TieredStore:
     """
 
     def __init__(
-        self, config: StoreConfig, *, on_drop: Callable[[KeyLike], None] | None = None
+        self,
+        config: StoreConfig | Mapping[str, Any],
+        *,
+        on_drop: Callable[[KeyLike], None] | None = None,
     ) -> None:
+        """``config``: a ``StoreConfig``, or a mapping validated exactly as a YAML file's
+        content (``LMTIER_*`` overrides included)."""
+        if not isinstance(config, StoreConfig):
+            if not isinstance(config, Mapping):
+                raise LmtierTypeError(
+                    f"config must be a StoreConfig or a mapping, got {type(config).__name__}"
+                )
+            config = config_from_mapping(config)
         self.config = config
         self.tiers: list[Tier] = build_tiers(config)
         self._shared = any(tier.shared for tier in self.tiers)  # a miss then asks the server
@@ -98,6 +111,16 @@ class TieredStore:
     ) -> TieredStore:
         """A store from a YAML file (``path``, else ``$LMTIER_CONFIG``), with LMTIER_* overrides."""
         return cls(load_config(path), **kwargs)
+
+    def __del__(self) -> None:
+        # getattr: a constructor that raised leaves a half-built object behind.
+        if getattr(self, "_opened", None) is not None and not getattr(self, "_closed", True):
+            warnings.warn(
+                f"a TieredStore was never closed: its disk tiers keep their folders locked "
+                f"until the process ends ({[tier.name for tier in self.tiers]})",
+                ResourceWarning,
+                stacklevel=2,
+            )
 
     async def __aenter__(self) -> TieredStore:
         await self.open()
@@ -465,8 +488,11 @@ class TieredStore:
 
     def _count_failure(self, tier: Tier, what: str, exc: Exception) -> None:
         tier.counters.errors += 1
-        if not isinstance(exc, TierUnavailableError):  # the tier logged its outage once
-            log.warning("tier %r %s: %s", tier.name, what, exc)
+        errors = tier.counters.errors
+        # The tier logged an outage once; a full disk fails every write: log the 1st, 2nd,
+        # 4th, 8th... failure, with the count.
+        if not isinstance(exc, TierUnavailableError) and errors & (errors - 1) == 0:
+            log.warning("tier %r %s: %s (its error %d)", tier.name, what, exc, errors)
 
     def _note_room_timeout(self, key: KeyLike, size: int, full: Sequence[Tier]) -> None:
         """A put or move waited ``room_timeout_s`` for room in vain: count it, say what held it."""

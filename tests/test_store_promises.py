@@ -16,7 +16,12 @@ import torch
 
 from lmtier import PutStatus, StoreConfig, TierConfig, TieredStore
 from lmtier.engine import ChunkSpec, KVCacheEngine
-from lmtier.errors import DeviceUnavailableError, InvalidValueError
+from lmtier.errors import (
+    DeviceUnavailableError,
+    InvalidValueError,
+    LmtierTypeError,
+    StorageError,
+)
 from lmtier.tiers.base import Tier
 
 from conftest import tensor_for
@@ -324,3 +329,45 @@ async def test_an_error_of_the_environment_is_one_miss_and_never_strands_a_victi
         got = await store.get("b")
         assert got is not None and torch.equal(got, chunk("b"))
         assert store.audit() == []
+
+
+# ---------------------------------------------------------------- operator-facing messages
+async def test_a_plain_mapping_is_a_config(tmp_path: Path) -> None:
+    mapping = {"tiers": [{"name": "cpu", "kind": "memory", "max_size_gb": 0.001}]}
+    async with TieredStore(mapping) as store:
+        assert await store.put("a", chunk("a")) is PutStatus.LEGAL
+    with pytest.raises(LmtierTypeError):
+        TieredStore(["not", "a", "config"])  # type: ignore[arg-type]
+
+
+def test_a_store_never_closed_warns_and_its_folder_error_says_why(tmp_path: Path) -> None:
+    import gc
+
+    config = StoreConfig((TierConfig("disk", "disk", CHUNK, path=str(tmp_path)),))
+    store = TieredStore(config)
+    asyncio.run(store.open())
+    with pytest.raises(StorageError, match="never closed"):
+        asyncio.run(TieredStore(config).open())
+    with pytest.warns(ResourceWarning, match="never closed"):
+        del store
+        gc.collect()
+
+
+async def test_a_budget_beyond_the_free_space_and_a_full_disk_are_told_briefly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import errno
+
+    config = StoreConfig((TierConfig("disk", "disk", 1 << 62, path=str(tmp_path)),))
+    async with TieredStore(config) as store:
+        assert any("exceeds the" in r.getMessage() for r in caplog.records)
+        disk: Any = store.tiers[0]
+
+        def full(*args: Any) -> Any:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        disk._write_file = full
+        for i in range(41):
+            assert await store.put(f"k{i}", chunk("k")) is PutStatus.ILLEGAL
+        failures = [r for r in caplog.records if "could not write" in r.getMessage()]
+        assert disk.counters.errors == 41 and len(failures) == 6  # the 1st, 2nd, 4th ... 32nd

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -114,7 +115,8 @@ class DiskTier(Tier):
         if self._lock_fd is None:
             raise StorageError(
                 f"disk tier {self.name!r}: {self.root} is in use by another store "
-                f"(it holds {self.root / LOCK_NAME})"
+                f"(it holds {self.root / LOCK_NAME}); that may be a store of this very process "
+                "that was never closed (use `async with store` or `await store.close()`)"
             )
         try:
             self._lock_id = _file_id(os.fstat(self._lock_fd))
@@ -128,6 +130,17 @@ class DiskTier(Tier):
                 ) from exc
             raise
         self.recovery.seconds = time.perf_counter() - started
+        free = shutil.disk_usage(self.root).free
+        if self.budget - self.resident_bytes > free:
+            log.warning(
+                "disk tier %r: its budget (%d bytes, %d held) exceeds the %d bytes free on %s; "
+                "writes will fail (and fall through) once the disk is full",
+                self.name,
+                self.budget,
+                self.resident_bytes,
+                free,
+                self.root,
+            )
         if self.recovery.indexed or self.recovery.unreadable or self.recovery.temp_removed:
             log.info("disk tier %r reopened %s: %s", self.name, self.root, asdict(self.recovery))
 

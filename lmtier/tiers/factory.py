@@ -51,7 +51,7 @@ def _build_backend(spec: TierConfig, namespace: str) -> Tier | None:
                 raise DeviceUnavailableError(
                     f"tier {spec.name!r} requires {spec.device} but CUDA is not available"
                 )
-            log.info("tier %r skipped: CUDA is not available on this machine", spec.name)
+            log.warning("tier %r skipped: CUDA is not available on this machine", spec.name)
             return None
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceUnavailableError(
