@@ -10,6 +10,7 @@ rest, saves its full chunks back, and reports how many tokens it reused.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import tempfile
 
 import torch
@@ -17,6 +18,11 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from lmtier import StoreConfig, TierConfig, TieredStore
 from lmtier.engine import ChunkSpec, KVCacheEngine, PagedKVAdapter, fingerprint_tensors
+
+# The KV cache's argument and output field: ``cache`` from transformers 5 on (which deprecates
+# ``past_key_values``, to be removed in 5.40), ``past_key_values`` before.
+FORWARD_ARGS = inspect.signature(LlamaForCausalLM.forward).parameters
+CACHE = "cache" if "cache" in FORWARD_ARGS else "past_key_values"
 
 BLOCK, CHUNK, NUM_BLOCKS = 8, 16, 128
 
@@ -78,8 +84,8 @@ async def main() -> None:
                 reused = await adapter.load(tokens, blocks)
                 prefix = paged_to_cache(caches, blocks, reused)
                 with torch.no_grad():
-                    out = model(input_ids=torch.tensor([tokens[reused:]]), past_key_values=prefix)
-                cache_to_paged(out.past_key_values, caches, blocks, reused, len(tokens))
+                    out = model(input_ids=torch.tensor([tokens[reused:]]), **{CACHE: prefix})
+                cache_to_paged(getattr(out, CACHE), caches, blocks, reused, len(tokens))
                 await adapter.save(tokens, blocks)
                 next_token = int(out.logits[0, -1].argmax())
                 print(

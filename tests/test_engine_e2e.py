@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import runpy
 from pathlib import Path
 
@@ -11,6 +12,11 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from lmtier import StoreConfig, TierConfig, TieredStore
 from lmtier.engine import ChunkSpec, KVCacheEngine, fingerprint_tensors, token_chunks
+
+# The KV cache's argument and output field: ``cache`` from transformers 5 on (which deprecates
+# ``past_key_values``, to be removed in 5.40), ``past_key_values`` before.
+FORWARD_ARGS = inspect.signature(LlamaForCausalLM.forward).parameters
+CACHE = "cache" if "cache" in FORWARD_ARGS else "past_key_values"
 
 CHUNK = 16
 KIB = 1024
@@ -74,7 +80,7 @@ async def test_reused_prefix_gives_the_logits_of_a_full_recompute(
     async with TieredStore(config) as store:
         engine = KVCacheEngine(store, spec_for(model))
         with torch.no_grad():
-            prefill = model(input_ids=request_a[None], use_cache=True).past_key_values
+            prefill = getattr(model(input_ids=request_a[None], use_cache=True), CACHE)
         kv_a = engine_kv(prefill, len(request_a))
         assert await engine.store(request_a, kv_a) == 3 * CHUNK
 
@@ -84,7 +90,7 @@ async def test_reused_prefix_gives_the_logits_of_a_full_recompute(
         reused, kv = await engine.retrieve(request_b)
         assert reused == 2 * CHUNK and kv is not None
         with torch.no_grad():
-            suffix = model(input_ids=request_b[None, reused:], past_key_values=model_cache(kv))
+            suffix = model(input_ids=request_b[None, reused:], **{CACHE: model_cache(kv)})
             full = model(input_ids=request_b[None])
         difference = (suffix.logits[0, -1] - full.logits[0, -1]).abs().max().item()
         assert difference <= 1e-4, difference
