@@ -56,6 +56,10 @@ class _Attempt:
     full: list[Tier] = field(default_factory=list)
     failed: list[Tier] = field(default_factory=list)
 
+    def fail(self, tier: Tier) -> None:
+        self.outcome = _Outcome.FAILED
+        self.failed.append(tier)
+
 
 class TieredStore:
     """KV-cache chunks under keys, kept across an ordered list of tiers.
@@ -443,8 +447,7 @@ class TieredStore:
             except Exception as exc:
                 tier.unreserve(key, size)
                 self._count_failure(tier, f"could not write {key!r}", exc)
-                attempt.outcome = _Outcome.FAILED
-                attempt.failed.append(tier)
+                attempt.fail(tier)
                 continue
             # From the currency check to the commit nothing awaits: a delete or put of the key
             # comes wholly before (the move goes stale) or wholly after.
@@ -462,8 +465,7 @@ class TieredStore:
                 tier.unreserve(key, size)
                 self._count_failure(tier, f"could not publish {key!r}", exc)
                 await tier.discard(obj)
-                attempt.outcome = _Outcome.FAILED
-                attempt.failed.append(tier)
+                attempt.fail(tier)
                 continue
             if source is None:
                 replaced = self._remove_everywhere(key)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lmtier import serde
@@ -61,3 +66,14 @@ def reshaped_entry(value: bytes, **changes: object) -> bytes:
     }
     fields.update(changes)
     return serde.encode_header(**fields) + value[header.payload_offset :]  # type: ignore[arg-type]
+
+
+def kill_midway(target: Callable[..., None], args: tuple[object, ...], delay: float) -> None:
+    """Run ``target(*args)`` in a forked child and SIGKILL it after ``delay`` seconds."""
+    child = multiprocessing.get_context("fork").Process(target=target, args=args)
+    child.start()  # forked: no second torch import per round
+    time.sleep(delay)
+    assert child.pid is not None and child.is_alive(), "the child died on its own"
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(10)
+    assert child.exitcode == -signal.SIGKILL

@@ -4,11 +4,8 @@ after each restart, no put or delete that had returned is undone."""
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import random
-import signal
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +15,8 @@ import torch
 
 from lmtier import StoreConfig, TierConfig, TieredStore
 from lmtier.keys import KeyLike
+
+from store_helpers import kill_midway
 
 KIB = 1024
 TASKS = 8
@@ -123,17 +122,10 @@ async def check_nothing_undone(root: Path, rounds: int) -> int:
 
 
 def run_rounds(tmp_path: Path, rounds: int) -> None:
-    fork = multiprocessing.get_context("fork")
     rng = random.Random(99)
     checked = 0
     for seed in range(rounds):
-        child = fork.Process(target=worker, args=(tmp_path, seed))
-        child.start()
-        time.sleep(rng.uniform(0.1, 0.5))
-        assert child.pid is not None and child.is_alive(), "the worker died on its own"
-        os.kill(child.pid, signal.SIGKILL)
-        child.join(10)
-        assert child.exitcode == -signal.SIGKILL
+        kill_midway(worker, (tmp_path, seed), rng.uniform(0.1, 0.5))
         checked += asyncio.run(check_nothing_undone(tmp_path, seed + 1))
     assert checked > rounds, "the restarts found almost nothing to check"
 

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import os
 import random
-import signal
-import time
 from pathlib import Path
 
 import torch
@@ -15,6 +11,8 @@ import torch
 from lmtier import StoreConfig, TierConfig, TieredStore
 from lmtier.tiers import DiskTier
 from lmtier.tiers.disk_files import TEMP_PREFIX
+
+from store_helpers import kill_midway
 
 KIB = 1024
 ROUNDS = 24
@@ -65,17 +63,10 @@ async def reopen_and_check(root: Path) -> tuple[int, int]:
 
 
 def test_sigkill_at_random_moments_never_serves_wrong_bytes(tmp_path: Path) -> None:
-    fork = multiprocessing.get_context("fork")  # no second torch import per round
     rng = random.Random(1234)
     served_total = 0
     for round_ in range(ROUNDS):
-        child = fork.Process(target=writer, args=(tmp_path, round_))
-        child.start()
-        time.sleep(rng.uniform(0.05, 0.4))
-        assert child.pid is not None and child.is_alive(), "the writer died on its own"
-        os.kill(child.pid, signal.SIGKILL)
-        child.join(5)
-        assert child.exitcode == -signal.SIGKILL
+        kill_midway(writer, (tmp_path, round_), rng.uniform(0.05, 0.4))
         served, _corrupt = asyncio.run(reopen_and_check(tmp_path))
         served_total += served
     assert served_total > ROUNDS, "the writer never got anything to disk"
