@@ -16,7 +16,9 @@ class TierCounters:
     puts: int = 0  # new entries committed by a put
     evictions: int = 0  # victims its evictor chose
     demotions_in: int = 0
-    demotions_out: int = 0
+    demotions_out: int = 0  # victims moved down, unwritten ones included
+    unwritten_demotions: int = 0  # victims whose clean copy below took over: nothing written
+    copies_evicted: int = 0  # victims that were clean copies of a key held higher: dropped
     promotions_in: int = 0
     promotions_out: int = 0
     drops: int = 0  # victims no lower tier took

@@ -66,9 +66,18 @@ class TieredStore:
 
     A put lands in the first tier whose evictor makes room; the victims move down one tier at a
     time and the last tier's are dropped (and counted, and passed to ``on_drop``).  A get
-    searches top-down and moves a lower hit to the top when ``promote_on_hit``.  Tiers are
-    exclusive: a key lives in one tier, and a moving entry stays readable in its source until
-    the destination commits it.
+    searches top-down and copies a lower hit to the top when ``promote_on_hit``.  A moving
+    entry stays readable in its source until the destination commits it.
+
+    Copies, as ``audit`` checks them:
+
+    * a key's *authoritative* entry is the one in the highest tier holding it; a get reads it;
+    * a promotion leaves its source entry in place as a *clean copy*: the same bytes, counted
+      in that tier's budget and evictable there as any entry.  A key may have clean copies in
+      any tiers below its authoritative one, and only there;
+    * a put or delete of the key removes every copy, so a copy is never older than the value;
+    * demoting an entry that has a clean copy below writes nothing: the copy takes over.  A
+      clean copy chosen as a victim is dropped without a move (the key stays above).
     """
 
     def __init__(
@@ -334,9 +343,11 @@ class TieredStore:
     def stats(self) -> dict[str, Any]:
         """Per-tier counters and totals as one plain dict."""
         tiers = {tier.name: tier.stats() for tier in self.tiers}
+        for name, copies in self._clean_copies().items():
+            tiers[name]["clean_copies"] = copies
         return {
             "tiers": tiers,
-            "entries": sum(t["entries"] for t in tiers.values()),
+            "entries": sum(t["entries"] - t["clean_copies"] for t in tiers.values()),
             "resident_bytes": sum(t["resident_bytes"] for t in tiers.values()),
             "drops": sum(t["drops"] for t in tiers.values()),
             "corrupt": sum(t["corrupt"] for t in tiers.values()),
@@ -348,13 +359,31 @@ class TieredStore:
         """Broken invariants as messages: accounting, budgets, and a key in two tiers."""
         quiescent = not self._active and not self._tasks
         problems = [p for tier in self.tiers for p in tier.audit(quiescent)]
-        seen: dict[KeyLike, str] = {}
+        # Every copy of a key holds the authoritative entry's bytes: sizes must agree.
+        first: dict[KeyLike, tuple[Tier, int]] = {}
         for tier in self.tiers:
-            for key in tier.cache_dict:
-                if key in seen:
-                    problems.append(f"{key!r} is in both {seen[key]} and {tier.name}")
-                seen[key] = tier.name
+            for key, obj in tier.cache_dict.items():
+                size = tier.evictor.get_size(obj)
+                if key not in first:
+                    first[key] = (tier, size)
+                elif first[key][1] != size:
+                    holder, expected = first[key]
+                    problems.append(
+                        f"{key!r}: the copy in {tier.name} has {size} bytes, "
+                        f"the entry in {holder.name} {expected}"
+                    )
         return problems
+
+    def _clean_copies(self) -> dict[str, int]:
+        """Per tier, its entries that are clean copies (a higher tier holds the key)."""
+        counts = {}
+        above: set[KeyLike] = set()
+        for index, tier in enumerate(self.tiers):
+            keys = tier.cache_dict.keys()
+            counts[tier.name] = len(keys & above) if above else 0
+            if index + 1 < len(self.tiers):
+                above.update(keys)
+        return counts
 
     # ------------------------------------------------------------------ moving entries
     async def _place(
@@ -384,7 +413,7 @@ class TieredStore:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.room_timeout_s
         while True:
-            if source is not None and source[0].lookup(key) is not source[1]:
+            if source is not None and not self._still_current(key, source):
                 return _Outcome.STALE
             tiers = [tier for tier in could_fit if tier not in failed and tier.reachable]
             seen = {tier: tier.changes for tier in tiers}
@@ -451,7 +480,7 @@ class TieredStore:
                 continue
             # From the currency check to the commit nothing awaits: a delete or put of the key
             # comes wholly before (the move goes stale) or wholly after.
-            if source is not None and source[0].lookup(key) is not source[1]:
+            if source is not None and not self._still_current(key, source, tier):
                 tier.unreserve(key, size)
                 await tier.discard(obj)
                 return _Attempt(_Outcome.STALE)
@@ -467,24 +496,18 @@ class TieredStore:
                 await tier.discard(obj)
                 attempt.fail(tier)
                 continue
+            replaced: list[tuple[Tier, Any]] = []
             if source is None:
                 replaced = self._remove_everywhere(key)
                 self._newest_put[key] = ticket
-            else:
+            elif arrival != "promotions_in":  # a promotion's source stays, as a clean copy
                 source[0].remove(key)
                 replaced = [source]
             tier.commit(key, obj, size)
             tier.counters.count(arrival)
             for old_tier, old_obj in replaced:
-                if arrival == "promotions_in":
-                    await old_tier.release_promoted(old_obj)
-                else:
-                    await old_tier.discard(old_obj)
+                await old_tier.discard(old_obj)
             await tier.make_durable(obj)
-            if source is None and self._shared:
-                for other in self.tiers:
-                    if other.shared and other is not tier:
-                        await other.superseded(key)
             return _Attempt(_Outcome.PLACED)
         return attempt
 
@@ -547,24 +570,46 @@ class TieredStore:
         victims.clear()
 
     async def _demote_one(self, tier: Tier, below: list[Tier], key: KeyLike, obj: Any) -> None:
+        if tier.lookup(key) is not obj:
+            return  # deleted or replaced since it was chosen
+        is_copy = self._holder(key) is not tier
+        if is_copy or self._clean_copy_below(key, below) is not None:
+            # A clean copy leaves without a move (the key stays above); an entry with a clean
+            # copy below hands over to it: neither writes a byte.
+            tier.remove(key)
+            if is_copy:
+                tier.counters.copies_evicted += 1
+            else:
+                tier.counters.demotions_out += 1
+                tier.counters.unwritten_demotions += 1
+            await tier.discard(obj)
+            return
         outcome = _Outcome.REFUSED
-        if below:
+        # A tier whose copy is leaving too cannot take the key again: its own move settles it.
+        candidates = [each for each in below if each.lookup(key) is None]
+        if candidates:
             data = await self._load_or_drop(tier, key, obj)
             if data is not None:
                 self._moving[key] += 1
                 try:
-                    outcome = await self._place(key, data, below, (tier, obj), "demotions_in")
+                    outcome = await self._place(key, data, candidates, (tier, obj), "demotions_in")
                 finally:
                     self._unmoving(key)
             # Unreadable for now (an error of the environment): evicted all the same, as the
             # put waiting for its room would otherwise wait in vain.
         if outcome is _Outcome.PLACED:
             tier.counters.demotions_out += 1
-        elif outcome is not _Outcome.STALE and tier.lookup(key) is obj:
-            tier.remove(key)
+            return
+        if tier.lookup(key) is not obj:
+            return  # deleted or replaced meanwhile
+        tier.remove(key)
+        if self._holder(key) is not None and self._holder(key) not in below:
+            tier.counters.copies_evicted += 1  # a promotion above committed while it moved
+        else:
             tier.counters.drops += 1
-            self._notify_drop(key)
-            await tier.discard(obj)
+            if self._holder(key) is None:  # else the copy leaving below reports its own drop
+                self._notify_drop(key)
+        await tier.discard(obj)
 
     async def _promote(self, index: int, key: KeyLike, obj: Any, data: torch.Tensor) -> None:
         tier = self.tiers[index]
@@ -586,6 +631,20 @@ class TieredStore:
                 return index, tier, obj
             tier.counters.misses += 1
         return None
+
+    def _still_current(
+        self, key: KeyLike, source: tuple[Tier, Any], into: Tier | None = None
+    ) -> bool:
+        """Whether a move of ``key`` from ``source`` may still commit (into ``into``): the source
+        still holds that object as the key's authoritative entry, and the destination no copy."""
+        tier, obj = source
+        if tier.lookup(key) is not obj or self._holder(key) is not tier:
+            return False
+        return into is None or into.lookup(key) is None
+
+    def _clean_copy_below(self, key: KeyLike, below: Sequence[Tier]) -> Tier | None:
+        """A tier below holding a clean copy of ``key`` that is staying (not itself a victim)."""
+        return next((t for t in below if t.lookup(key) is not None and not t.is_leaving(key)), None)
 
     def _unmoving(self, key: KeyLike) -> None:
         self._moving[key] -= 1

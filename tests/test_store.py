@@ -61,7 +61,7 @@ async def test_victims_cascade_down_and_the_last_tier_drops(tmp_path: Path) -> N
         assert [t["resident_bytes"] for t in tiers.values()] == [4 * KIB, 8 * KIB, 16 * KIB]
 
 
-async def test_a_hit_below_the_top_moves_up(tmp_path: Path) -> None:
+async def test_a_hit_below_the_top_is_copied_up(tmp_path: Path) -> None:
     store, _ = make_store(tmp_path)
     async with store:
         for i in range(20):
@@ -70,12 +70,15 @@ async def test_a_hit_below_the_top_moves_up(tmp_path: Path) -> None:
         disk_files_before = sum(1 for _ in (tmp_path / "disk").rglob("*.safetensors"))
         got = await store.get("k0")
         assert got is not None and torch.equal(got, tensor_for("k0"))
-        assert await store.contains("k0") == "gpu"  # moved, not copied
-        tiers = store.stats()["tiers"]
+        assert await store.contains("k0") == "gpu"
+        stats = store.stats()
+        tiers = stats["tiers"]
         assert tiers["disk"]["promotions_out"] == 1 and tiers["gpu"]["promotions_in"] == 1
         assert tiers["disk"]["hits"] == 1 and tiers["gpu"]["misses"] == 1
-        # the gpu victim went to cpu, a cpu victim took k0's place on disk
-        assert sum(1 for _ in (tmp_path / "disk").rglob("*.safetensors")) == disk_files_before
+        # k0's disk entry stays as a clean copy; the gpu victim went to cpu, a cpu victim to disk
+        assert sum(1 for _ in (tmp_path / "disk").rglob("*.safetensors")) == disk_files_before + 1
+        assert [t["clean_copies"] for t in tiers.values()] == [0, 0, 1]
+        assert stats["entries"] == 20  # keys, each once
         assert store.audit() == []
 
 
@@ -256,7 +259,8 @@ async def test_stats_has_every_counter_per_tier(tmp_path: Path) -> None:
         "entries", "resident_bytes", "budget_bytes", "hits", "misses", "puts", "evictions",
         "demotions_in", "demotions_out", "promotions_in", "promotions_out", "drops", "corrupt",
         "errors", "room_timeouts", "admission_rejects", "bytes_in", "unavailable", "fetched",
-        "pinned_entries", "pinned_bytes", "moving_out",
+        "pinned_entries", "pinned_bytes", "moving_out", "unwritten_demotions",
+        "copies_evicted", "clean_copies",
     }  # fmt: skip
     assert list(tiers) == ["gpu", "cpu", "disk"]
     assert all(set(t) == expected for t in tiers.values())

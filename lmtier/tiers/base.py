@@ -43,9 +43,8 @@ class Tier(abc.ABC):
 
     A *shared* tier's storage is written by other stores too (a remote server).  Its index
     holds only what this store charged, so a key it does not index may still be in storage:
-    ``fetch`` looks there, ``try_adopt`` indexes what it found, ``forget`` deletes a key it
-    does not index, ``release_promoted`` leaves an entry promoted out of it in storage for the
-    other stores, and ``superseded`` removes such a copy once a put replaced the key.
+    ``fetch`` looks there, ``try_adopt`` indexes what it found, and ``forget`` deletes a key it
+    does not index.
     """
 
     #: Whether ``load`` returns a tensor nobody else holds (the caller may keep it as is).
@@ -232,17 +231,6 @@ class Tier(abc.ABC):
         """Delete ``key`` from shared storage although the index does not hold it; whether
         storage held it.  Called by a delete, so that no other store finds the entry again."""
         return False
-
-    async def release_promoted(self, obj: Any) -> None:
-        """Release an entry that ``remove`` took out because it moved to a higher tier.
-
-        The default discards it; a shared tier leaves it in storage for the other stores.
-        """
-        await self.discard(obj)
-
-    async def superseded(self, key: KeyLike) -> None:
-        """A put committed ``key`` in another tier: drop any copy this tier left in shared
-        storage on a promotion, so that this store never finds the older value again."""
 
     # ------------------------------------------------------------------ reads and removal
     def lookup(self, key: KeyLike) -> Any:

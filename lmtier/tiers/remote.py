@@ -73,8 +73,8 @@ FIRST_BACKOFF_S = 0.1
 # Value buffers kept for reuse where values are joined (a pipelined batch of 2 MiB chunks fits
 # 32 of them).
 MAX_POOLED_BYTES = 64 << 20
-# How many promoted-out keys are remembered (see ``superseded``); ~100 bytes each.
-MAX_LEFT_KEYS = 1 << 20
+# How many keys' last-written checksums are remembered (see ``fetch``); ~100 bytes each.
+MAX_REMEMBERED_KEYS = 1 << 20
 # Checking or decoding a value costs up to ~0.15 ms per MiB (a checksum, and a copy): up to this
 # size that holds the loop for less than a worker thread's hop takes on a busy machine.
 INLINE_CODEC_BYTES = 4 << 20
@@ -157,8 +157,6 @@ class RemoteTier(Tier):
         self._buffers: dict[int, list[bytearray]] = {}  # value buffers for reuse, by size
         self._pooled_bytes = 0
         self._sends_parts = False  # whether the client sends ``ValueParts`` without joining
-        # Keys promoted out whose value this store left on the server, oldest first (bounded).
-        self._left: OrderedDict[KeyLike, None] = OrderedDict()
         self._gone: set[RemoteEntry] = set()  # removed entries whose value is not theirs to delete
 
     @property
@@ -241,10 +239,9 @@ class RemoteTier(Tier):
         del value, parts  # the server has it all: nothing refers to the buffer any more
         if buffer is not None:
             self._give_back(buffer)
-        self._left.pop(key, None)
         self._wrote[key] = checksum
         self._wrote.move_to_end(key)
-        if len(self._wrote) > MAX_LEFT_KEYS:
+        if len(self._wrote) > MAX_REMEMBERED_KEYS:
             self._wrote.popitem(last=False)
         return entry
 
@@ -279,7 +276,7 @@ class RemoteTier(Tier):
         its timeout).  Until a later SET or DEL of it succeeds, ``fetch`` does not serve it."""
         self._suspect[key] = None
         self._suspect.move_to_end(key)
-        if len(self._suspect) > MAX_LEFT_KEYS:
+        if len(self._suspect) > MAX_REMEMBERED_KEYS:
             self._suspect.popitem(last=False)
 
     # Fresh multi-MiB allocations page-fault on every write (measured: the value's copy ran at a
@@ -328,8 +325,7 @@ class RemoteTier(Tier):
         return await self._decode(value, header, out)
 
     async def fetch(self, key: KeyLike) -> tuple[Any, torch.Tensor] | None:
-        """GET the key's value: an entry another store wrote, or one this store left there on
-        a promotion (see ``release_promoted``)."""
+        """GET the key's value: an entry another store wrote."""
         if key in self._suspect:  # maybe older than what this store put or deleted since
             with contextlib.suppress(StorageError):
                 await self._in_order(key, "DEL", self.name_for(key))
@@ -339,7 +335,7 @@ class RemoteTier(Tier):
             if value is None:
                 return None
             header = self._check_header(value, key)
-            if self._wrote.get(key) == header.checksum and key not in self._left:
+            if self._wrote.get(key) == header.checksum:
                 # This store's own write, which its index no longer holds: a value it
                 # removed, or a stale move's, whose DEL did not reach the server.
                 await self._in_order(key, "DEL", self.name_for(key))
@@ -393,21 +389,7 @@ class RemoteTier(Tier):
         except StorageError as exc:  # the entry is gone from the index either way
             log.info("redis tier %r could not delete %s: %s", self.name, obj.path, exc)
 
-    async def release_promoted(self, obj: Any) -> None:
-        """Leave the value for the other stores; remember it, in case a put replaces the key."""
-        assert isinstance(obj, RemoteEntry)
-        self._left[obj.key] = None
-        self._left.move_to_end(obj.key)
-        if len(self._left) > MAX_LEFT_KEYS:
-            self._left.popitem(last=False)
-
-    async def superseded(self, key: KeyLike) -> None:
-        if key in self._left and key not in self.cache_dict and key not in self._writing:
-            del self._left[key]
-            await self.forget(key)
-
     async def forget(self, key: KeyLike) -> bool:
-        self._left.pop(key, None)
         try:
             # After any SET of the key already issued (a move that this delete made stale).
             return bool(await self._in_order(key, "DEL", self.name_for(key)))
