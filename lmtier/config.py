@@ -43,7 +43,7 @@ _KINDS = ("disk", "memory", "redis")
 _REDIS_SCHEMES = ("redis", "rediss")
 _DURABILITIES = ("fsync", "none")
 _SIZE_UNITS = {"max_size_gb": GB, "max_size_mb": MB}
-_TOP_KEYS = ("namespace", "promote_on_hit", "room_timeout_s", "tiers")
+_TOP_KEYS = ("clean_copies", "namespace", "promote_on_hit", "room_timeout_s", "tiers")
 _REDIS_KEYS = (
     "cluster",
     "connect_timeout_s",
@@ -142,6 +142,9 @@ class StoreConfig:
 
     tiers: tuple[TierConfig, ...]
     promote_on_hit: bool = True
+    # A promotion leaves the lower entry as a clean copy, so demoting it again writes nothing;
+    # false keeps tiers exclusive (a key in one tier: more distinct keys, a write per re-demotion).
+    clean_copies: bool = True
     room_timeout_s: float = 30.0  # how long a put waits for in-flight demotions to free room
     # What makes cached KV incompatible beyond the key (dtype, KV layout, weights revision):
     # persistent tiers keep each namespace apart, so one never reads another's entries.
@@ -347,6 +350,7 @@ def parse_config(data: object, source: str = "<config>") -> StoreConfig:
     return StoreConfig(
         tiers=tiers,
         promote_on_hit=_bool(data, "promote_on_hit", source, True),
+        clean_copies=_bool(data, "clean_copies", source, True),
         room_timeout_s=float(room_timeout_s),
         namespace=_str(data, "namespace", source, ""),
     )

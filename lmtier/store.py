@@ -500,12 +500,12 @@ class TieredStore:
             if source is None:
                 replaced = self._remove_everywhere(key)
                 self._newest_put[key] = ticket
-            elif arrival != "promotions_in":  # a promotion's source stays, as a clean copy
+            elif arrival != "promotions_in" or not self.config.clean_copies:
                 source[0].remove(key)
                 replaced = [source]
             tier.commit(key, obj, size)
             tier.counters.count(arrival)
-            for old_tier, old_obj in replaced:
+            for old_tier, old_obj in replaced:  # (a promotion's source stays: a clean copy)
                 await old_tier.discard(old_obj)
             await tier.make_durable(obj)
             return _Attempt(_Outcome.PLACED)

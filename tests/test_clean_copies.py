@@ -137,6 +137,29 @@ async def test_an_evicted_clean_copy_is_no_drop(tmp_path: Path) -> None:
         assert store.audit() == []
 
 
+async def test_exclusive_tiers_move_a_lower_hit_instead(
+    tmp_path: Path, disk_writes: list[KeyLike]
+) -> None:
+    config = StoreConfig(
+        tiers=(
+            TierConfig("cpu", "memory", 4 * KIB),
+            TierConfig("disk", "disk", 16 * KIB, path=str(tmp_path / "disk")),
+        ),
+        clean_copies=False,
+    )
+    async with TieredStore(config) as store:
+        for i in range(8):
+            await store.put(f"k{i}", tensor_for(f"k{i}"))
+        await store.get("k0")
+        assert store.tiers[1].lookup("k0") is None  # moved: one tier per key
+        disk_writes.clear()
+        for i in range(4):
+            await store.put(f"n{i}", tensor_for(f"n{i}"))
+        assert "k0" in disk_writes  # written back down
+        assert store.stats()["tiers"]["disk"]["clean_copies"] == 0
+        assert store.audit() == []
+
+
 async def test_concurrent_gets_of_a_lower_key_copy_it_up_once(tmp_path: Path) -> None:
     store, _ = two_tiers(tmp_path)
     async with store:

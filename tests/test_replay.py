@@ -125,16 +125,33 @@ def test_lru_and_opt_give_the_known_figures(fraction: float, lru: float, opt: fl
 
 # ---------------------------------------------------------------------- the tier view
 @pytest.mark.parametrize("fraction", [0.01, 0.05, 0.2])
-def test_tier_hits_add_up_to_one_lru_of_their_summed_capacity(fraction: float) -> None:
+def test_exclusive_tier_hits_add_up_to_one_lru_of_their_summed_capacity(fraction: float) -> None:
     trace = conversation(3000)
-    shares = (1.0, 2.0, 4.0)
-    tiered = run_sweep(trace, ReplayOptions(capacities=(fraction,), shares=shares)).results[0]
+    options = ReplayOptions(capacities=(fraction,), shares=(1.0, 2.0, 4.0), clean_copies=False)
+    tiered = run_sweep(trace, options).results[0]
     assert all(tiered.block_hits) and tiered.counters["gpu"]["demotions_out"] > 0
     single = replay_sizes_only(
         trace, ["one"], [sum(tiered.capacities)], "lru", tiered.block_bytes, fraction
     )
     assert sum(tiered.block_hits) == sum(single.block_hits)
     assert sum(tiered.prefix_hits) == sum(single.prefix_hits)
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.05, 0.2])
+def test_clean_copies_trade_some_hits_for_fewer_disk_writes(fraction: float) -> None:
+    trace = conversation(3000)
+    runs = {
+        copies: run_sweep(
+            trace,
+            ReplayOptions(capacities=(fraction,), shares=(1.0, 2.0, 4.0), clean_copies=copies),
+        ).results[0]
+        for copies in (False, True)
+    }
+    exclusive, copies = runs[False], runs[True]
+    # The copies hold bytes the exclusive cascade spends on more keys: never more hits.
+    assert sum(copies.block_hits) <= sum(exclusive.block_hits)
+    assert copies.counters["disk"]["bytes_in"] < exclusive.counters["disk"]["bytes_in"]
+    assert sum(tier["unwritten_demotions"] for tier in copies.counters.values()) > 0
 
 
 @pytest.mark.parametrize("admission", [(), ("second_hit",), ("gpu=second_hit", "disk=second_hit")])

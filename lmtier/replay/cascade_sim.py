@@ -1,8 +1,8 @@
 """The store's cascade without data: the same evictors decide, sizes stand in for tensors.
 
 Sequential and synchronous, it makes the decisions ``TieredStore`` makes for the same
-sequence of gets and puts (exclusive tiers, demotion of victims, promotion of lower hits,
-drops at the bottom), fast enough to replay a whole trace.
+sequence of gets and puts (demotion of victims, promotion of lower hits leaving clean copies
+below, drops at the bottom), fast enough to replay a whole trace.
 """
 
 from __future__ import annotations
@@ -42,9 +42,12 @@ class SimTier:
 class CascadeSim:
     """Tiers of ``SimTier``, fastest first, moved between as the store moves entries."""
 
-    def __init__(self, tiers: list[SimTier], promote_on_hit: bool = True) -> None:
+    def __init__(
+        self, tiers: list[SimTier], promote_on_hit: bool = True, clean_copies: bool = True
+    ) -> None:
         self.tiers = tiers
         self.promote_on_hit = promote_on_hit
+        self.clean_copies = clean_copies
         self.positions: dict[Any, int] = {}  # key -> chunk index, travels with demotions
 
     def get(self, key: Any) -> int | None:
@@ -108,8 +111,9 @@ class CascadeSim:
                 if src_tier.cache_dict.get(key) is not src_obj:  # it moved meanwhile: stale
                     tier.evictor.update_on_remove(key, size)
                     return False
-                del src_tier.cache_dict[key]
-                src_tier.evictor.update_on_remove(key, size)
+                if not self.clean_copies:  # else the source stays, a clean copy
+                    del src_tier.cache_dict[key]
+                    src_tier.evictor.update_on_remove(key, size)
             tier.cache_dict[key] = _sized(size)
             tier.counters.count(arrival)
             tier.counters.bytes_in += size
@@ -117,9 +121,15 @@ class CascadeSim:
         return False
 
     def _demote(self, index: int, key: Any, obj: DiskCacheMetadata) -> None:
-        """Place a victim (already out of tier ``index``) lower down, or drop it."""
+        """Place a victim (already out of tier ``index``) lower down, or drop it; a clean copy
+        goes without a move, and an entry with a clean copy below hands over to it."""
         tier = self.tiers[index]
-        if self._place(key, obj.size, index + 1, len(self.tiers), None, "demotions_in"):
+        if any(key in above.cache_dict for above in self.tiers[:index]):
+            tier.counters.copies_evicted += 1
+        elif any(key in below.cache_dict for below in self.tiers[index + 1 :]):
+            tier.counters.demotions_out += 1
+            tier.counters.unwritten_demotions += 1
+        elif self._place(key, obj.size, index + 1, len(self.tiers), None, "demotions_in"):
             tier.counters.demotions_out += 1
         else:
             tier.counters.drops += 1

@@ -101,6 +101,8 @@ def replay_sizes_only(
     progress: bool = False,
     admission: Sequence[str] | None = None,
     admission_window: int | None = None,
+    *,
+    clean_copies: bool = True,
 ) -> ReplayResult:
     """Replay through the cascade's decisions alone (no data): every block is read or put.
 
@@ -113,6 +115,7 @@ def replay_sizes_only(
             for n, c, a in zip(tier_names, capacities, policies, strict=True)
         ],
         promote_on_hit,
+        clean_copies,
     )
     result = ReplayResult(policy, fraction, tier_names, capacities, block_bytes)
     result.admission = admission_label(tier_names, policies)

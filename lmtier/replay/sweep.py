@@ -38,6 +38,7 @@ class ReplayOptions:
     bytes_per_token: int = DEFAULT_BYTES_PER_TOKEN
     real: bool = False
     promote_on_hit: bool = True
+    clean_copies: bool = True  # False: exclusive tiers (see StoreConfig.clean_copies)
     config: Path | None = None  # real mode: tier kinds and devices from here, budgets replaced
     progress: bool = False
     # Admission per tier: "POLICY" (the last tier) or "TIER=POLICY" items; other tiers admit all.
@@ -78,6 +79,7 @@ def run_sweep(trace: Trace, options: ReplayOptions) -> SweepResult:
                     trace, names, capacities, policy, block_bytes, fraction,
                     options.promote_on_hit, options.progress,
                     resolve_admission(options.admission, names), options.admission_window,
+                    clean_copies=options.clean_copies,
                 )  # fmt: skip
             results.append(result)
     return SweepResult(trace, block_bytes, results, best)
@@ -152,4 +154,6 @@ def _real_config(
         )
         for spec, capacity, admitted in zip(specs, capacities, admission, strict=True)
     )
-    return StoreConfig(tiers, promote_on_hit=options.promote_on_hit)
+    return StoreConfig(
+        tiers, promote_on_hit=options.promote_on_hit, clean_copies=options.clean_copies
+    )
