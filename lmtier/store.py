@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import torch
 
 from lmtier import serde
+from lmtier.admission import AdmitAll
 from lmtier.config import StoreConfig, config_from_mapping, load_config
 from lmtier.errors import (
     CorruptEntryError,
@@ -97,6 +98,8 @@ class TieredStore:
         self.config = config
         self.tiers: list[Tier] = build_tiers(config)
         self._shared = any(tier.shared for tier in self.tiers)  # a miss then asks the server
+        # Admission policies that learn from hits (admitting everything learns nothing).
+        self._observers = [t.admission for t in self.tiers if not isinstance(t.admission, AdmitAll)]
         self._on_drop = on_drop
         self._positions: dict[KeyLike, int] = {}  # chunk index in its prefix, for evictors
         # Keys with a put in flight, and those of them whose older value was dropped meanwhile:
@@ -232,23 +235,28 @@ class TieredStore:
                         return None
                     return await self._fetch_shared(key, target, out)
                 index, tier, obj = found
-                tier.pin(key)
-                try:
-                    data = await self._load_or_drop(tier, key, obj, out)
-                    if data is None:
-                        if tier.lookup(key) is obj:
-                            return None  # an error of the environment: a miss, the entry stays
-                        continue  # moved, replaced or lost while we read: look again
-                    result = data
-                    if out is None:
-                        home = target or tier.home_device
-                        result = await copy_to(data, home, tier.loads_are_private)
-                finally:
-                    tier.unpin(key)
+                result = None
+                if out is None and (target is None or target.type == "cpu"):
+                    result = tier.read_now(obj)
+                if result is None:
+                    tier.pin(key)
+                    try:
+                        data = await self._load_or_drop(tier, key, obj, out)
+                        if data is None:
+                            if tier.lookup(key) is obj:
+                                return None  # an error of the environment: a miss; it stays
+                            continue  # moved, replaced or lost while we read: look again
+                        result = data
+                        if out is None:
+                            home = target or tier.home_device
+                            result = await copy_to(data, home, tier.loads_are_private)
+                    finally:
+                        tier.unpin(key)
                 tier.touch(key)
-                size = tier.evictor.get_size(obj)
-                for each in self.tiers:  # reuse evidence for every tier's admission policy
-                    each.admission.observe(key, size)
+                if self._observers:  # reuse evidence for the tiers' admission policies
+                    size = tier.evictor.get_size(obj)
+                    for admission in self._observers:
+                        admission.observe(key, size)
                 # Unpinned first: a promotion may wait for room that only this entry's eviction
                 # from its own tier would make; the move simply goes stale if that happens.
                 if index and self.config.promote_on_hit and not tier.is_leaving(key):

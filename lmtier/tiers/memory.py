@@ -12,7 +12,7 @@ import torch
 from lmtier.evictor import BaseEvictor
 from lmtier.keys import KeyLike
 from lmtier.tiers.base import Tier
-from lmtier.tiers.copies import copy_async
+from lmtier.tiers.copies import INLINE_COPY_BYTES, copy_async
 
 __all__ = ["MemoryTier"]
 
@@ -57,6 +57,13 @@ class MemoryTier(Tier):
             return buffer.reshape(-1).view(torch.uint8).view(like.dtype).view(like.shape)
         self._trim_pool()  # a buffer spared for this write is still in use: free it instead
         return torch.empty(like.shape, dtype=like.dtype, device=self.device, pin_memory=self.pinned)
+
+    def read_now(self, obj: Any) -> torch.Tensor | None:
+        """Small host entries are cloned on the spot: the hot path of small hits."""
+        assert isinstance(obj, torch.Tensor)
+        if obj.is_cpu and obj.nbytes < INLINE_COPY_BYTES:
+            return obj.detach().clone()
+        return None
 
     async def load(self, obj: Any) -> torch.Tensor:
         assert isinstance(obj, torch.Tensor)
