@@ -180,4 +180,4 @@ def test_replay_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit):
         main(["replay", str(TRACE), "--capacities", "0.1,zero"])
     assert main(["replay", str(TRACE), "--limit", "5", "--capacities", "0.001"]) == 2
-    assert "no block" in capsys.readouterr().err
+    assert "every tier needs at least one block" in capsys.readouterr().err

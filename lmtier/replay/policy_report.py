@@ -25,6 +25,7 @@ from tqdm import tqdm
 from lmtier.argtypes import float_list, name_list, non_negative_float_list, positive_int
 from lmtier.errors import ConfigError
 from lmtier.evictor.registry import evictor_names
+from lmtier.replay.capacity import capacity_problem
 from lmtier.replay.run import capacity_blocks, optimum, replay_sizes_only, split_capacity
 from lmtier.replay.sweep import DEFAULT_BYTES_PER_TOKEN
 from lmtier.replay.synthetic import SyntheticSpec
@@ -153,14 +154,13 @@ def run_report(options: ReportOptions) -> ReportResult:
     for workload in workloads:
         trace = _TRACES[workload.name] = workload.load()
         stats[workload.name] = trace_stats(trace)
-        for fraction in options.admission_capacities:  # fail now, not in a worker
-            if min(split_capacity(capacity_blocks(trace, fraction), options.admission_split)) < 1:
-                raise ConfigError(
-                    f"{workload.name}: capacity {fraction:g} split {options.admission_split} "
-                    "leaves a tier with no block"
-                )
-        if min(capacity_blocks(trace, fraction) for fraction in options.capacities) < 1:
-            raise ConfigError(f"{workload.name}: a capacity of {options.capacities} is no block")
+        # Fail now, not in a worker: every cell of the report's tables must exist.
+        checks: list[tuple[float, Sequence[float]]] = [(f, (1.0,)) for f in options.capacities]
+        checks += [(f, options.admission_split) for f in options.admission_capacities]
+        for fraction, shares in checks:
+            problem = capacity_problem(trace, fraction, shares)
+            if problem is not None:
+                raise ConfigError(f"{workload.name}: {problem}")
     tasks = []
     for workload in workloads:
         common = (options.bytes_per_token, options.admission_split)
