@@ -240,14 +240,14 @@ def format_markdown(result: ReportResult, command: str, plot_name: str) -> str:
         "",
         "## Workloads",
         "",
-        "| workload | requests | block references | distinct blocks | used once | ceiling |",
+        "| workload | requests | block references | distinct blocks | used once % | ceiling |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for workload in result.workloads:
         s = result.stats[workload.name]
         lines.append(
             f"| {_describe(workload)} | {s.requests:,} | {s.references:,} | "
-            f"{s.distinct_blocks:,} | {s.once_fraction:.1%} | {s.ceiling:.4f} |"
+            f"{s.distinct_blocks:,} | {s.once_fraction * 100:.1f} | {s.ceiling:.4f} |"
         )
     for workload in result.workloads:
         lines += ["", f"## {workload.name}", ""]
@@ -317,7 +317,7 @@ def _admission_table(result: ReportResult, workload: str) -> list[str]:
         if r.workload == workload and r.admission
     }
     lines = [
-        "| policy | capacity | disk admits | block hit | prefix hit | disk GiB written "
+        "| policy | capacity % | disk admits | block hit | prefix hit | disk GiB written "
         "| writes vs all | disk rejects |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -328,7 +328,7 @@ def _admission_table(result: ReportResult, workload: str) -> list[str]:
                 r = rows[policy, f, admission]
                 ratio = r.disk_bytes_written / base if base else math.nan
                 lines.append(
-                    f"| {policy} | {_percent(f)} | {admission} | {r.block_hit:.4f} | "
+                    f"| {policy} | {f * 100:g} | {admission} | {r.block_hit:.4f} | "
                     f"{r.prefix_hit:.4f} | {r.disk_bytes_written / GiB:,.0f} | {ratio:.2f} | "
                     f"{r.disk_rejects:,} |"
                 )
@@ -339,7 +339,8 @@ def _write_csv(result: ReportResult, path: Path) -> None:
     with path.open("w", newline="") as handle:
         out = csv.writer(handle)
         out.writerow(["workload", "policy", "capacity_fraction", "disk_admission",
-                      "block_hit_ratio", "prefix_hit_ratio", "ceiling", "disk_bytes_written",
+                      "block_hit_ratio", "prefix_hit_ratio", "ceiling_block_hit_ratio",
+                      "disk_bytes_written",
                       "disk_admission_rejects", "drops"])  # fmt: skip
         for r in result.rows:
             out.writerow([r.workload, r.policy, r.fraction, r.admission, r.block_hit,
