@@ -4,6 +4,8 @@ capacity and policy they replay, shown only where the progress rule allows."""
 from __future__ import annotations
 
 import csv
+import errno
+import os
 import re
 import shlex
 import sys
@@ -165,3 +167,30 @@ def test_no_bar_off_a_terminal_or_with_no_progress(
     captured = capsys.readouterr()
     assert captured.err == ""
     assert len(captured.out.splitlines()) == 2 + 4  # the header line, the table's header, rows
+
+
+# ---------------------------------------------------------------------- output paths
+@pytest.mark.parametrize("option", ["--csv", "--plot"])
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_replay(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    for path, says in ((tmp_path / "absent" / "r.out", f"no folder {tmp_path / 'absent'}"),
+                       (tmp_path, "is a folder")):  # fmt: skip
+        assert main([*REPLAY, option, str(path), "--no-progress"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""  # nothing replayed
+        assert captured.err.startswith(f"lmtier: error: {option} {path}") and says in captured.err
+        assert captured.err.count("\n") == 1
+
+
+def test_a_failed_write_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(path: Path, *args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr("lmtier.cli.write_csv", disk_full)
+    path = tmp_path / "r.csv"
+    assert main([*REPLAY, "--csv", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"lmtier: error: cannot write {path}: {os.strerror(errno.ENOSPC)}\n"
