@@ -38,8 +38,10 @@ def _total(result: ReplayResult, counter: str) -> int:
 
 
 def byte_unit(largest: float) -> tuple[str, int]:
-    """The largest unit in which ``largest`` bytes is at least 10 (so 3 digits show)."""
-    return next(((n, u) for n, u in _BYTE_UNITS if largest >= 10 * u), _BYTE_UNITS[-1])
+    """The largest unit in which ``largest`` bytes is at least 100: the largest value shows
+    3 to 6 digits, and smaller values in the same unit keep a few (0.9 TiB beside 16.7 TiB
+    would not: 921.6 GiB beside 17,100.8 GiB does)."""
+    return next(((n, u) for n, u in _BYTE_UNITS if largest >= 100 * u), _BYTE_UNITS[-1])
 
 
 def format_table(results: Sequence[ReplayResult], optimum: dict[float, tuple[float, float]]) -> str:
