@@ -225,6 +225,12 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 def _run_replay(args: argparse.Namespace) -> int:
     if args.plot:
         check_plotting()
+    # Refuse an output path that cannot be written now, not after a long sweep.
+    for option, path in (("--csv", args.csv), ("--plot", args.plot)):
+        if path is not None and path.is_dir():
+            raise LmtierError(f"{option} {path} is a folder: give a file name")
+        if path is not None and not path.parent.is_dir():
+            raise LmtierError(f"{option} {path}: no folder {path.parent}; create it first")
     part = WINDOWS[args.window] if args.window else args.part
     synthetic = None
     if args.trace.startswith(SYNTHETIC_PREFIX):
@@ -255,12 +261,18 @@ def _run_replay(args: argparse.Namespace) -> int:
         f"{'real' if options.real else 'sizes-only'} mode",
         flush=True,
     )
-    sweep = run_sweep(trace, options)
+
+    def skipped(reason: str) -> None:
+        print(f"lmtier: warning: skipped: {reason}", file=sys.stderr, flush=True)
+
+    sweep = run_sweep(trace, options, on_skip=skipped)
     print(format_table(sweep.results, sweep.optimum))
-    if args.csv:
-        write_csv(args.csv, sweep.results, sweep.optimum)
-    if args.plot:
-        write_plot(args.plot, sweep.results, sweep.optimum)
+    for path, write in ((args.csv, write_csv), (args.plot, write_plot)):
+        if path is not None:
+            try:
+                write(path, sweep.results, sweep.optimum)
+            except OSError as exc:
+                raise LmtierError(f"cannot write {path}: {exc.strerror or exc}") from exc
     wrong = sum(result.wrong for result in sweep.results)
     if wrong:
         print(f"FAILED: {wrong} hit(s) returned bytes that were not the block's")

@@ -118,7 +118,7 @@ def test_the_policy_report_covers_every_registered_policy(tmp_path: Path) -> Non
     for policy in evictor_names():
         # its row in each workload's table (the best cell of a column in bold)
         assert len(re.findall(rf"^\| {policy} \| (\*\*)?[01]\.", text, re.MULTILINE)) == 4
-        assert f"| {policy} | 25% | second_hit |" in text
+        assert f"| {policy} | 25 | second_hit |" in text
     assert "| OPT |" in text and "| ceiling |" in text
     rows = (tmp_path / "policies.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 * (2 * (1 + len(evictor_names())) + 2 * len(evictor_names()))

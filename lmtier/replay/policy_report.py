@@ -25,6 +25,7 @@ from tqdm import tqdm
 from lmtier.argtypes import float_list, name_list, non_negative_float_list, positive_int
 from lmtier.errors import ConfigError
 from lmtier.evictor.registry import evictor_names
+from lmtier.replay.capacity import capacity_problem
 from lmtier.replay.run import capacity_blocks, optimum, replay_sizes_only, split_capacity
 from lmtier.replay.sweep import DEFAULT_BYTES_PER_TOKEN
 from lmtier.replay.synthetic import SyntheticSpec
@@ -153,14 +154,13 @@ def run_report(options: ReportOptions) -> ReportResult:
     for workload in workloads:
         trace = _TRACES[workload.name] = workload.load()
         stats[workload.name] = trace_stats(trace)
-        for fraction in options.admission_capacities:  # fail now, not in a worker
-            if min(split_capacity(capacity_blocks(trace, fraction), options.admission_split)) < 1:
-                raise ConfigError(
-                    f"{workload.name}: capacity {fraction:g} split {options.admission_split} "
-                    "leaves a tier with no block"
-                )
-        if min(capacity_blocks(trace, fraction) for fraction in options.capacities) < 1:
-            raise ConfigError(f"{workload.name}: a capacity of {options.capacities} is no block")
+        # Fail now, not in a worker: every cell of the report's tables must exist.
+        checks: list[tuple[float, Sequence[float]]] = [(f, (1.0,)) for f in options.capacities]
+        checks += [(f, options.admission_split) for f in options.admission_capacities]
+        for fraction, shares in checks:
+            problem = capacity_problem(trace, fraction, shares)
+            if problem is not None:
+                raise ConfigError(f"{workload.name}: {problem}")
     tasks = []
     for workload in workloads:
         common = (options.bytes_per_token, options.admission_split)
@@ -240,14 +240,14 @@ def format_markdown(result: ReportResult, command: str, plot_name: str) -> str:
         "",
         "## Workloads",
         "",
-        "| workload | requests | block references | distinct blocks | used once | ceiling |",
+        "| workload | requests | block references | distinct blocks | used once % | ceiling |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for workload in result.workloads:
         s = result.stats[workload.name]
         lines.append(
             f"| {_describe(workload)} | {s.requests:,} | {s.references:,} | "
-            f"{s.distinct_blocks:,} | {s.once_fraction:.1%} | {s.ceiling:.4f} |"
+            f"{s.distinct_blocks:,} | {s.once_fraction * 100:.1f} | {s.ceiling:.4f} |"
         )
     for workload in result.workloads:
         lines += ["", f"## {workload.name}", ""]
@@ -317,7 +317,7 @@ def _admission_table(result: ReportResult, workload: str) -> list[str]:
         if r.workload == workload and r.admission
     }
     lines = [
-        "| policy | capacity | disk admits | block hit | prefix hit | disk GiB written "
+        "| policy | capacity % | disk admits | block hit | prefix hit | disk GiB written "
         "| writes vs all | disk rejects |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -328,7 +328,7 @@ def _admission_table(result: ReportResult, workload: str) -> list[str]:
                 r = rows[policy, f, admission]
                 ratio = r.disk_bytes_written / base if base else math.nan
                 lines.append(
-                    f"| {policy} | {_percent(f)} | {admission} | {r.block_hit:.4f} | "
+                    f"| {policy} | {f * 100:g} | {admission} | {r.block_hit:.4f} | "
                     f"{r.prefix_hit:.4f} | {r.disk_bytes_written / GiB:,.0f} | {ratio:.2f} | "
                     f"{r.disk_rejects:,} |"
                 )
@@ -339,7 +339,8 @@ def _write_csv(result: ReportResult, path: Path) -> None:
     with path.open("w", newline="") as handle:
         out = csv.writer(handle)
         out.writerow(["workload", "policy", "capacity_fraction", "disk_admission",
-                      "block_hit_ratio", "prefix_hit_ratio", "ceiling", "disk_bytes_written",
+                      "block_hit_ratio", "prefix_hit_ratio", "ceiling_block_hit_ratio",
+                      "disk_bytes_written",
                       "disk_admission_rejects", "drops"])  # fmt: skip
         for r in result.rows:
             out.writerow([r.workload, r.policy, r.fraction, r.admission, r.block_hit,

@@ -79,9 +79,10 @@ def _replay(
     result: ReplayResult,
     access: Callable[[int, int], int | None],
     progress: bool,
+    label: str,
 ) -> None:
     started = time.perf_counter()
-    for request in tqdm(trace.requests, desc="replay", unit="req", disable=not progress):
+    for request in tqdm(trace.requests, desc=label, unit="req", disable=not progress):
         prefix = True
         for position, block in enumerate(request.hash_ids):
             tier = access(block, position)
@@ -101,12 +102,14 @@ def replay_sizes_only(
     progress: bool = False,
     admission: Sequence[str] | None = None,
     admission_window: int | None = None,
+    label: str = "replay",
     *,
     clean_copies: bool = True,
 ) -> ReplayResult:
     """Replay through the cascade's decisions alone (no data): every block is read or put.
 
-    ``admission`` names each tier's admission policy (default: all admit everything).
+    ``admission`` names each tier's admission policy (default: all admit everything);
+    ``label`` titles the progress bar shown when ``progress``.
     """
     policies = list(admission) if admission is not None else ["all"] * len(tier_names)
     sim = CascadeSim(
@@ -126,7 +129,7 @@ def replay_sizes_only(
             sim.put(block, block_bytes, position)
         return tier
 
-    _replay(trace, result, access, progress)
+    _replay(trace, result, access, progress, label)
     result.counters = {t.name: t.counters.as_dict() for t in sim.tiers}
     return result
 
@@ -145,7 +148,7 @@ def block_tensor(block: int, nbytes: int) -> torch.Tensor:
 
 async def replay_real(
     trace: Trace, store: TieredStore, block_bytes: int, fraction: float, policy: str,
-    progress: bool = False,
+    progress: bool = False, label: str = "replay",
 ) -> ReplayResult:  # fmt: skip
     """Replay through a real store with real tensors; every hit's bytes are checked."""
     names = [tier.name for tier in store.tiers]
@@ -153,7 +156,7 @@ async def replay_real(
     result.admission = admission_label(names, [t.admission.name for t in store.tiers])
     template = block_tensor(0, block_bytes)
     started = time.perf_counter()
-    for request in tqdm(trace.requests, desc="replay", unit="req", disable=not progress):
+    for request in tqdm(trace.requests, desc=label, unit="req", disable=not progress):
         prefix = True
         for position, block in enumerate(request.hash_ids):
             where = await store.contains(block_key(block))

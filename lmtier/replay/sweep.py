@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -13,18 +14,14 @@ import torch
 from lmtier.admission import ADMISSION_POLICIES
 from lmtier.config import StoreConfig, TierConfig, load_config
 from lmtier.errors import ConfigError
-from lmtier.replay.run import (
-    ReplayResult,
-    capacity_blocks,
-    optimum,
-    replay_real,
-    replay_sizes_only,
-    split_capacity,
-)
+from lmtier.replay.capacity import plan_capacities
+from lmtier.replay.run import ReplayResult, optimum, replay_real, replay_sizes_only
 from lmtier.replay.traces import Trace
 from lmtier.store import TieredStore
 
-__all__ = ["ReplayOptions", "SweepResult", "resolve_admission", "run_sweep"]
+__all__ = ["ReplayOptions", "SweepResult", "progress_label", "resolve_admission", "run_sweep"]
+
+log = logging.getLogger(__name__)
 
 # 8B-class model in bf16: 32 layers x 8 KV heads x 128 dims x 2 (K and V) x 2 bytes.
 DEFAULT_BYTES_PER_TOKEN = 128 * 1024
@@ -52,26 +49,37 @@ class SweepResult:
     block_bytes: int
     results: list[ReplayResult]
     optimum: dict[float, tuple[float, float]]  # fraction -> (OPT, ceiling) block hit ratios
+    skipped: list[str] = field(default_factory=list)  # one reason per capacity left out
 
 
-def run_sweep(trace: Trace, options: ReplayOptions) -> SweepResult:
+def run_sweep(
+    trace: Trace, options: ReplayOptions, on_skip: Callable[[str], None] | None = None
+) -> SweepResult:
+    """Replay ``trace`` with every policy at every capacity it can use.
+
+    A capacity the trace is too small for (a tier of no block) or too large for (its whole
+    working set) is left out, its reason passed to ``on_skip`` (default: a logged warning)
+    before any replay and listed in ``skipped``; ConfigError when none is left.
+    """
+    plan = plan_capacities(trace, options.capacities, options.shares)
+    for problem in plan.skipped:
+        if on_skip is None:
+            log.warning("skipped: %s", problem)
+        else:
+            on_skip(problem)
     block_bytes = options.bytes_per_token * trace.block_tokens
     results = []
     best = {}
-    for fraction in options.capacities:
-        blocks = capacity_blocks(trace, fraction)
-        per_tier = split_capacity(blocks, options.shares)
-        if min(per_tier) <= 0:
-            raise ConfigError(
-                f"capacity {fraction:g} of {trace.distinct_blocks} blocks split {options.shares} "
-                "leaves a tier with no block"
-            )
+    for number, (fraction, per_tier) in enumerate(plan.usable, start=1):
         capacities = [n * block_bytes for n in per_tier]
         best[fraction] = optimum(trace, sum(per_tier))
-        for policy in options.policies:
+        for index, policy in enumerate(options.policies, start=1):
+            label = progress_label(
+                (number, len(plan.usable)), fraction, (index, len(options.policies)), policy
+            )
             if options.real:
                 result = asyncio.run(
-                    _real(trace, options, capacities, policy, block_bytes, fraction)
+                    _real(trace, options, capacities, policy, block_bytes, fraction, label)
                 )
             else:
                 names = _default_names(len(capacities))
@@ -79,10 +87,19 @@ def run_sweep(trace: Trace, options: ReplayOptions) -> SweepResult:
                     trace, names, capacities, policy, block_bytes, fraction,
                     options.promote_on_hit, options.progress,
                     resolve_admission(options.admission, names), options.admission_window,
-                    clean_copies=options.clean_copies,
+                    label=label, clean_copies=options.clean_copies,
                 )  # fmt: skip
             results.append(result)
-    return SweepResult(trace, block_bytes, results, best)
+    return SweepResult(trace, block_bytes, results, best, plan.skipped)
+
+
+def progress_label(
+    capacity: tuple[int, int], fraction: float, policy: tuple[int, int], name: str
+) -> str:
+    """A replay's progress bar title: ``capacity 2/5 (10%), lru`` (``policy 1/3 lru`` when
+    several policies are compared)."""
+    which = f"policy {policy[0]}/{policy[1]} {name}" if policy[1] > 1 else name
+    return f"capacity {capacity[0]}/{capacity[1]} ({fraction * 100:g}%), {which}"
 
 
 def resolve_admission(items: Sequence[str], tier_names: Sequence[str]) -> list[str]:
@@ -117,11 +134,14 @@ async def _real(
     policy: str,
     block_bytes: int,
     fraction: float,
+    label: str,
 ) -> ReplayResult:
     with tempfile.TemporaryDirectory(prefix="lmtier-replay-") as folder:
         config = _real_config(options, capacities, policy, Path(folder))
         async with TieredStore(config) as store:
-            return await replay_real(trace, store, block_bytes, fraction, policy, options.progress)
+            return await replay_real(
+                trace, store, block_bytes, fraction, policy, options.progress, label
+            )
 
 
 def _real_config(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmtier.errors import TraceError
+from lmtier.replay.trace_file import trace_lines
 
 __all__ = [
     "FORMATS",
@@ -139,58 +141,91 @@ def detect_format(record: dict[str, object]) -> str:
 
 
 def read_trace(path: str | Path, fmt: str | None = None, limit: int | None = None) -> Trace:
-    """Parse a JSONL trace (``fmt`` detected from its first record unless given)."""
+    """Parse a JSONL trace (``fmt`` detected from its first record unless given).
+
+    A record's lengths (``input_length``, ``output_length``: whole numbers) and ``timestamp``
+    must be numbers >= 0 and ``hash_ids`` a list of integers; anything else is a TraceError
+    naming the file, the line, the field and the bad value.
+    """
     if fmt is not None and fmt not in FORMATS:
         raise TraceError(f"unknown trace format {fmt!r}; known: {', '.join(FORMATS)}")
     requests = []
     for number, record in _records(Path(path)):
+        where = f"{path}:{number}"
         if fmt is None:
-            fmt = _detect_at(path, number, record)
-        requests.append(_request(path, number, record, FORMATS[fmt][1]))
+            fmt = _detect_at(where, record)
+        requests.append(_request(where, record, FORMATS[fmt][1]))
         if limit is not None and len(requests) >= limit:
             break
     if fmt is None:
-        raise TraceError(f"{path}: no requests in the trace")
+        raise TraceError(f"{path} has no requests, only blank lines")
     return Trace(tuple(requests), FORMATS[fmt][0], fmt)
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise TraceError(f"{path}: cannot read the trace: {exc.strerror}") from exc
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TraceError(f"{path}:{number}: not JSON: {exc.msg}") from exc
-            if not isinstance(record, dict):
-                raise TraceError(f"{path}:{number}: a record must be a JSON object")
-            yield number, record
+    for number, line in trace_lines(path):
+        try:
+            record = json.loads(line, parse_constant=_no_constant)
+        except json.JSONDecodeError as exc:
+            raise TraceError(f"{path}:{number}: not JSON: {exc.msg}") from None
+        except ValueError as exc:  # NaN or Infinity, which JSON does not allow
+            raise TraceError(f"{path}:{number}: not JSON: {exc}") from None
+        except RecursionError:
+            raise TraceError(f"{path}:{number}: not JSON: nested too deeply") from None
+        if not isinstance(record, dict):
+            raise TraceError(
+                f"{path}:{number}: a record must be a JSON object, not {_shown(record)}"
+            )
+        yield number, record
 
 
-def _detect_at(path: str | Path, number: int, record: dict[str, object]) -> str:
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _detect_at(where: str, record: dict[str, object]) -> str:
     try:
         return detect_format(record)
     except TraceError as exc:
-        raise TraceError(f"{path}:{number}: {exc}") from None
+        raise TraceError(f"{where}: {exc}") from None
 
 
-def _request(
-    path: str | Path, number: int, record: dict[str, object], fields: tuple[str, ...]
-) -> Request:
+def _request(where: str, record: dict[str, object], fields: tuple[str, ...]) -> Request:
     missing = [name for name in fields if name not in record]
     if missing:
-        raise TraceError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
+        raise TraceError(f"{where}: missing field(s) {', '.join(missing)}")
+    for name in ("input_length", "output_length"):  # token counts
+        count = _finite(record[name])
+        if count is None or count < 0 or not count.is_integer():
+            raise TraceError(
+                f"{where}: {name} must be a whole number >= 0, not {_shown(record[name])}"
+            )
+    timestamp = _finite(record["timestamp"])
+    if timestamp is None or timestamp < 0:
+        raise TraceError(
+            f"{where}: timestamp must be a number >= 0, not {_shown(record['timestamp'])}"
+        )
     hash_ids = record["hash_ids"]
-    if not isinstance(hash_ids, list) or not all(
-        isinstance(h, int) and not isinstance(h, bool) for h in hash_ids
-    ):
-        raise TraceError(f"{path}:{number}: hash_ids must be a list of integers")
-    timestamp = record["timestamp"]
-    if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
-        raise TraceError(f"{path}:{number}: timestamp must be a number, got {timestamp!r}")
-    return Request(float(timestamp), tuple(hash_ids))
+    if not isinstance(hash_ids, list):
+        raise TraceError(f"{where}: hash_ids must be a list of integers, not {_shown(hash_ids)}")
+    for index, block in enumerate(hash_ids):
+        if isinstance(block, bool) or not isinstance(block, int):
+            raise TraceError(f"{where}: hash_ids[{index}] must be an integer, not {_shown(block)}")
+    return Request(timestamp, tuple(hash_ids))
+
+
+def _finite(value: object) -> float | None:
+    """``value`` as a float if it is a finite JSON number, else None (true/false are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return number if math.isfinite(number) else None  # 1e400 parses as inf
+
+
+def _shown(value: object, width: int = 60) -> str:
+    """A bad value for a message: its JSON text, cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
