@@ -201,12 +201,16 @@ class TieredStore:
         """
         items = [(check_key(key), serde.check_storable(tensor)) for key, tensor in items]
         last = {key: tensor for key, tensor in items}
-        where = positions or {}
-        done = await asyncio.gather(
-            *(self.put(key, tensor, position=where.get(key)) for key, tensor in last.items())
-        )
-        statuses = dict(zip(last, done, strict=True))
-        return [statuses[key] for key, _ in items]
+        for key, position in (positions or {}).items():
+            if key in last:
+                self._positions[key] = position
+        async with _Operation(self):  # one call in flight and one background task per batch
+            done = await self._background(self._put_all(last))
+        placed = {key: outcome is _Outcome.PLACED for key, outcome in zip(last, done, strict=True)}
+        return [PutStatus.LEGAL if placed[key] else PutStatus.ILLEGAL for key, _ in items]
+
+    async def _put_all(self, items: Mapping[KeyLike, torch.Tensor]) -> list[_Outcome]:
+        return await asyncio.gather(*(self._put(key, tensor) for key, tensor in items.items()))
 
     async def get(
         self,
@@ -227,42 +231,101 @@ class TieredStore:
             if out.requires_grad:
                 raise InvalidValueError("out requires grad: pass a tensor without autograd")
         async with _Operation(self):
-            for attempt in range(_MAX_LOOKUPS):
+            return await self._get(key, target, out, self._find(key))
+
+    async def get_many(
+        self, keys: Sequence[KeyLike], device: str | torch.device | None = None
+    ) -> list[torch.Tensor | None]:
+        """``get`` for each key, as one call: small host hits are served on the spot, the
+        other keys' reads run concurrently.  Every key is looked up before any promotion, so
+        a key given twice is found where it was when the call began."""
+        keys = [check_key(key) for key in keys]
+        target = _as_device(device)
+        results: list[torch.Tensor | None] = [None] * len(keys)
+        later: list[tuple[int, Any]] = []
+        async with _Operation(self):
+            for i, key in enumerate(keys):
                 found = self._find(key)
-                if found is None:
-                    # Only a key no index held: one that was dropped just now stays a miss.
-                    if attempt or not self._shared:
-                        return None
-                    return await self._fetch_shared(key, target, out)
-                index, tier, obj = found
-                result = None
-                if out is None and (target is None or target.type == "cpu"):
-                    result = tier.read_now(obj)
-                if result is None:
-                    tier.pin(key)
-                    try:
-                        data = await self._load_or_drop(tier, key, obj, out)
-                        if data is None:
-                            if tier.lookup(key) is obj:
-                                return None  # an error of the environment: a miss; it stays
-                            continue  # moved, replaced or lost while we read: look again
-                        result = data
-                        if out is None:
-                            home = target or tier.home_device
-                            result = await copy_to(data, home, tier.loads_are_private)
-                    finally:
-                        tier.unpin(key)
-                tier.touch(key)
-                if self._observers:  # reuse evidence for the tiers' admission policies
-                    size = tier.evictor.get_size(obj)
-                    for admission in self._observers:
-                        admission.observe(key, size)
-                # Unpinned first: a promotion may wait for room that only this entry's eviction
-                # from its own tier would make; the move simply goes stale if that happens.
-                if index and self.config.promote_on_hit and not tier.is_leaving(key):
-                    await self._background(self._promote(index, key, obj, result))
-                return result
+                results[i] = self._hit_now(key, found, target)
+                if results[i] is None and (found is not None or self._shared):
+                    later.append((i, self._get(key, target, None, found)))
+            if later:
+                done = await asyncio.gather(*(work for _, work in later))
+                for (i, _), result in zip(later, done, strict=True):
+                    results[i] = result
+        return results
+
+    def _read_now(
+        self, found: tuple[int, Tier, Any], target: torch.device | None, out: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """A copy of a found entry made without awaiting, if its tier can (``Tier.read_now``)."""
+        if out is not None or (target is not None and target.type != "cpu"):
             return None
+        return found[1].read_now(found[2])
+
+    def _hit_now(
+        self, key: KeyLike, found: tuple[int, Tier, Any] | None, target: torch.device | None
+    ) -> torch.Tensor | None:
+        """A hit served on the spot (no promotion due, and ``_read_now`` could copy it)."""
+        if found is None or self._promotes(key, found):
+            return None
+        result = self._read_now(found, target, None)
+        if result is not None:
+            self._record_hit(key, found[1], found[2])
+        return result
+
+    def _promotes(self, key: KeyLike, found: tuple[int, Tier, Any]) -> bool:
+        index, tier, _ = found
+        return bool(index) and self.config.promote_on_hit and not tier.is_leaving(key)
+
+    def _record_hit(self, key: KeyLike, tier: Tier, obj: Any) -> None:
+        tier.touch(key)
+        if self._observers:  # reuse evidence for the tiers' admission policies
+            size = tier.evictor.get_size(obj)
+            for admission in self._observers:
+                admission.observe(key, size)
+
+    async def _get(
+        self,
+        key: KeyLike,
+        target: torch.device | None,
+        out: torch.Tensor | None,
+        found: tuple[int, Tier, Any] | None,
+    ) -> torch.Tensor | None:
+        """``get`` from where ``_find`` found the key, looking again if it moved meanwhile."""
+        if found is not None and found[1].lookup(key) is not found[2]:
+            found = self._find(key)  # it changed while this call waited for its turn
+        for attempt in range(_MAX_LOOKUPS):
+            if attempt:
+                found = self._find(key)
+            if found is None:
+                # Only a key no index held: one that was dropped just now stays a miss.
+                if attempt or not self._shared:
+                    return None
+                return await self._fetch_shared(key, target, out)
+            index, tier, obj = found
+            result = self._read_now(found, target, out)
+            if result is None:
+                tier.pin(key)
+                try:
+                    data = await self._load_or_drop(tier, key, obj, out)
+                    if data is None:
+                        if tier.lookup(key) is obj:
+                            return None  # an error of the environment: a miss; it stays
+                        continue  # moved, replaced or lost while we read: look again
+                    result = data
+                    if out is None:
+                        home = target or tier.home_device
+                        result = await copy_to(data, home, tier.loads_are_private)
+                finally:
+                    tier.unpin(key)
+            self._record_hit(key, tier, obj)
+            # Unpinned first: a promotion may wait for room that only this entry's eviction
+            # from its own tier would make; the move simply goes stale if that happens.
+            if self._promotes(key, found):
+                await self._background(self._promote(index, key, obj, result))
+            return result
+        return None
 
     async def _fetch_shared(
         self, key: KeyLike, target: torch.device | None, out: torch.Tensor | None
@@ -297,11 +360,6 @@ class TieredStore:
                 await self._background(self._promote(index, key, obj, result))
             return result
         return None
-
-    async def get_many(
-        self, keys: Sequence[KeyLike], device: str | torch.device | None = None
-    ) -> list[torch.Tensor | None]:
-        return list(await asyncio.gather(*(self.get(key, device) for key in keys)))
 
     async def contains(self, key: KeyLike) -> str | None:
         """The name of the tier holding ``key``, or None."""
