@@ -29,7 +29,7 @@ from lmtier.errors import (
 from lmtier.evictor import PutStatus
 from lmtier.keys import KeyLike, check_key
 from lmtier.tiers.base import Tier
-from lmtier.tiers.copies import copy_into, copy_to
+from lmtier.tiers.copies import copy_into, copy_pairs, copy_to
 from lmtier.tiers.factory import build_tiers
 
 __all__ = ["TieredStore"]
@@ -242,18 +242,55 @@ class TieredStore:
         keys = [check_key(key) for key in keys]
         target = _as_device(device)
         results: list[torch.Tensor | None] = [None] * len(keys)
+        in_memory: list[tuple[int, KeyLike, Tier, Any]] = []  # copied as one batch
         later: list[tuple[int, Any]] = []
         async with _Operation(self):
             for i, key in enumerate(keys):
                 found = self._find(key)
                 results[i] = self._hit_now(key, found, target)
-                if results[i] is None and (found is not None or self._shared):
+                if results[i] is not None:
+                    continue
+                if found is not None and not self._promotes(key, found):
+                    _, tier, obj = found
+                    if tier.resident_tensor(obj) is not None:
+                        tier.pin(key)
+                        in_memory.append((i, key, tier, obj))
+                        continue
+                if found is not None or self._shared:
                     later.append((i, self._get(key, target, None, found)))
-            if later:
-                done = await asyncio.gather(*(work for _, work in later))
-                for (i, _), result in zip(later, done, strict=True):
+            if in_memory and not later:
+                await self._copy_hits(in_memory, target, results)  # no task to make
+            elif in_memory or later:
+                done = await asyncio.gather(
+                    self._copy_hits(in_memory, target, results), *(work for _, work in later)
+                )
+                for (i, _), result in zip(later, done[1:], strict=True):
                     results[i] = result
         return results
+
+    async def _copy_hits(
+        self,
+        hits: list[tuple[int, KeyLike, Tier, Any]],
+        target: torch.device | None,
+        results: list[torch.Tensor | None],
+    ) -> None:
+        """Copy pinned in-memory hits out as one batch (``copy_pairs``), then count them."""
+        pairs = []
+        try:
+            for i, _, tier, obj in hits:
+                stored = tier.resident_tensor(obj)
+                assert stored is not None
+                out = torch.empty(
+                    stored.shape, dtype=stored.dtype, device=target or tier.home_device
+                )
+                results[i] = out
+                pairs.append((out, stored))
+            await copy_pairs(pairs)
+        finally:
+            for _, key, tier, _ in hits:
+                tier.unpin(key)
+        for _, key, tier, obj in hits:
+            self._record_hit(key, tier, obj)
 
     def _read_now(
         self, found: tuple[int, Tier, Any], target: torch.device | None, out: torch.Tensor | None

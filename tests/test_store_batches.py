@@ -8,11 +8,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from lmtier import PutStatus
 from lmtier.config import StoreConfig, TierConfig
 from lmtier.store import TieredStore
+from lmtier.tiers import copies
 
 from conftest import tensor_for
 from store_helpers import KIB
@@ -119,3 +121,80 @@ async def test_a_cancelled_get_many_leaves_no_pin(tmp_path: Path) -> None:
         await asyncio.sleep(0.2)
         assert all(store.stats()["tiers"][t]["pinned_entries"] == 0 for t in ("cpu", "disk"))
         assert store.audit() == []
+
+
+def large_entries(count: int) -> list[tuple[str, torch.Tensor]]:
+    """Entries of 1 MiB: above the size a hit is cloned on the spot."""
+    return [(f"big{i}", torch.full((256 * KIB,), i, dtype=torch.int32)) for i in range(count)]
+
+
+async def test_large_memory_hits_are_copied_in_one_thread_hop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hops: list[int] = []
+    real_to_thread = asyncio.to_thread
+
+    async def counting(fn: Any, *args: Any) -> Any:
+        hops.append(len(args[0]) if args and isinstance(args[0], list) else 1)
+        return await real_to_thread(fn, *args)
+
+    monkeypatch.setattr(copies.asyncio, "to_thread", counting)
+    items = large_entries(8)
+    async with TieredStore(StoreConfig(tiers=(TierConfig("cpu", "memory", 16 << 20),))) as store:
+        await store.put_many(items)
+        hops.clear()
+        got = await store.get_many([key for key, _ in items])
+        assert hops == [8]  # eight copies, one hop
+        for value, (key, expected) in zip(got, items, strict=True):
+            assert value is not None and torch.equal(value, expected), key
+            value.fill_(-1)  # the caller's own copy: the stored entry is untouched
+        again = await store.get("big0")
+        assert again is not None and torch.equal(again, items[0][1])
+        assert store.stats()["tiers"]["cpu"]["pinned_entries"] == 0
+        assert store.stats()["tiers"]["cpu"]["hits"] == 9
+
+
+async def test_a_batch_copy_racing_overwrites_reads_old_or_new() -> None:
+    items = large_entries(6)
+    async with TieredStore(StoreConfig(tiers=(TierConfig("cpu", "memory", 8 << 20),))) as store:
+        await store.put_many(items)
+        for version in range(1, 4):
+            new = [(key, value + 100 * version) for key, value in items]
+            got, _ = await asyncio.gather(
+                store.get_many([k for k, _ in items]), store.put_many(new)
+            )
+            for value, (key, first) in zip(got, items, strict=True):
+                allowed = [first + 100 * v for v in range(version + 1)]
+                assert value is not None and any(torch.equal(value, a) for a in allowed), key
+            assert store.audit() == []
+
+
+async def test_copy_pairs_copies_small_host_pairs_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_thread(*args: Any) -> Any:
+        raise AssertionError("a small host batch took a thread hop")
+
+    monkeypatch.setattr(copies.asyncio, "to_thread", no_thread)
+    sources = [torch.arange(64, dtype=dtype) for dtype in (torch.int8, torch.float16, torch.int64)]
+    targets = [torch.empty_like(src) for src in sources]
+    await copies.copy_pairs(list(zip(targets, sources, strict=True)))
+    assert all(torch.equal(t, s) for t, s in zip(targets, sources, strict=True))
+
+
+@pytest.mark.cuda
+async def test_a_batch_to_the_gpu_is_one_side_stream_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[object] = []
+    real_wait = copies._wait_for
+
+    async def counting(done: Any) -> None:
+        waits.append(done)
+        await real_wait(done)
+
+    monkeypatch.setattr(copies, "_wait_for", counting)
+    items = large_entries(8)
+    config = StoreConfig(tiers=(TierConfig("cpu", "memory", 16 << 20, pinned=True),))
+    async with TieredStore(config) as store:
+        await store.put_many(items)
+        got = await store.get_many([key for key, _ in items], device="cuda")
+        assert len(waits) == 1  # eight host-to-device copies, one event
+        for value, (_, expected) in zip(got, items, strict=True):
+            assert value is not None and value.is_cuda and torch.equal(value.cpu(), expected)

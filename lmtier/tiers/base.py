@@ -94,6 +94,11 @@ class Tier(abc.ABC):
         ``loads_are_private``, the result is the tier's own tensor: copy before handing it out.
         """
 
+    def resident_tensor(self, obj: Any) -> torch.Tensor | None:
+        """The tensor a stored object is, where it lives in memory (to copy from, never to hand
+        out), or None where reading it takes I/O; the default."""
+        return None
+
     def read_now(self, obj: Any) -> torch.Tensor | None:
         """A private host copy of a stored object made at once, without awaiting, or None when
         reading it must wait (I/O, a device copy, a large copy kept off the event loop).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -16,6 +17,7 @@ __all__ = [
     "copy_async",
     "copy_blocking",
     "copy_into",
+    "copy_pairs",
     "copy_to",
 ]
 
@@ -80,9 +82,52 @@ async def copy_async(dst: torch.Tensor, src: torch.Tensor) -> None:
     if not (_device_or_pinned(dst) and _device_or_pinned(src)):
         await asyncio.to_thread(copy_blocking, dst, src)
         return
-    done = _queue_on_side_stream(dst, src)
     # Yield to the loop while a short copy finishes; any timed sleep rounds up to the
     # selector's 1 ms, so a longer copy is waited for in a thread instead.
+    await _wait_for(_queue_on_side_stream(dst, src))
+
+
+async def copy_pairs(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """``dst.copy_(src)`` for every pair, as one batch: the loop is woken once per batch.
+
+    GPU copies whose host side is pinned are all queued on their direction's side stream and
+    awaited through one event per stream; the other copies that touch a GPU, and host copies
+    too large together to run on the loop, run in one worker-thread hop; small host copies
+    run inline.
+    """
+    streams: dict[torch.cuda.Stream, None] = {}  # the side streams used, in order
+    blocking: list[tuple[torch.Tensor, torch.Tensor]] = []
+    host: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for dst, src in pairs:
+        if dst.device.type != "cuda" and src.device.type != "cuda":
+            host.append((dst, src))
+        elif _device_or_pinned(dst) and _device_or_pinned(src):
+            streams[_queue_without_event(dst, src)] = None
+        else:
+            blocking.append((dst, src))
+    if sum(dst.nbytes for dst, _ in host) < LOOP_COPY_BYTES:
+        for dst, src in host:
+            dst.copy_(src)
+    else:
+        blocking += host
+    events = []
+    for stream in streams:
+        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        done.record(stream)
+        events.append(done)
+    if blocking:
+        await asyncio.to_thread(_copy_all_blocking, blocking)
+    for done in events:
+        await _wait_for(done)
+
+
+def _copy_all_blocking(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for dst, src in pairs:
+        copy_blocking(dst, src)
+
+
+async def _wait_for(done: torch.cuda.Event) -> None:
+    """Await a queued GPU copy: poll briefly from the loop, then wait in a thread."""
     give_up = time.perf_counter() + POLL_SECONDS
     while not done.query():  # type: ignore[no-untyped-call]
         if time.perf_counter() > give_up:
@@ -111,17 +156,24 @@ def _queue_on_side_stream(dst: torch.Tensor, src: torch.Tensor) -> torch.cuda.Ev
     The stream first waits for the work queued on the current stream, and the tensors are
     recorded on the side stream so their memory is not reused before the copy ran.
     """
+    stream = _queue_without_event(dst, src)
+    done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    done.record(stream)
+    return done
+
+
+def _queue_without_event(dst: torch.Tensor, src: torch.Tensor) -> torch.cuda.Stream:
+    """Queue ``dst.copy_(src)`` on its direction's side stream (see ``_queue_on_side_stream``);
+    the stream."""
     device = dst.device if dst.device.type == "cuda" else src.device
     stream = _side_stream(device, to_device=dst.device.type == "cuda")
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         dst.copy_(src, non_blocking=True)
-        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        done.record(stream)
     for tensor in (dst, src):
         if tensor.device.type == "cuda":
             tensor.record_stream(stream)
-    return done
+    return stream
 
 
 def _device_or_pinned(tensor: torch.Tensor) -> bool:

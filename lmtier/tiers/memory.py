@@ -58,6 +58,10 @@ class MemoryTier(Tier):
         self._trim_pool()  # a buffer spared for this write is still in use: free it instead
         return torch.empty(like.shape, dtype=like.dtype, device=self.device, pin_memory=self.pinned)
 
+    def resident_tensor(self, obj: Any) -> torch.Tensor:
+        assert isinstance(obj, torch.Tensor)
+        return obj
+
     def read_now(self, obj: Any) -> torch.Tensor | None:
         """Small host entries are cloned on the spot: the hot path of small hits."""
         assert isinstance(obj, torch.Tensor)
