@@ -202,3 +202,18 @@ async def test_inspect_finds_a_header_rewritten_to_another_shape(
     a_file.write_bytes(crafted + data[header.payload_offset :])
     assert main(["inspect", str(tmp_path)]) == 1
     assert "1 entries" in capsys.readouterr().out
+
+
+async def test_inspect_names_each_file_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = await _two_entries(tmp_path)
+    with open(a_file, "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x01")
+    b_file = a_file.with_name("0" * 32 + "-x.safetensors")
+    b_file.write_bytes(b"not an entry")  # a header error, whose message names no file
+    assert main(["inspect", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert out.count(str(a_file)) == 1 and out.count(str(b_file)) == 1, out
+    assert f"corrupt  {a_file}: checksum mismatch" in out
