@@ -53,10 +53,16 @@ class SweepResult:
     optimum: dict[float, tuple[float, float]]  # fraction -> (OPT, ceiling) block hit ratios
 
 
-def run_sweep(trace: Trace, options: ReplayOptions) -> SweepResult:
+def run_sweep(
+    trace: Trace, options: ReplayOptions, sweep: SweepResult | None = None
+) -> SweepResult:
+    """Every policy at every capacity.  ``sweep``, when given, is filled as the replays run
+    (each result from its first reference on), so a caller interrupted midway holds partial
+    counts."""
     block_bytes = options.bytes_per_token * trace.block_tokens
-    results = []
-    best = {}
+    if sweep is None:
+        sweep = SweepResult(trace, block_bytes, [], {})
+    results, best = sweep.results, sweep.optimum
     for fraction in options.capacities:
         blocks = capacity_blocks(trace, fraction)
         per_tier = split_capacity(blocks, options.shares)
@@ -69,18 +75,18 @@ def run_sweep(trace: Trace, options: ReplayOptions) -> SweepResult:
         best[fraction] = optimum(trace, sum(per_tier))
         for policy in options.policies:
             if options.real:
-                result = asyncio.run(
-                    _real(trace, options, capacities, policy, block_bytes, fraction)
+                asyncio.run(
+                    _real(trace, options, capacities, policy, block_bytes, fraction, results)
                 )
             else:
                 names = _default_names(len(capacities))
-                result = replay_sizes_only(
+                replay_sizes_only(
                     trace, names, capacities, policy, block_bytes, fraction,
                     options.promote_on_hit, options.progress,
                     resolve_admission(options.admission, names), options.admission_window,
+                    into=results,
                 )  # fmt: skip
-            results.append(result)
-    return SweepResult(trace, block_bytes, results, best)
+    return sweep
 
 
 def resolve_admission(items: Sequence[str], tier_names: Sequence[str]) -> list[str]:
@@ -115,11 +121,14 @@ async def _real(
     policy: str,
     block_bytes: int,
     fraction: float,
+    into: list[ReplayResult],
 ) -> ReplayResult:
     with tempfile.TemporaryDirectory(prefix="lmtier-replay-") as folder:
         config = _real_config(options, capacities, policy, Path(folder))
         async with TieredStore(config) as store:
-            return await replay_real(trace, store, block_bytes, fraction, policy, options.progress)
+            return await replay_real(
+                trace, store, block_bytes, fraction, policy, options.progress, into
+            )
 
 
 def _real_config(
