@@ -60,8 +60,9 @@ def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_stress_with_a_duration_and_lognormal_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    # Two seconds may not fill the cpu tier on a loaded machine: the disk tier need not be reached.
     args = [*SMALL, "--ops", "1000000", "--duration", "2", "--size-dist", "lognormal",
-            "--get-fraction", "0.6", "--delete-fraction", "0.1"]  # fmt: skip
+            "--get-fraction", "0.6", "--delete-fraction", "0.1", "--allow-unreached"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "OK: no wrong or lost entry" in out
