@@ -1,53 +1,70 @@
-"""The ``lmtier`` command: stress, replay and inspect."""
+"""The ``lmtier`` command: stress, replay, inspect and bench."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import importlib.metadata
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from lmtier.admission import ADMISSION_POLICIES
-from lmtier.argtypes import float_list, name_list, positive_int
+import lmtier
+from lmtier.argtypes import float_list, name_list, output_path, positive_int, user_path
 from lmtier.bench import BenchOptions, Row, format_rows, run_bench
-from lmtier.config import load_config
 from lmtier.errors import LmtierError
-from lmtier.evictor import evictor_names
 from lmtier.inspect import inspect_path
 from lmtier.replay.report import check_plotting, format_table, write_csv, write_plot
-from lmtier.replay.sweep import ReplayOptions, run_sweep
+from lmtier.replay.sweep import ReplayOptions, SweepResult, run_sweep
 from lmtier.replay.synthetic import SYNTHETIC_PREFIX, SyntheticSpec, parse_synthetic
 from lmtier.replay.traces import FORMATS, WINDOWS, parse_part, trace_stats
 from lmtier.replay.workloads import load_trace
-from lmtier.store import TieredStore
-from lmtier.stress import (
-    StressOptions,
-    default_stress_config,
-    format_report,
-    run_shared_stress,
-    run_stress,
-    shared_stress_config,
-    with_policy,
-)
+from lmtier.stress_command import INTERRUPTED, add_stress
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main", "package_version"]
+
+# A missing command is a usage error, as argparse reports every other one.
+USAGE_ERROR = 2
+_VERBOSE_HELP = "log at INFO level (before or after the command)"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def package_version() -> str:
+    """The installed distribution's version, else the package's own ``__version__``."""
+    try:
+        return importlib.metadata.version("lmtier")
+    except importlib.metadata.PackageNotFoundError:
+        return str(getattr(lmtier, "__version__", "unknown"))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmtier", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    commands = parser.add_subparsers(dest="command", required=True)
-    _add_stress(commands)
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {package_version()}",
+        help="print the version and exit",
+    )  # fmt: skip
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_stress(commands)
     _add_replay(commands)
     _add_inspect(commands)
     _add_bench(commands)
+    for command in commands.choices.values():
+        # SUPPRESS: a command that was not given -v keeps what came before it.
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP
+        )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return USAGE_ERROR
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -57,100 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except (LmtierError, ValueError) as exc:
         print(f"lmtier: error: {exc}", file=sys.stderr)
-        return 2
-
-
-# ---------------------------------------------------------------------- stress
-def _add_stress(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    stress = commands.add_parser(
-        "stress",
-        help="overfill every tier from concurrent tasks and verify every entry bit-exact",
-        description="Without --config: a small gpu -> cpu -> disk cascade (gpu skipped "
-        "without CUDA) with its disk tier in a temporary folder, removed afterwards.",
-    )
-    defaults = StressOptions()
-    stress.add_argument("--config", type=Path, help="a store config YAML (default: embedded)")
-    stress.add_argument("--tasks", type=positive_int, default=defaults.tasks, help="concurrency")
-    stress.add_argument("--ops", type=positive_int, default=defaults.ops)
-    stress.add_argument("--duration", type=float, help="stop after this many seconds")
-    stress.add_argument("--keys-per-task", type=positive_int, default=defaults.keys_per_task)
-    stress.add_argument("--min-tokens", type=positive_int, default=defaults.min_tokens)
-    stress.add_argument("--max-tokens", type=positive_int, default=defaults.max_tokens)
-    stress.add_argument(
-        "--size-dist", choices=("uniform", "lognormal"), default=defaults.size_distribution
-    )
-    stress.add_argument("--get-fraction", type=float, default=defaults.get_fraction)
-    stress.add_argument("--delete-fraction", type=float, default=defaults.delete_fraction)
-    stress.add_argument("--seed", type=int, default=defaults.seed)
-    stress.add_argument(
-        "--policy", choices=evictor_names(), help="every tier's evictor (default: as configured)"
-    )
-    stress.add_argument(
-        "--admission",
-        choices=ADMISSION_POLICIES,
-        help="the admission policy of every tier below the first (default: as configured)",
-    )
-    stress.add_argument(
-        "--shared-keys",
-        action="store_true",
-        help="all tasks share one key space of --keys-per-task keys: they overwrite and delete "
-        "each other's entries and give up on --cancel-fraction of their calls",
-    )
-    stress.add_argument("--cancel-fraction", type=float, default=defaults.cancel_fraction)
-    stress.add_argument(
-        "--rounds",
-        type=positive_int,
-        default=defaults.rounds,
-        help="--shared-keys: quiet points where every key is read back",
-    )
-    stress.add_argument("--no-progress", action="store_true")
-    stress.set_defaults(run=_run_stress)
-
-
-def _run_stress(args: argparse.Namespace) -> int:
-    options = StressOptions(
-        tasks=args.tasks,
-        ops=args.ops,
-        keys_per_task=args.keys_per_task,
-        min_tokens=args.min_tokens,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
-        get_fraction=args.get_fraction,
-        delete_fraction=args.delete_fraction,
-        size_distribution=args.size_dist,
-        duration_s=args.duration,
-        progress=args.progress,
-        shared_keys=args.shared_keys,
-        cancel_fraction=args.cancel_fraction,
-        rounds=args.rounds,
-    )
-    return asyncio.run(_stress(args.config, options, args.policy, args.admission))
-
-
-async def _stress(
-    config_path: Path | None,
-    options: StressOptions,
-    policy: str | None = None,
-    admission: str | None = None,
-) -> int:
-    with tempfile.TemporaryDirectory(prefix="lmtier-stress-") as folder:
-        embedded = shared_stress_config if options.shared_keys else default_stress_config
-        config = load_config(config_path) if config_path else embedded(Path(folder))
-        config = with_policy(config, policy, admission)
-        async with TieredStore(config) as store:
-            print(
-                "stress: "
-                + " -> ".join(f"{t.name} ({t.budget / 2**20:g} MiB)" for t in store.tiers)
-                + (f"; evictor {policy}" if policy else "")
-                + (f"; admission {admission} below the first tier" if admission else "")
-                + f"; {options.tasks} tasks, {options.ops} ops"
-                + (", shared keys" if options.shared_keys else ""),
-                flush=True,
-            )
-            run = run_shared_stress if options.shared_keys else run_stress
-            report = await run(store, options)
-        print(format_report(report))
-    return 0 if report.ok else 1
+        return USAGE_ERROR
+    except KeyboardInterrupt:  # commands without partial results of their own to print
+        print("lmtier: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 # ---------------------------------------------------------------------- replay
@@ -165,8 +92,9 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     defaults = ReplayOptions()
     replay.add_argument(
-        "trace", help="a JSONL trace, or synthetic:zipf (a generated multi-turn chat workload)"
-    )
+        "trace", type=user_path,
+        help="a JSONL trace, or synthetic:zipf (a generated multi-turn chat workload)",
+    )  # fmt: skip
     replay.add_argument("--format", choices=sorted(FORMATS), help="default: detected")
     replay.add_argument("--limit", type=positive_int, help="replay only the first N requests")
     window = replay.add_mutually_exclusive_group()
@@ -182,14 +110,16 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     synthetic = replay.add_argument_group("synthetic:zipf parameters")
     spec = SyntheticSpec()
-    synthetic.add_argument("--requests", type=positive_int, help=f"default {spec.requests}")
+    synthetic.add_argument(
+        "--requests", type=positive_int, help=f"requests to generate (default {spec.requests})"
+    )
     synthetic.add_argument(
         "--sessions", type=positive_int, help=f"users, Zipf-popular (default {spec.sessions})"
     )
     synthetic.add_argument(
         "--zipf-alpha", type=float, help=f"Zipf exponent of users (default {spec.alpha})"
     )
-    synthetic.add_argument("--seed", type=int, help=f"default {spec.seed}")
+    synthetic.add_argument("--seed", type=int, help=f"random seed (default {spec.seed})")
     replay.add_argument("--real", action="store_true", help="real tensors through a real store")
     replay.add_argument(
         "--capacities", type=float_list, default=defaults.capacities,
@@ -199,13 +129,16 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--split", type=float_list, default=defaults.shares,
         help="how a capacity divides among tiers, fastest first, e.g. 1,4,16 (default: one tier)",
     )  # fmt: skip
-    replay.add_argument("--policies", type=name_list, default=defaults.policies, help="e.g. lru")
+    replay.add_argument(
+        "--policies", type=name_list, default=defaults.policies,
+        help="evictors to compare, comma-separated, e.g. lru,arc (default: %(default)s)",
+    )  # fmt: skip
     replay.add_argument(
         "--bytes-per-token", type=positive_int,
         help=f"KV bytes per token (sizes-only default {defaults.bytes_per_token}, an 8B model "
         "in bf16; --real default 16, to fit in memory)",
     )  # fmt: skip
-    replay.add_argument("--config", type=Path, help="--real: tier kinds from this config")
+    replay.add_argument("--config", type=user_path, help="--real: tier kinds from this config")
     replay.add_argument("--no-promote", action="store_true", help="lower hits stay where they are")
     replay.add_argument(
         "--admission", type=name_list, default=defaults.admission,
@@ -216,31 +149,30 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--admission-window", type=positive_int,
         help="second_hit's memory in entries (default: 4x the tier's capacity)",
     )  # fmt: skip
-    replay.add_argument("--csv", type=Path, help="write the results here")
-    replay.add_argument("--plot", type=Path, help="plot hit ratio vs capacity (needs matplotlib)")
-    replay.add_argument("--no-progress", action="store_true")
+    replay.add_argument("--csv", type=output_path, help="write the results here (a CSV file)")
+    replay.add_argument(
+        "--plot", type=output_path, help="plot hit ratio vs capacity to this PNG (needs matplotlib)"
+    )
+    replay.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (shown on a terminal)"
+    )
     replay.set_defaults(run=_run_replay)
 
 
 def _run_replay(args: argparse.Namespace) -> int:
     if args.plot:
         check_plotting()
-    # Refuse an output path that cannot be written now, not after a long sweep.
-    for option, path in (("--csv", args.csv), ("--plot", args.plot)):
-        if path is not None and path.is_dir():
-            raise LmtierError(f"{option} {path} is a folder: give a file name")
-        if path is not None and not path.parent.is_dir():
-            raise LmtierError(f"{option} {path}: no folder {path.parent}; create it first")
     part = WINDOWS[args.window] if args.window else args.part
     synthetic = None
-    if args.trace.startswith(SYNTHETIC_PREFIX):
+    source = str(args.trace)
+    if source.startswith(SYNTHETIC_PREFIX):
         synthetic = parse_synthetic(
-            args.trace, requests=args.requests, sessions=args.sessions, alpha=args.zipf_alpha,
+            source, requests=args.requests, sessions=args.sessions, alpha=args.zipf_alpha,
             seed=args.seed,
         )  # fmt: skip
     elif any(v is not None for v in (args.requests, args.sessions, args.zipf_alpha, args.seed)):
         raise LmtierError("--requests, --sessions, --zipf-alpha and --seed are for synthetic:zipf")
-    trace = load_trace(args.trace, args.format, args.limit, part, synthetic)
+    trace = load_trace(source, args.format, args.limit, part, synthetic)
     default_bytes = 16 if args.real else ReplayOptions().bytes_per_token
     options = ReplayOptions(
         capacities=args.capacities,
@@ -256,7 +188,7 @@ def _run_replay(args: argparse.Namespace) -> int:
     )
     where = f" part {part[0]}/{part[1]}" if part else ""
     print(
-        f"{args.trace}{where}: {trace.format}, {trace_stats(trace).describe()}; blocks of "
+        f"{source}{where}: {trace.format}, {trace_stats(trace).describe()}; blocks of "
         f"{trace.block_tokens} tokens ({options.bytes_per_token * trace.block_tokens:,} bytes); "
         f"{'real' if options.real else 'sizes-only'} mode",
         flush=True,
@@ -265,7 +197,15 @@ def _run_replay(args: argparse.Namespace) -> int:
     def skipped(reason: str) -> None:
         print(f"lmtier: warning: skipped: {reason}", file=sys.stderr, flush=True)
 
-    sweep = run_sweep(trace, options, on_skip=skipped)
+    sweep = SweepResult(trace, options.bytes_per_token * trace.block_tokens, [], {})
+    try:
+        run_sweep(trace, options, on_skip=skipped, sweep=sweep)
+    except KeyboardInterrupt:
+        # A real replay's store closed and its temporary folder went as asyncio.run unwound.
+        print(format_table(sweep.results, sweep.optimum))
+        references = sum(result.references for result in sweep.results)
+        print(f"interrupted after {references} ops (block references); the last row is partial")
+        return INTERRUPTED
     print(format_table(sweep.results, sweep.optimum))
     for path, write in ((args.csv, write_csv), (args.plot, write_plot)):
         if path is not None:
@@ -288,9 +228,13 @@ def _add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "Lists entries, bytes, corrupt or foreign files and leftover temporary files; "
         "exits 1 while any remain.",
     )
-    inspect.add_argument("path", type=Path)
+    inspect.add_argument(
+        "path", type=user_path, help="a disk tier's folder, or one of its ns-* folders"
+    )
     inspect.add_argument("--repair", action="store_true", help="remove corrupt and temporary files")
-    inspect.add_argument("--no-progress", action="store_true")
+    inspect.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (shown on a terminal)"
+    )
     inspect.set_defaults(run=_run_inspect)
 
 

@@ -29,6 +29,8 @@ __all__ = [
     "run_shared_stress",
     "run_stress",
     "shared_stress_config",
+    "split_evenly",
+    "unreached_tiers",
     "with_policy",
 ]
 
@@ -107,6 +109,7 @@ class StressReport:
     # Misses while a tier's storage was down or failing (the quiet read-backs still check the
     # key): not a failure.
     unavailable_misses: int = 0
+    warnings: list[str] = field(default_factory=list)  # printed, not a failure
 
     @property
     def ok(self) -> bool:
@@ -150,6 +153,16 @@ def with_policy(
     return dataclasses.replace(config, tiers=tuple(tiers))
 
 
+def unreached_tiers(store: TieredStore) -> list[str]:
+    """The tiers into which no entry was ever put or demoted since the store opened."""
+    return [t.name for t in store.tiers if t.counters.puts + t.counters.demotions_in == 0]
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` divided into ``parts`` whole shares that differ by at most one and sum to it."""
+    return [total // parts + (1 if index < total % parts else 0) for index in range(parts)]
+
+
 def pattern_tensor(key: str, version: int, tokens: int) -> torch.Tensor:
     """Content that only ``(key, version)`` produces, so any wrong or stale read shows."""
     seed = int.from_bytes(hashlib.blake2b(f"{key}#{version}".encode(), digest_size=8).digest())
@@ -167,15 +180,20 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-async def run_stress(store: TieredStore, options: StressOptions) -> StressReport:
-    """Drive ``store`` with ``options``; the report's ``problems`` lists every failed check."""
-    report = StressReport()
+async def run_stress(
+    store: TieredStore, options: StressOptions, report: StressReport | None = None
+) -> StressReport:
+    """Drive ``store`` with ``options``; the report's ``problems`` lists every failed check.
+
+    ``report``, when given, is the one filled (a caller that cancels the run keeps its partial
+    counts; the store's stats are in it however the run ends).
+    """
+    report = StressReport() if report is None else report
     clock = 0  # a logical time: drops after a key's last put explain a miss
     dropped_at: dict[KeyLike, int] = {}
     expected: dict[str, tuple[int, int, int] | None] = {}  # key -> (version, tokens, put time)
     store._on_drop = lambda key: dropped_at.__setitem__(key, clock)
-    bar = tqdm(total=options.ops, desc="stress", unit="op", disable=not options.progress)
-    per_task = options.ops // options.tasks
+    per_task = split_evenly(options.ops, options.tasks)
     deadline = None if options.duration_s is None else time.perf_counter() + options.duration_s
 
     def check(key: str, got: torch.Tensor | None) -> None:
@@ -195,11 +213,11 @@ async def run_stress(store: TieredStore, options: StressOptions) -> StressReport
         else:
             report.verified += 1
 
-    async def worker(task: int) -> None:
+    async def worker(task: int, bar: tqdm[Any]) -> None:
         nonlocal clock
         rng = random.Random(options.seed * 1_000_003 + task)
         keys = [f"stress/{task}/{i}" for i in range(options.keys_per_task)]
-        for op in range(per_task):
+        for op in range(per_task[task]):
             if deadline is not None and time.perf_counter() > deadline:
                 break
             key = keys[op] if op < len(keys) else rng.choice(keys)
@@ -229,14 +247,23 @@ async def run_stress(store: TieredStore, options: StressOptions) -> StressReport
             bar.update()
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker(task) for task in range(options.tasks)))
-    bar.close()
-    for key in list(expected):  # read everything back
-        check(key, await store.get(key))
-    report.seconds = time.perf_counter() - started
-    report.problems.extend(store.audit())
-    report.stats = store.stats()
+    try:
+        with _bar(options, options.ops, "stress", "op") as bar:
+            await asyncio.gather(*(worker(task, bar) for task in range(options.tasks)))
+        with _bar(options, len(expected), "verify", "key") as bar:
+            for key in list(expected):  # read everything back
+                check(key, await store.get(key))
+                bar.update()
+        report.problems.extend(store.audit())
+    finally:
+        report.seconds = time.perf_counter() - started
+        report.stats = store.stats()
     return report
+
+
+def _bar(options: StressOptions, total: int, desc: str, unit: str) -> tqdm[Any]:
+    """A progress bar in the style of every long phase; off unless ``options.progress``."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=not options.progress)
 
 
 @dataclass
@@ -248,7 +275,9 @@ class _Call:
     end: int | None = None  # None while in flight, and for good once cancelled or failed
 
 
-async def run_shared_stress(store: TieredStore, options: StressOptions) -> StressReport:
+async def run_shared_stress(
+    store: TieredStore, options: StressOptions, report: StressReport | None = None
+) -> StressReport:
     """Tasks on one shared key space: overwrites, deletes and cancelled calls, checked soundly.
 
     For each key the model keeps the calls whose value may be the key's current one: every
@@ -258,9 +287,11 @@ async def run_shared_stress(store: TieredStore, options: StressOptions) -> Stres
     must be allowed by a delete among them, a put of the key in flight (the store reports a
     drop only once no put of the key is in flight) or a drop since the oldest of them.
     Between rounds the store goes quiet, every key is read, and the model resettles on what
-    was read.  Audits run every ``audit_every`` ops and at each quiet point.
+    was read.  Audits run every ``audit_every`` ops and at each quiet point.  ``report``, when
+    given, is the one filled, as with ``run_stress``.
     """
-    report = StressReport(shared=True)
+    report = StressReport() if report is None else report
+    report.shared = True
     clock = 0
     versions = 0
     dropped_at: dict[KeyLike, int] = {}
@@ -269,7 +300,6 @@ async def run_shared_stress(store: TieredStore, options: StressOptions) -> Stres
     started_puts: dict[str, dict[int, tuple[int, int]]] = {key: {} for key in keys}
     audit_messages: set[str] = set()
     store._on_drop = lambda key: dropped_at.__setitem__(key, clock)
-    bar = tqdm(total=options.ops, desc="stress", unit="op", disable=not options.progress)
     deadline = None if options.duration_s is None else time.perf_counter() + options.duration_s
 
     def storage_failures() -> int:
@@ -346,7 +376,7 @@ async def run_shared_stress(store: TieredStore, options: StressOptions) -> Stres
             return await coro
         return await asyncio.wait_for(coro, timeout=rng.uniform(0.0, 0.002))
 
-    async def worker(task: int, round_: int, count: int) -> None:
+    async def worker(task: int, round_: int, count: int, bar: tqdm[Any]) -> None:
         nonlocal versions
         rng = random.Random((options.seed * 1_000_003 + task) * 101 + round_)
         for _ in range(count):
@@ -438,22 +468,27 @@ async def run_shared_stress(store: TieredStore, options: StressOptions) -> Stres
         audit()
 
     started = time.perf_counter()
-    per_round = options.ops // options.tasks // options.rounds
-    for round_ in range(options.rounds):
-        await asyncio.gather(*(worker(task, round_, per_round) for task in range(options.tasks)))
-        await settle()
-    bar.close()
-    report.seconds = time.perf_counter() - started
-    if report.audit_failures:
-        report.problems.append(f"{report.audit_failures} of {report.audits} audits failed:")
-        report.problems.extend(f"audit: {m}" for m in sorted(audit_messages))
-    report.stats = store.stats()
+    try:
+        with _bar(options, options.ops, "stress", "op") as bar:
+            for round_, round_ops in enumerate(split_evenly(options.ops, options.rounds)):
+                shares = split_evenly(round_ops, options.tasks)
+                await asyncio.gather(
+                    *(worker(task, round_, shares[task], bar) for task in range(options.tasks))
+                )
+                await settle()
+    finally:
+        report.seconds = time.perf_counter() - started
+        if report.audit_failures:
+            report.problems.append(f"{report.audit_failures} of {report.audits} audits failed:")
+            report.problems.extend(f"audit: {m}" for m in sorted(audit_messages))
+        report.stats = store.stats()
     return report
 
 
-def format_report(report: StressReport) -> str:
-    """The per-tier table, throughput and latency, and the verdict."""
-    tiers = report.stats["tiers"]
+def format_report(report: StressReport, interrupted: bool = False) -> str:
+    """The per-tier table, throughput and latency, and the verdict (none for a run that was
+    ``interrupted``: its counts are partial and its entries were not all read back)."""
+    tiers = report.stats.get("tiers", {})
     assert isinstance(tiers, dict)
     columns = [
         "entries", "resident_bytes", "budget_bytes", "hits", "misses", "puts", "evictions",
@@ -490,7 +525,11 @@ def format_report(report: StressReport) -> str:
             f"{report.cancelled}; misses of gets given a timeout {report.timed_misses}; "
             f"misses while a tier was down {report.unavailable_misses}"
         )
-    if report.ok:
+    lines.extend(f"warning: {w}" for w in report.warnings)
+    if interrupted:
+        lines.append(f"interrupted after {report.ops} ops: the counts above are partial")
+        lines.extend(f"  - {p}" for p in report.problems[:20])
+    elif report.ok:
         lines.append("OK: no wrong or lost entry, accounting exact, budgets held")
     else:
         lines.append(f"FAILED: {len(report.problems)} problem(s)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -59,8 +60,9 @@ def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_stress_with_a_duration_and_lognormal_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    # Two seconds may not fill the cpu tier on a loaded machine: the disk tier need not be reached.
     args = [*SMALL, "--ops", "1000000", "--duration", "2", "--size-dist", "lognormal",
-            "--get-fraction", "0.6", "--delete-fraction", "0.1"]  # fmt: skip
+            "--get-fraction", "0.6", "--delete-fraction", "0.1", "--allow-unreached"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "OK: no wrong or lost entry" in out
@@ -202,3 +204,57 @@ async def test_inspect_finds_a_header_rewritten_to_another_shape(
     a_file.write_bytes(crafted + data[header.payload_offset :])
     assert main(["inspect", str(tmp_path)]) == 1
     assert "1 entries" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_stress_runs_exactly_the_ops_asked_for(
+    shared: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 1001 = 7 x 143 and 8 x 125 + 1: neither tasks nor tasks x rounds divide it.
+    argv = ["stress", "--ops", "1001", "--tasks", "8", "--keys-per-task", "40", "--no-progress"]
+    if shared:
+        argv = [*argv, "--shared-keys", "--rounds", "3", "--tasks", "7"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "\n1001 ops in " in out, out
+
+
+def test_split_evenly_keeps_every_op() -> None:
+    from lmtier.stress import split_evenly
+
+    for total, parts in ((1001, 8), (7, 3), (2, 5), (64, 64)):
+        shares = split_evenly(total, parts)
+        assert sum(shares) == total and len(shares) == parts
+        assert max(shares) - min(shares) <= 1
+
+
+async def test_the_verification_phase_shows_progress(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmtier.store import TieredStore
+    from lmtier.stress import StressOptions, default_stress_config, run_stress
+
+    options = StressOptions(tasks=4, ops=200, keys_per_task=20, progress=True)
+    async with TieredStore(default_stress_config(tmp_path)) as store:
+        report = await run_stress(store, options)
+    err = capsys.readouterr().err
+    assert report.ok and "| 200/200 [" in err
+    assert "verify: 100%" in err and "| 80/80 [" in err, err  # each task's 20 keys read back
+    async with TieredStore(default_stress_config(tmp_path)) as store:
+        await run_stress(store, dataclasses.replace(options, progress=False))
+    assert "verify" not in capsys.readouterr().err
+
+
+async def test_inspect_names_each_file_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = await _two_entries(tmp_path)
+    with open(a_file, "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x01")
+    b_file = a_file.with_name("0" * 32 + "-x.safetensors")
+    b_file.write_bytes(b"not an entry")  # a header error, whose message names no file
+    assert main(["inspect", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert out.count(str(a_file)) == 1 and out.count(str(b_file)) == 1, out
+    assert f"corrupt  {a_file}: checksum mismatch" in out

@@ -79,7 +79,7 @@ def _replay(
     result: ReplayResult,
     access: Callable[[int, int], int | None],
     progress: bool,
-    label: str,
+    label: str = "replay",
 ) -> None:
     started = time.perf_counter()
     for request in tqdm(trace.requests, desc=label, unit="req", disable=not progress):
@@ -105,11 +105,14 @@ def replay_sizes_only(
     label: str = "replay",
     *,
     clean_copies: bool = True,
+    into: list[ReplayResult] | None = None,
 ) -> ReplayResult:
     """Replay through the cascade's decisions alone (no data): every block is read or put.
 
     ``admission`` names each tier's admission policy (default: all admit everything);
-    ``label`` titles the progress bar shown when ``progress``.
+    ``label`` titles the progress bar shown when ``progress``.  The result is appended to
+    ``into`` (if given) before the first reference, so that a caller interrupted midway holds
+    the partial counts.
     """
     policies = list(admission) if admission is not None else ["all"] * len(tier_names)
     sim = CascadeSim(
@@ -122,6 +125,8 @@ def replay_sizes_only(
     )
     result = ReplayResult(policy, fraction, tier_names, capacities, block_bytes)
     result.admission = admission_label(tier_names, policies)
+    if into is not None:
+        into.append(result)
 
     def access(block: int, position: int) -> int | None:
         tier = sim.get(block)
@@ -129,8 +134,10 @@ def replay_sizes_only(
             sim.put(block, block_bytes, position)
         return tier
 
-    _replay(trace, result, access, progress, label)
-    result.counters = {t.name: t.counters.as_dict() for t in sim.tiers}
+    try:
+        _replay(trace, result, access, progress, label)
+    finally:
+        result.counters = {t.name: t.counters.as_dict() for t in sim.tiers}
     return result
 
 
@@ -148,14 +155,33 @@ def block_tensor(block: int, nbytes: int) -> torch.Tensor:
 
 async def replay_real(
     trace: Trace, store: TieredStore, block_bytes: int, fraction: float, policy: str,
-    progress: bool = False, label: str = "replay",
+    progress: bool = False, label: str = "replay", into: list[ReplayResult] | None = None,
 ) -> ReplayResult:  # fmt: skip
-    """Replay through a real store with real tensors; every hit's bytes are checked."""
+    """Replay through a real store with real tensors; every hit's bytes are checked.
+
+    ``into`` as in ``replay_sizes_only``; the store's counters are in the result however the
+    replay ends.
+    """
     names = [tier.name for tier in store.tiers]
     result = ReplayResult(policy, fraction, names, [t.budget for t in store.tiers], block_bytes)
     result.admission = admission_label(names, [t.admission.name for t in store.tiers])
-    template = block_tensor(0, block_bytes)
+    if into is not None:
+        into.append(result)
     started = time.perf_counter()
+    try:
+        await _replay_real(trace, store, result, progress, label)
+    finally:
+        result.seconds = time.perf_counter() - started
+        result.counters = {name: dict(stats) for name, stats in store.stats()["tiers"].items()}
+    return result
+
+
+async def _replay_real(
+    trace: Trace, store: TieredStore, result: ReplayResult, progress: bool, label: str
+) -> None:
+    names = result.tier_names
+    block_bytes = result.block_bytes
+    template = block_tensor(0, block_bytes)
     for request in tqdm(trace.requests, desc=label, unit="req", disable=not progress):
         prefix = True
         for position, block in enumerate(request.hash_ids):
@@ -172,9 +198,6 @@ async def replay_real(
                     result.wrong += 1
             prefix = prefix and tier is not None
             result.record(tier, prefix)
-    result.seconds = time.perf_counter() - started
-    result.counters = {name: dict(stats) for name, stats in store.stats()["tiers"].items()}
-    return result
 
 
 def block_key(block: int) -> str:

@@ -53,13 +53,18 @@ class SweepResult:
 
 
 def run_sweep(
-    trace: Trace, options: ReplayOptions, on_skip: Callable[[str], None] | None = None
+    trace: Trace,
+    options: ReplayOptions,
+    on_skip: Callable[[str], None] | None = None,
+    sweep: SweepResult | None = None,
 ) -> SweepResult:
     """Replay ``trace`` with every policy at every capacity it can use.
 
     A capacity the trace is too small for (a tier of no block) or too large for (its whole
     working set) is left out, its reason passed to ``on_skip`` (default: a logged warning)
     before any replay and listed in ``skipped``; ConfigError when none is left.
+    ``sweep``, when given, is filled as the replays run (each result from its first
+    reference on), so a caller interrupted midway holds partial counts.
     """
     plan = plan_capacities(trace, options.capacities, options.shares)
     for problem in plan.skipped:
@@ -68,8 +73,10 @@ def run_sweep(
         else:
             on_skip(problem)
     block_bytes = options.bytes_per_token * trace.block_tokens
-    results = []
-    best = {}
+    if sweep is None:
+        sweep = SweepResult(trace, block_bytes, [], {})
+    sweep.skipped = plan.skipped
+    results, best = sweep.results, sweep.optimum
     for number, (fraction, per_tier) in enumerate(plan.usable, start=1):
         capacities = [n * block_bytes for n in per_tier]
         best[fraction] = optimum(trace, sum(per_tier))
@@ -78,19 +85,18 @@ def run_sweep(
                 (number, len(plan.usable)), fraction, (index, len(options.policies)), policy
             )
             if options.real:
-                result = asyncio.run(
-                    _real(trace, options, capacities, policy, block_bytes, fraction, label)
+                asyncio.run(
+                    _real(trace, options, capacities, policy, block_bytes, fraction, label, results)
                 )
             else:
                 names = _default_names(len(capacities))
-                result = replay_sizes_only(
+                replay_sizes_only(
                     trace, names, capacities, policy, block_bytes, fraction,
                     options.promote_on_hit, options.progress,
                     resolve_admission(options.admission, names), options.admission_window,
-                    label=label, clean_copies=options.clean_copies,
+                    label=label, clean_copies=options.clean_copies, into=results,
                 )  # fmt: skip
-            results.append(result)
-    return SweepResult(trace, block_bytes, results, best, plan.skipped)
+    return sweep
 
 
 def progress_label(
@@ -135,12 +141,13 @@ async def _real(
     block_bytes: int,
     fraction: float,
     label: str,
+    into: list[ReplayResult],
 ) -> ReplayResult:
     with tempfile.TemporaryDirectory(prefix="lmtier-replay-") as folder:
         config = _real_config(options, capacities, policy, Path(folder))
         async with TieredStore(config) as store:
             return await replay_real(
-                trace, store, block_bytes, fraction, policy, options.progress, label
+                trace, store, block_bytes, fraction, policy, options.progress, label, into
             )
 
 

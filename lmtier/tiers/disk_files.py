@@ -249,7 +249,7 @@ def _scan_file(path: str, name: str, namespace: str | None, verify: bool, scan: 
     except FileNotFoundError:
         return  # removed while we looked
     except CorruptEntryError as exc:
-        scan.corrupt.append((Path(path), str(exc)))
+        scan.corrupt.append((Path(path), _reason(exc, path)))
         return
     except OSError as exc:  # no evidence against the bytes (EMFILE, EACCES, EIO...)
         scan.left_alone.append((Path(path), f"cannot read it: {exc.strerror}"))
@@ -264,6 +264,12 @@ def _scan_file(path: str, name: str, namespace: str | None, verify: bool, scan: 
     scan.entries.append(
         FoundEntry(header.key, metadata_for(path, header), size, mtime_ns, header.namespace)
     )
+
+
+def _reason(exc: CorruptEntryError, path: str) -> str:
+    """Why a file is corrupt, without the path some messages start with: the scan's pair
+    already names the file, and reports print the two side by side."""
+    return str(exc).removeprefix(f"{path}: ")
 
 
 def _is_shard(name: str) -> bool:

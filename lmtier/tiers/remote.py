@@ -396,6 +396,39 @@ class RemoteTier(Tier):
         except StorageError:
             return False
 
+    async def clear_prefix(self) -> int:
+        """Delete every value under this tier's key prefix, whoever wrote it; how many.
+
+        For a tool that owns its prefix (``lmtier stress`` runs under one of its own) and
+        cleans up after itself; it walks the server (SCAN), which no store operation does.
+        The index is not touched: call it on a tier that indexes nothing.
+        """
+        await self._connected()
+        client = self._client
+        assert client is not None
+        loop = asyncio.get_running_loop()
+        pattern = _glob_escape(self.key_prefix) + b":*"
+        deleted = 0
+        batch: list[bytes] = []
+        try:
+            # Each round trip is bounded by op_timeout_s, as every command of the tier is.
+            async with asyncio.timeout(self.op_timeout_s) as deadline:
+                async for name in client.scan_iter(match=pattern, count=1000):
+                    batch.append(name)
+                    if len(batch) >= 1000:
+                        deadline.reschedule(loop.time() + self.op_timeout_s)
+                        deleted += await client.delete(*batch)
+                        batch = []
+                    deadline.reschedule(loop.time() + self.op_timeout_s)
+                if batch:
+                    deleted += await client.delete(*batch)
+        except _DOWN as exc:
+            raise StorageError(
+                f"redis tier {self.name!r}: cannot delete the values under "
+                f"{self.key_prefix!r}: {_describe(exc)}"
+            ) from exc
+        return deleted
+
     # ------------------------------------------------------------------ the connection
     async def _command(self, name: str, *args: Any) -> Any:
         """Run one command, in one batch with the others issued in this event-loop turn."""
@@ -546,6 +579,11 @@ async def _close_quietly(client: aioredis.Redis | RedisCluster) -> None:
         await asyncio.wait_for(client.aclose(), 1.0)
     except (*_DOWN, RuntimeError):
         pass
+
+
+def _glob_escape(prefix: str) -> bytes:
+    """``prefix`` as a SCAN pattern that matches it literally."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in prefix).encode()
 
 
 def _describe(exc: BaseException) -> str:
