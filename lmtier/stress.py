@@ -460,7 +460,9 @@ async def run_shared_stress(
                 calls[key] = [_Call(None, now, now)]
                 continue
             version = None
-            if got is not None:
+            # A read may return a value whose entry is dropped meanwhile (its promotion's room
+            # was made by evicting it below): the key is gone from then on.
+            if got is not None and dropped_at.get(key, -1) < since:
                 cpu = got.cpu()
                 candidates = [c.version for c in allowed if c.version is not None]
                 version = next(v for v in candidates if matches(key, cpu, v))
