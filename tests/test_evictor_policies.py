@@ -96,6 +96,23 @@ def test_s3fifo_ghost_hit_enters_main() -> None:
     assert "k0" in evictor._main and "k0" not in evictor._small
 
 
+def test_s3fifo_finds_a_victim_behind_pinned_entries_met_twice() -> None:
+    """A main-queue walk that passes a pinned entry on each of several passes (while it
+    decrements a hot entry's uses) still reaches the entry whose uses ran out."""
+    evictor = S3FIFOEvictor(16)
+    cache: OrderedDict[str, bytes] = OrderedDict(hot=bytes(8), moving=bytes(8))
+    for key in cache:
+        assert evictor.update_on_put(OrderedDict(), 8, key) == ([], PutStatus.LEGAL)
+    for queue in (evictor._small, evictor._main):
+        queue.clear()
+    evictor._main.update(hot=None, moving=None)  # both in main, as after a ghost hit
+    evictor._small_bytes = 0
+    evictor._freq.update(hot=2, moving=0)
+    evictor.pin("moving")  # a victim still on its way out
+    victims, status = evictor.update_on_put(cache, 1, "new")
+    assert (victims, status) == (["hot"], PutStatus.LEGAL)
+
+
 def test_arc_target_moves_toward_the_list_whose_ghost_hits() -> None:
     evictor = ARCEvictor(4)
     cache = Cache(evictor)

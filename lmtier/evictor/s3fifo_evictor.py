@@ -77,6 +77,8 @@ class S3FIFOEvictor(KeyedEvictor):
         victims: list[tuple[KeyLike, bool, int]] = []  # (key, from small, freq)
         freed = 0
         # Every entry is looked at a bounded number of times (freq <= 3, a skip per queue pass).
+        # The skip counts are of unevictable heads in a row: a queue is given up on only once
+        # a whole pass met nothing but pinned or not yet inserted entries.
         steps = (_MAX_FREQ + 3) * (len(small) + len(main)) + 4
         skipped_small = skipped_main = 0
         while freed < need and steps > 0:
@@ -89,7 +91,9 @@ class S3FIFOEvictor(KeyedEvictor):
                 if not self._evictable(head, cache_dict):
                     small.move_to_end(head)
                     skipped_small += 1
-                elif freq[head] >= 1:
+                    continue
+                skipped_small = 0
+                if freq[head] >= 1:
                     del small[head]
                     self._small_bytes -= self._size_of(head)
                     main[head] = None
@@ -104,7 +108,9 @@ class S3FIFOEvictor(KeyedEvictor):
                 if not self._evictable(head, cache_dict):
                     main.move_to_end(head)
                     skipped_main += 1
-                elif freq[head] > 0:
+                    continue
+                skipped_main = 0
+                if freq[head] > 0:
                     freq[head] -= 1
                     main.move_to_end(head)
                 else:
