@@ -6,6 +6,7 @@ import asyncio
 import enum
 import logging
 import os
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
@@ -27,6 +28,7 @@ from lmtier.errors import (
 )
 from lmtier.evictor import PutStatus
 from lmtier.keys import KeyLike, check_key
+from lmtier.monitoring import StoreMetrics
 from lmtier.tiers.base import Tier
 from lmtier.tiers.copies import copy_into, copy_to
 from lmtier.tiers.factory import build_tiers
@@ -87,6 +89,8 @@ class TieredStore:
             config = config_from_mapping(config)
         self.config = config
         self.tiers: list[Tier] = build_tiers(config)
+        #: Prometheus metrics: a registry of its own, served over HTTP if the config says so.
+        self.metrics = StoreMetrics(config.metrics, self.tiers)
         self._shared = any(tier.shared for tier in self.tiers)  # a miss then asks the server
         self._on_drop = on_drop
         self._positions: dict[KeyLike, int] = {}  # chunk index in its prefix, for evictors
@@ -142,8 +146,13 @@ class TieredStore:
         await asyncio.shield(self._opened)
 
     async def _open_tiers(self) -> None:
-        for tier in self.tiers:
-            await tier.open()
+        self.metrics.serve()  # first: a port in use fails the open before a folder is locked
+        try:
+            for tier in self.tiers:
+                await tier.open()
+        except BaseException:
+            await self.metrics.stop()  # so that a retried open finds its port free
+            raise
 
     async def close(self) -> None:
         """Finish in-flight work, then release the tiers; later calls do nothing."""
@@ -159,6 +168,12 @@ class TieredStore:
             await asyncio.gather(self._opened, return_exceptions=True)
             for tier in self.tiers:
                 await tier.close()
+        await self.metrics.stop()
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of the metrics HTTP server while it serves (the one chosen for port 0)."""
+        return self.metrics.port
 
     # ------------------------------------------------------------------ public API
     async def put(
@@ -173,8 +188,10 @@ class TieredStore:
         serde.check_storable(tensor)
         if position is not None:
             self._positions[key] = position
-        async with _Operation(self):
+        async with _Operation(self, self.metrics.observe_put, tensor.nbytes) as op:
             outcome = await self._background(self._put(key, tensor))
+            if outcome is _Outcome.PLACED:
+                op.tier = self._holder_name(key)
         return PutStatus.LEGAL if outcome is _Outcome.PLACED else PutStatus.ILLEGAL
 
     async def put_many(
@@ -214,14 +231,14 @@ class TieredStore:
             serde.check_storable(out)
             if out.requires_grad:
                 raise InvalidValueError("out requires grad: pass a tensor without autograd")
-        async with _Operation(self):
+        async with _Operation(self, self.metrics.observe_get) as op:
             for attempt in range(_MAX_LOOKUPS):
                 found = self._find(key)
                 if found is None:
                     # Only a key no index held: one that was dropped just now stays a miss.
                     if attempt or not self._shared:
                         return None
-                    return await self._fetch_shared(key, target, out)
+                    return await self._fetch_shared(key, target, out, op)
                 index, tier, obj = found
                 tier.pin(key)
                 try:
@@ -238,6 +255,8 @@ class TieredStore:
                     tier.unpin(key)
                 tier.touch(key)
                 size = tier.evictor.get_size(obj)
+                tier.counters.bytes_out += size
+                op.tier, op.nbytes = tier.name, size
                 for each in self.tiers:  # reuse evidence for every tier's admission policy
                     each.admission.observe(key, size)
                 # Unpinned first: a promotion may wait for room that only this entry's eviction
@@ -248,7 +267,7 @@ class TieredStore:
             return None
 
     async def _fetch_shared(
-        self, key: KeyLike, target: torch.device | None, out: torch.Tensor | None
+        self, key: KeyLike, target: torch.device | None, out: torch.Tensor | None, op: _Operation
     ) -> torch.Tensor | None:
         """A key no index holds may be in a shared tier's storage (another store wrote it)."""
         if key in self._moving:
@@ -257,11 +276,15 @@ class TieredStore:
             if not tier.shared:
                 continue
             deletes = self._deletes
+            started = time.perf_counter()
             found = await tier.fetch(key)
             if found is None:
                 continue
             obj, data = found
             tier.counters.fetched += 1
+            tier.counters.bytes_out += data.nbytes
+            self.metrics.observe_load(tier.name, time.perf_counter() - started, data.nbytes)
+            op.tier, op.nbytes = tier.name, data.nbytes
             # Indexed only if no tier took the key meanwhile (a put that committed is newer)
             # and no delete ran while the value was on its way (it may have been the key's).
             adopted = (
@@ -560,6 +583,7 @@ class TieredStore:
             # put waiting for its room would otherwise wait in vain.
         if outcome is _Outcome.PLACED:
             tier.counters.demotions_out += 1
+            tier.counters.bytes_out += tier.evictor.get_size(obj)
         elif outcome is not _Outcome.STALE and tier.lookup(key) is obj:
             tier.remove(key)
             tier.counters.drops += 1
@@ -577,6 +601,7 @@ class TieredStore:
             self._unmoving(key)
         if outcome is _Outcome.PLACED:
             tier.counters.promotions_out += 1
+            tier.counters.bytes_out += data.nbytes
 
     # ------------------------------------------------------------------ helpers
     def _find(self, key: KeyLike) -> tuple[int, Tier, Any] | None:
@@ -594,6 +619,12 @@ class TieredStore:
 
     def _holder(self, key: KeyLike) -> Tier | None:
         return next((tier for tier in self.tiers if tier.lookup(key) is not None), None)
+
+    def _holder_name(self, key: KeyLike) -> str | None:
+        for tier in self.tiers:  # a plain loop: this runs on every put
+            if tier.lookup(key) is not None:
+                return tier.name
+        return None
 
     def _remove_everywhere(self, key: KeyLike) -> list[tuple[Tier, Any]]:
         removed = []
@@ -613,6 +644,8 @@ class TieredStore:
         descriptors or memory, an I/O error, a server down) is counted and leaves the entry
         where it is, to be read again later.
         """
+        timed = tier.name in self.metrics.timed_loads  # reads of storage, not of memory tiers
+        started = time.perf_counter() if timed else 0.0
         try:
             data = await (tier.load(obj) if out is None else tier.load_into(obj, out))
         except CorruptEntryError as exc:
@@ -632,6 +665,8 @@ class TieredStore:
             return None
         if data is None:
             self._drop_bad(tier, key, obj, "its storage vanished", "errors")
+        elif timed:
+            self.metrics.observe_load(tier.name, time.perf_counter() - started, data.nbytes)
         return data
 
     def _drop_bad(self, tier: Tier, key: KeyLike, obj: Any, why: str, counter: str) -> None:
@@ -697,24 +732,43 @@ async def _answering(work: Coroutine[Any, Any, T], answer: asyncio.Future[T]) ->
 
 
 class _Operation:
-    """Counts a public call in flight so that ``close`` can wait for it."""
+    """Counts a public call in flight so that ``close`` can wait for it.
 
-    def __init__(self, store: TieredStore) -> None:
+    With ``observe`` (a put or get of the metrics) the call is timed, and a call that returns
+    is observed with ``nbytes`` and ``tier``, which the call sets once it knows them (None: no
+    tier took the put, or the get missed).
+    """
+
+    __slots__ = ("nbytes", "observe", "started", "store", "tier")
+
+    def __init__(
+        self,
+        store: TieredStore,
+        observe: Callable[[float, int, str | None], None] | None = None,
+        nbytes: int = 0,
+    ) -> None:
         self.store = store
+        self.observe = observe
+        self.nbytes = nbytes
+        self.tier: str | None = None
+        self.started = time.perf_counter() if observe is not None else 0.0
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> _Operation:
         store = self.store
         store._check_open()
         if store._opened is None or not store._opened.done():
             await store.open()
         store._active += 1
         store._idle_event().clear()
+        return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: object, *exc_info: object) -> None:
         store = self.store
         store._active -= 1
         if not store._active:
             store._idle_event().set()
+        if self.observe is not None and exc_type is None:
+            self.observe(time.perf_counter() - self.started, self.nbytes, self.tier)
 
 
 def _as_device(device: str | torch.device | None) -> torch.device | None:

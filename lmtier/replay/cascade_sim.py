@@ -55,6 +55,7 @@ class CascadeSim:
                 tier.counters.misses += 1
                 continue
             tier.counters.hits += 1
+            tier.counters.bytes_out += obj.size
             tier.evictor.update_on_get(key, tier.cache_dict)
             for each in self.tiers:
                 each.admission_policy.observe(key, obj.size)
@@ -62,6 +63,7 @@ class CascadeSim:
                 source = (tier, obj)
                 if self._place(key, obj.size, 0, index, source, "promotions_in"):
                     tier.counters.promotions_out += 1
+                    tier.counters.bytes_out += obj.size
             return index
         return None
 
@@ -121,5 +123,6 @@ class CascadeSim:
         tier = self.tiers[index]
         if self._place(key, obj.size, index + 1, len(self.tiers), None, "demotions_in"):
             tier.counters.demotions_out += 1
+            tier.counters.bytes_out += obj.size
         else:
             tier.counters.drops += 1
