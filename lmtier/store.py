@@ -28,7 +28,7 @@ from lmtier.errors import (
 )
 from lmtier.evictor import PutStatus
 from lmtier.keys import KeyLike, check_key
-from lmtier.monitoring import StoreMetrics
+from lmtier.monitoring import OperationHistograms, StoreMetrics
 from lmtier.tiers.base import Tier
 from lmtier.tiers.copies import copy_into, copy_to
 from lmtier.tiers.factory import build_tiers
@@ -188,7 +188,7 @@ class TieredStore:
         serde.check_storable(tensor)
         if position is not None:
             self._positions[key] = position
-        async with _Operation(self, self.metrics.observe_put, tensor.nbytes) as op:
+        async with _Operation(self, self.metrics.puts, tensor.nbytes) as op:
             outcome = await self._background(self._put(key, tensor))
             if outcome is _Outcome.PLACED:
                 op.tier = self._holder_name(key)
@@ -231,7 +231,7 @@ class TieredStore:
             serde.check_storable(out)
             if out.requires_grad:
                 raise InvalidValueError("out requires grad: pass a tensor without autograd")
-        async with _Operation(self, self.metrics.observe_get) as op:
+        async with _Operation(self, self.metrics.gets) as op:
             for attempt in range(_MAX_LOOKUPS):
                 found = self._find(key)
                 if found is None:
@@ -734,24 +734,24 @@ async def _answering(work: Coroutine[Any, Any, T], answer: asyncio.Future[T]) ->
 class _Operation:
     """Counts a public call in flight so that ``close`` can wait for it.
 
-    With ``observe`` (a put or get of the metrics) the call is timed, and a call that returns
-    is observed with ``nbytes`` and ``tier``, which the call sets once it knows them (None: no
-    tier took the put, or the get missed).
+    With ``histograms`` (the metrics' puts or gets, by tier) the call is timed: one that returns
+    is observed under ``tier`` with ``nbytes``, which the call sets once it knows them (tier
+    None: no tier took the put, or the get missed).
     """
 
-    __slots__ = ("nbytes", "observe", "started", "store", "tier")
+    __slots__ = ("histograms", "nbytes", "started", "store", "tier")
 
     def __init__(
         self,
         store: TieredStore,
-        observe: Callable[[float, int, str | None], None] | None = None,
+        histograms: Mapping[str | None, OperationHistograms] | None = None,
         nbytes: int = 0,
     ) -> None:
         self.store = store
-        self.observe = observe
+        self.histograms = histograms
         self.nbytes = nbytes
         self.tier: str | None = None
-        self.started = time.perf_counter() if observe is not None else 0.0
+        self.started = time.perf_counter() if histograms is not None else 0.0
 
     async def __aenter__(self) -> _Operation:
         store = self.store
@@ -767,8 +767,8 @@ class _Operation:
         store._active -= 1
         if not store._active:
             store._idle_event().set()
-        if self.observe is not None and exc_type is None:
-            self.observe(time.perf_counter() - self.started, self.nbytes, self.tier)
+        if self.histograms is not None and exc_type is None:
+            self.histograms[self.tier].observe(time.perf_counter() - self.started, self.nbytes)
 
 
 def _as_device(device: str | torch.device | None) -> torch.device | None:

@@ -6,6 +6,14 @@ At the store's floor: the store imports it; tiers never do.
 
 from lmtier.monitoring.catalogue import CATALOGUE, NO_TIER, MetricSpec
 from lmtier.monitoring.collector import StoreCollector
+from lmtier.monitoring.histogram import OperationHistograms
 from lmtier.monitoring.observer import StoreMetrics
 
-__all__ = ["CATALOGUE", "NO_TIER", "MetricSpec", "StoreCollector", "StoreMetrics"]
+__all__ = [
+    "CATALOGUE",
+    "NO_TIER",
+    "MetricSpec",
+    "OperationHistograms",
+    "StoreCollector",
+    "StoreMetrics",
+]

@@ -19,8 +19,9 @@ class MetricSpec:
     """One exported metric.
 
     ``source`` is where its values come from: for ``stat`` metrics a key of each tier's
-    ``stats()``, for ``histogram`` metrics an attribute of a tier's histograms, for ``engine``
-    metrics a field of the store's ``EngineCounters``.
+    ``stats()``, for ``histogram`` metrics the name of a tier's histogram in a ``Snapshot``
+    (``put_seconds``, ``get_bytes``, ...), for ``engine`` metrics a field of the store's
+    ``EngineCounters``.
     """
 
     name: str  # as scraped (a counter's with its ``_total``)

@@ -25,9 +25,9 @@ _BATCH = 1024
 class OperationHistograms:
     """One kind of operation on one tier: how long each took and how many bytes it moved.
 
-    An observation only appends to two lists (a bisect per value in Python would cost several
-    times more, on every hit); every ``_BATCH`` observations, and whenever the histograms are
-    read, numpy sorts the waiting values into the buckets.  Written by one thread, the store's
+    An observation only appends to two lists (this runs on every hit: bucketing each value as it
+    comes costs more); every ``_BATCH`` observations, and whenever the histograms are read,
+    numpy sorts the waiting values into the buckets.  Written by one thread, the store's
     event loop; ``read`` from another thread (a scrape while the loop is stuck) only reads.
     """
 
@@ -40,16 +40,11 @@ class OperationHistograms:
         self._bytes_buckets = _Buckets(BYTES_BUCKETS)
 
     def observe(self, seconds: float, nbytes: int) -> None:
+        """An operation that took ``seconds`` and moved ``nbytes`` (0: none, as a miss)."""
         waiting = self._seconds
         waiting.append(seconds)
-        self._bytes.append(nbytes)
-        if len(waiting) >= _BATCH:
-            self.fold()
-
-    def observe_seconds(self, seconds: float) -> None:
-        """An operation that moved no bytes (a miss)."""
-        waiting = self._seconds
-        waiting.append(seconds)
+        if nbytes:
+            self._bytes.append(nbytes)
         if len(waiting) >= _BATCH:
             self.fold()
 

@@ -27,7 +27,8 @@ OPERATIONS = ("put", "get", "load")
 
 class StoreMetrics:
     """What a ``TieredStore`` exports: its tiers' ``stats()`` (read at scrape time), the latency
-    and size histograms it feeds through ``observe_*``, and its engines' lookup counters.
+    and size histograms of its puts, gets and loads (which it feeds as it works), and its
+    engines' lookup counters.
 
     ``registry`` is the store's own ``CollectorRegistry`` (two stores never clash); an
     application with its own endpoint may serve it, or register ``collector`` in another.
@@ -36,18 +37,23 @@ class StoreMetrics:
     """
 
     def __init__(self, config: MetricsConfig | None, tiers: Sequence[Tier]) -> None:
+        """The store's ``tiers``; with ``config``, the HTTP server that ``serve`` starts."""
         self.config = config
         # The tiers, not the store: the server's thread must not keep a dropped store alive.
         self._tiers = tuple(tiers)
         self.engine = EngineCounters()
-        labels = (*self.tier_names, NO_TIER)
-        # One dict per operation, so that an observation is one lookup and one call.
-        self._puts = {label: OperationHistograms() for label in labels}
-        self._gets = {label: OperationHistograms() for label in labels}
+        labels: tuple[str | None, ...] = (*self.tier_names, None)
+        #: The histograms of puts and gets by the tier that took or served them (None: none
+        #: did).  The store observes into them itself, from the end of each call, as one
+        #: lookup and one call: this runs on every hit.
+        self.puts = {label: OperationHistograms() for label in labels}
+        self.gets = {label: OperationHistograms() for label in labels}
         #: The tiers whose loads are timed: those that read storage.  A memory tier's load hands
         #: out its own tensor (the get that copies it is timed), so timing it would only cost.
         self.timed_loads = frozenset(t.name for t in self._tiers if not isinstance(t, MemoryTier))
-        self._loads = {label: OperationHistograms() for label in self.timed_loads}
+        self._loads: dict[str | None, OperationHistograms] = {
+            label: OperationHistograms() for label in self.timed_loads
+        }
         self._home = LoopHome()
         self._server: MetricsServer | None = None
         self.registry = CollectorRegistry(auto_describe=False)
@@ -59,17 +65,6 @@ class StoreMetrics:
         return tuple(tier.name for tier in self._tiers)
 
     # ------------------------------------------------------------------ the hot path
-    def observe_put(self, seconds: float, nbytes: int, tier: str | None) -> None:
-        """A put of ``nbytes`` returned after ``seconds``; ``tier`` took it (None: none did)."""
-        self._puts[NO_TIER if tier is None else tier].observe(seconds, nbytes)
-
-    def observe_get(self, seconds: float, nbytes: int, tier: str | None) -> None:
-        """A get returned after ``seconds``; ``tier`` served its ``nbytes`` (None: a miss)."""
-        if tier is None:
-            self._gets[NO_TIER].observe_seconds(seconds)
-        else:
-            self._gets[tier].observe(seconds, nbytes)
-
     def observe_load(self, tier: str, seconds: float, nbytes: int) -> None:
         """``tier`` (one of ``timed_loads``) read an entry of ``nbytes`` bytes in ``seconds``."""
         self._loads[tier].observe(seconds, nbytes)
@@ -80,13 +75,14 @@ class StoreMetrics:
         return call_on_loop(self._home, self._read)
 
     def _read(self) -> Snapshot:
-        histograms: dict[str, dict[str, HistogramRead]] = {label: {} for label in self._puts}
-        by_operation = (self._puts, self._gets, self._loads)
+        histograms: dict[str, dict[str, HistogramRead]] = {}
+        by_operation = (self.puts, self.gets, self._loads)
         for operation, by_label in zip(OPERATIONS, by_operation, strict=True):
             for label, observed in by_label.items():
                 seconds, sizes = observed.read()
-                histograms[label][f"{operation}_seconds"] = seconds
-                histograms[label][f"{operation}_bytes"] = sizes
+                read = histograms.setdefault(NO_TIER if label is None else label, {})
+                read[f"{operation}_seconds"] = seconds
+                read[f"{operation}_bytes"] = sizes
         engine = self.engine
         return Snapshot(
             tiers={tier.name: tier.stats() for tier in self._tiers},
