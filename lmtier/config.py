@@ -140,9 +140,10 @@ class TierConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """Where the store serves its Prometheus metrics over HTTP (from open to close)."""
+    """A monitored store: it times its puts, gets and loads for its histograms, and with a
+    ``port`` serves its Prometheus metrics over HTTP (from open to close)."""
 
-    port: int  # 0: any free port (the store's ``metrics_port`` tells which)
+    port: int | None = None  # None: no server; 0: any free port (``metrics_port`` tells which)
     host: str = "0.0.0.0"  # the address to listen on; every interface by default
 
 
@@ -156,7 +157,8 @@ class StoreConfig:
     # What makes cached KV incompatible beyond the key (dtype, KV layout, weights revision):
     # persistent tiers keep each namespace apart, so one never reads another's entries.
     namespace: str = ""
-    metrics: MetricsConfig | None = None  # None: no HTTP server (the registry is still there)
+    # None: neither histograms nor an HTTP server (the registry still has the stats).
+    metrics: MetricsConfig | None = None
 
 
 def _type_error(where: str, key: str, expected: str, value: object) -> ConfigError:
@@ -341,9 +343,10 @@ def _parse_metrics(raw: object, source: str) -> MetricsConfig | None:
             f"{where} must be a mapping such as {{port: 9400}}, got {type(raw).__name__} {raw!r}"
         )
     _reject_unknown(raw, _METRICS_KEYS, where)
-    port = _field(raw, "port", where, _REQUIRED)
+    port = raw.get("port")
     # bool is an int subclass, and 9400.0 is no port number either.
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+    bad = isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535
+    if port is not None and bad:
         raise _type_error(where, "port", "a whole number from 0 to 65535 (0: any free port)", port)
     host = _str(raw, "host", where, MetricsConfig.host)
     if not host.strip():

@@ -190,7 +190,7 @@ class TieredStore:
             self._positions[key] = position
         async with _Operation(self, self.metrics.puts, tensor.nbytes) as op:
             outcome = await self._background(self._put(key, tensor))
-            if outcome is _Outcome.PLACED:
+            if outcome is _Outcome.PLACED and op.histograms is not None:
                 op.tier = self._holder_name(key)
         return PutStatus.LEGAL if outcome is _Outcome.PLACED else PutStatus.ILLEGAL
 

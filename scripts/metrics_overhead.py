@@ -2,9 +2,10 @@
 
 Two stores in one process take turns, in rounds of 200 operations whose order flips each
 pair; the median of the paired differences (CPU time of this thread) is printed, so that a busy
-machine's drift cancels.  By default the second store has its metric observations replaced by
-no-ops; ``--before STORE_PY`` makes it the ``TieredStore`` of an older ``store.py`` instead
-(over today's tiers), e.g. the one before metrics existed::
+machine's drift cancels.  The store measured is monitored (``metrics: {}`` in its config: it
+times its operations), or with ``--unmonitored`` not.  It is compared with an unmonitored store
+or, with ``--before STORE_PY``, with the ``TieredStore`` of an older ``store.py`` (over today's
+tiers), e.g. the one before metrics existed::
 
     git show 7dedf04:lmtier/store.py > /tmp/store_before.py
     python scripts/metrics_overhead.py --before /tmp/store_before.py
@@ -36,14 +37,6 @@ def older_store_class(path: str) -> Any:
     return module.TieredStore
 
 
-def without_observations() -> TieredStore:
-    """A store that neither times nor observes its puts, gets and loads."""
-    store = TieredStore(CONFIG)
-    store.metrics.puts = store.metrics.gets = None  # type: ignore[assignment]
-    store.metrics.timed_loads = frozenset()
-    return store
-
-
 async def a_round(store: Any, kv: torch.Tensor, n: int = 200) -> tuple[float, float]:
     started = time.thread_time()
     for _ in range(n):
@@ -58,10 +51,11 @@ async def a_round(store: Any, kv: torch.Tensor, n: int = 200) -> tuple[float, fl
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", help="compare with the TieredStore of this older store.py")
+    parser.add_argument("--unmonitored", action="store_true", help="measure a store without")
     parser.add_argument("--pairs", type=int, default=300)
     args = parser.parse_args()
-    measured = TieredStore(CONFIG)
-    other = older_store_class(args.before)(CONFIG) if args.before else without_observations()
+    measured = TieredStore(CONFIG if args.unmonitored else {**CONFIG, "metrics": {}})
+    other = older_store_class(args.before)(CONFIG) if args.before else TieredStore(CONFIG)
     kv = torch.randn(1024)  # 4 KiB
     differences: tuple[list[float], list[float]] = ([], [])
     levels: tuple[list[float], list[float]] = ([], [])
@@ -75,12 +69,13 @@ async def main() -> None:
             for i in range(2):
                 differences[i].append(got[measured][i] - got[other][i])
                 levels[i].append(got[other][i])
-    what = "an older store.py" if args.before else "observations off"
+    what = "the older store.py" if args.before else "an unmonitored store"
+    which = "an unmonitored" if args.unmonitored else "a monitored"
     for i, operation in enumerate(("get (a 4 KiB CPU hit)", "put (an overwrite)")):
         base, extra = statistics.median(levels[i]), statistics.median(differences[i])
         low, _, high = statistics.quantiles(differences[i], n=4)
         print(
-            f"{operation}: {base:.2f} us with {what}; metrics add {extra:+.2f} us "
+            f"{operation}: {base:.2f} us with {what}; {which} store takes {extra:+.2f} us "
             f"({extra / base:+.1%}), quartiles {low:+.2f} / {high:+.2f} us, {args.pairs} pairs"
         )
 

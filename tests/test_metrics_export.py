@@ -143,13 +143,21 @@ async def test_closing_stops_the_server(tmp_path: Path) -> None:
     assert isinstance(refused.value.reason, ConnectionRefusedError)
 
 
-async def test_a_store_without_a_port_serves_nothing_but_has_its_registry(tmp_path: Path) -> None:
-    plain = StoreConfig(config(tmp_path).tiers)
-    async with TieredStore(plain) as store:
-        await store.put("x", chunk(1))
-        assert store.metrics_port is None
-        text = generate_latest(store.metrics.registry).decode()  # read on the loop's thread
-    assert 'lmtier_puts_total{tier="cpu"} 1.0' in text
+async def test_without_a_port_nothing_listens_but_the_registry_is_there(tmp_path: Path) -> None:
+    tiers = config(tmp_path).tiers
+    texts = []
+    for metrics in (None, MetricsConfig()):  # no section; a section without a port
+        async with TieredStore(StoreConfig(tiers, metrics=metrics)) as store:
+            await store.put("x", chunk(1))
+            assert store.metrics_port is None
+            texts.append(generate_latest(store.metrics.registry).decode())  # on the loop thread
+            await store.delete("x")
+    unmonitored, monitored = texts
+    assert 'lmtier_puts_total{tier="cpu"} 1.0' in unmonitored
+    assert 'lmtier_puts_total{tier="cpu"} 1.0' in monitored
+    # only a store whose config has a metrics section times its operations
+    assert "lmtier_put_duration_seconds" not in unmonitored
+    assert 'lmtier_put_duration_seconds_count{tier="cpu"} 1.0' in monitored
 
 
 async def test_a_port_in_use_is_an_error_naming_it(tmp_path: Path) -> None:

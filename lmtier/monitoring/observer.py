@@ -27,8 +27,8 @@ OPERATIONS = ("put", "get", "load")
 
 class StoreMetrics:
     """What a ``TieredStore`` exports: its tiers' ``stats()`` (read at scrape time), the latency
-    and size histograms of its puts, gets and loads (which it feeds as it works), and its
-    engines' lookup counters.
+    and size histograms of its puts, gets and loads (fed as it works, when its config has a
+    ``metrics`` section), and its engines' lookup counters.
 
     ``registry`` is the store's own ``CollectorRegistry`` (two stores never clash); an
     application with its own endpoint may serve it, or register ``collector`` in another.
@@ -42,15 +42,23 @@ class StoreMetrics:
         # The tiers, not the store: the server's thread must not keep a dropped store alive.
         self._tiers = tuple(tiers)
         self.engine = EngineCounters()
+        # Only a store whose config has a metrics section times its operations: the rest do
+        # not pay for histograms nobody reads.
+        monitored = config is not None
         labels: tuple[str | None, ...] = (*self.tier_names, None)
         #: The histograms of puts and gets by the tier that took or served them (None: none
-        #: did).  The store observes into them itself, from the end of each call, as one
-        #: lookup and one call: this runs on every hit.
-        self.puts = {label: OperationHistograms() for label in labels}
-        self.gets = {label: OperationHistograms() for label in labels}
-        #: The tiers whose loads are timed: those that read storage.  A memory tier's load hands
-        #: out its own tensor (the get that copies it is timed), so timing it would only cost.
-        self.timed_loads = frozenset(t.name for t in self._tiers if not isinstance(t, MemoryTier))
+        #: did), or None when not monitored.  The store observes into them itself, from the end
+        #: of each call, as one lookup and one call: this runs on every hit.
+        self.puts: dict[str | None, OperationHistograms] | None = None
+        self.gets: dict[str | None, OperationHistograms] | None = None
+        if monitored:
+            self.puts = {label: OperationHistograms() for label in labels}
+            self.gets = {label: OperationHistograms() for label in labels}
+        #: The tiers whose loads are timed: those that read storage, when monitored.  A memory
+        #: tier's load hands out its own tensor (the get that copies it is timed).
+        self.timed_loads = frozenset(
+            t.name for t in self._tiers if monitored and not isinstance(t, MemoryTier)
+        )
         self._loads: dict[str | None, OperationHistograms] = {
             label: OperationHistograms() for label in self.timed_loads
         }
@@ -76,7 +84,7 @@ class StoreMetrics:
 
     def _read(self) -> Snapshot:
         histograms: dict[str, dict[str, HistogramRead]] = {}
-        by_operation = (self.puts, self.gets, self._loads)
+        by_operation = (self.puts or {}, self.gets or {}, self._loads)
         for operation, by_label in zip(OPERATIONS, by_operation, strict=True):
             for label, observed in by_label.items():
                 seconds, sizes = observed.read()
@@ -99,8 +107,9 @@ class StoreMetrics:
     def serve(self) -> None:
         """On the store's loop as it opens: remember the loop, start the configured server."""
         self._home.record()
-        if self.config is not None and self._server is None:
-            self._server = MetricsServer(self.registry, self.config.host, self.config.port)
+        config = self.config
+        if config is not None and config.port is not None and self._server is None:
+            self._server = MetricsServer(self.registry, config.host, config.port)
 
     async def stop(self) -> None:
         """Stop the HTTP server, if any (the port refuses connections once this returns)."""
