@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 import torch
+from prometheus_client import generate_latest
 
 from lmtier import TieredStore
 from lmtier.config import MetricsConfig, StoreConfig, TierConfig
@@ -48,3 +49,23 @@ async def test_the_availability_gauge_goes_to_zero_when_the_server_dies(
             value(samples, "lmtier_errors_total", tier="remote")
             == (store.stats()["tiers"]["remote"]["errors"])
         )
+
+
+async def test_a_get_served_from_another_stores_entry_is_a_timed_redis_load(
+    redis_server: RedisProcess,
+) -> None:
+    def store(metrics: MetricsConfig | None) -> TieredStore:
+        return TieredStore(StoreConfig((remote_spec(redis_server.url),), metrics=metrics))
+
+    async with store(None) as writer, store(MetricsConfig()) as reader:  # unmonitored, monitored
+        entry = torch.full((256,), 7.0)
+        await writer.put("shared", entry)
+        got = await writer.get("shared")  # its own entry: an untimed store observes nothing
+        assert got is not None
+        got = await reader.get("shared")  # not in its index: fetched from the server
+        assert got is not None and torch.equal(got, entry)
+        text = generate_latest(reader.metrics.registry).decode()
+        stats = reader.stats()["tiers"]["remote"]
+    assert stats["fetched"] == 1 and stats["bytes_out"] == entry.nbytes
+    assert 'lmtier_load_duration_seconds_count{tier="remote"} 1.0' in text
+    assert 'lmtier_get_size_bytes_sum{tier="remote"} 1024.0' in text

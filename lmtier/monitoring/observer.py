@@ -74,8 +74,11 @@ class StoreMetrics:
 
     # ------------------------------------------------------------------ the hot path
     def observe_load(self, tier: str, seconds: float, nbytes: int) -> None:
-        """``tier`` (one of ``timed_loads``) read an entry of ``nbytes`` bytes in ``seconds``."""
-        self._loads[tier].observe(seconds, nbytes)
+        """``tier`` read an entry of ``nbytes`` bytes in ``seconds`` (kept if it is one of
+        ``timed_loads``)."""
+        histograms = self._loads.get(tier)
+        if histograms is not None:
+            histograms.observe(seconds, nbytes)
 
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> Snapshot:
