@@ -21,6 +21,7 @@ from lmtier.evictor.registry import evictor_names
 __all__ = [
     "GB",
     "MB",
+    "MetricsConfig",
     "StoreConfig",
     "TierConfig",
     "apply_env_overrides",
@@ -43,7 +44,8 @@ _KINDS = ("disk", "memory", "redis")
 _REDIS_SCHEMES = ("redis", "rediss")
 _DURABILITIES = ("fsync", "none")
 _SIZE_UNITS = {"max_size_gb": GB, "max_size_mb": MB}
-_TOP_KEYS = ("clean_copies", "namespace", "promote_on_hit", "room_timeout_s", "tiers")
+_TOP_KEYS = ("clean_copies", "metrics", "namespace", "promote_on_hit", "room_timeout_s", "tiers")
+_METRICS_KEYS = ("host", "port")
 _REDIS_KEYS = (
     "cluster",
     "connect_timeout_s",
@@ -137,6 +139,15 @@ class TierConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """A monitored store: it times its puts, gets and loads for its histograms, and with a
+    ``port`` serves its Prometheus metrics over HTTP (from open to close)."""
+
+    port: int | None = None  # None: no server; 0: any free port (``metrics_port`` tells which)
+    host: str = "0.0.0.0"  # the address to listen on; every interface by default
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """The whole store: tiers fastest first."""
 
@@ -149,6 +160,8 @@ class StoreConfig:
     # What makes cached KV incompatible beyond the key (dtype, KV layout, weights revision):
     # persistent tiers keep each namespace apart, so one never reads another's entries.
     namespace: str = ""
+    # None: neither histograms nor an HTTP server (the registry still has the stats).
+    metrics: MetricsConfig | None = None
 
 
 def _type_error(where: str, key: str, expected: str, value: object) -> ConfigError:
@@ -324,6 +337,26 @@ def _tls_files(raw: Mapping[Any, Any], where: str, tls: bool) -> dict[str, str |
     return files
 
 
+def _parse_metrics(raw: object, source: str) -> MetricsConfig | None:
+    where = f"{source}: metrics"
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            f"{where} must be a mapping such as {{port: 9400}}, got {type(raw).__name__} {raw!r}"
+        )
+    _reject_unknown(raw, _METRICS_KEYS, where)
+    port = raw.get("port")
+    # bool is an int subclass, and 9400.0 is no port number either.
+    bad = isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535
+    if port is not None and bad:
+        raise _type_error(where, "port", "a whole number from 0 to 65535 (0: any free port)", port)
+    host = _str(raw, "host", where, MetricsConfig.host)
+    if not host.strip():
+        raise ConfigError(f"{where}: field 'host' must not be empty (omit it for 0.0.0.0)")
+    return MetricsConfig(port=port, host=host)
+
+
 def parse_config(data: object, source: str = "<config>") -> StoreConfig:
     """Validate an already-loaded mapping; ``source`` names it in error messages."""
     if not isinstance(data, Mapping):
@@ -353,6 +386,7 @@ def parse_config(data: object, source: str = "<config>") -> StoreConfig:
         clean_copies=_bool(data, "clean_copies", source, True),
         room_timeout_s=float(room_timeout_s),
         namespace=_str(data, "namespace", source, ""),
+        metrics=_parse_metrics(data.get("metrics"), source),
     )
 
 
@@ -393,7 +427,10 @@ def apply_env_overrides(data: Mapping[str, Any], environ: Mapping[str, str]) -> 
         matches = [t for t in tiers if str(t.get("name", "")).lower() == target.lower()]
         if not matches:
             known = ", ".join(repr(t.get("name")) for t in tiers) or "none"
-            raise ConfigError(f"{var}: no tier named {target.lower()!r}; tiers: {known}")
+            hint = ""
+            if target.lower() == "metrics":
+                hint = f" (the metrics section is set whole: {ENV_PREFIX}METRICS='{{port: 9400}}')"
+            raise ConfigError(f"{var}: no tier named {target.lower()!r}; tiers: {known}{hint}")
         if field not in _TIER_KEYS:
             raise ConfigError(
                 f"{var}: unknown tier field {field!r}; known: {', '.join(_TIER_KEYS)}"

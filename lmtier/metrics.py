@@ -1,10 +1,11 @@
-"""Per-tier counters, kept by tiers and the store and read as a plain dict."""
+"""Event counters, kept by tiers, the store and the engine API, and read as plain dicts."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 
-__all__ = ["TierCounters"]
+__all__ = ["EngineCounters", "TierCounters"]
 
 
 @dataclass
@@ -27,6 +28,9 @@ class TierCounters:
     room_timeouts: int = 0  # puts that gave up waiting for demotions to free room
     admission_rejects: int = 0  # offers (puts, demotions, promotions) its admission refused
     bytes_in: int = 0  # bytes committed into the tier: puts, demotions and promotions in
+    # Bytes read out of the tier: gets served and demotions written below (a promotion copies
+    # its get's bytes, and an unwritten demotion reads none).
+    bytes_out: int = 0
     unavailable: int = 0  # operations failed at once because the tier's server was down
     fetched: int = 0  # gets served from shared storage beyond the index (another store's entry)
 
@@ -35,3 +39,15 @@ class TierCounters:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+@dataclass
+class EngineCounters:
+    """Prefix lookups of the engines on one store (``KVCacheEngine.lookup``) since it opened."""
+
+    lookups: int = 0
+    tokens: int = 0  # tokens the lookups asked about
+    hit_tokens: Counter[str] = field(default_factory=Counter)  # leading tokens found, by tier
+
+    def as_dict(self) -> dict[str, object]:
+        return {"lookups": self.lookups, "tokens": self.tokens, "hit_tokens": dict(self.hit_tokens)}

@@ -6,6 +6,7 @@ import asyncio
 import enum
 import logging
 import os
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
@@ -28,7 +29,8 @@ from lmtier.errors import (
 )
 from lmtier.evictor import PutStatus
 from lmtier.keys import KeyLike, check_key
-from lmtier.tiers.base import Tier
+from lmtier.monitoring import OperationHistograms, StoreMetrics
+from lmtier.tiers.base import Tier, cascade_stats
 from lmtier.tiers.copies import copy_into, copy_pairs, copy_to
 from lmtier.tiers.factory import build_tiers
 
@@ -97,6 +99,8 @@ class TieredStore:
             config = config_from_mapping(config)
         self.config = config
         self.tiers: list[Tier] = build_tiers(config)
+        #: Prometheus metrics: a registry of its own, served over HTTP if the config says so.
+        self.metrics = StoreMetrics(config.metrics, self.tiers)
         self._shared = any(tier.shared for tier in self.tiers)  # a miss then asks the server
         # Admission policies that learn from hits (admitting everything learns nothing).
         self._observers = [t.admission for t in self.tiers if not isinstance(t.admission, AdmitAll)]
@@ -154,8 +158,13 @@ class TieredStore:
         await asyncio.shield(self._opened)
 
     async def _open_tiers(self) -> None:
-        for tier in self.tiers:
-            await tier.open()
+        self.metrics.serve()  # first: a port in use fails the open before a folder is locked
+        try:
+            for tier in self.tiers:
+                await tier.open()
+        except BaseException:
+            await self.metrics.stop()  # so that a retried open finds its port free
+            raise
 
     async def close(self) -> None:
         """Finish in-flight work, then release the tiers; later calls do nothing."""
@@ -171,6 +180,12 @@ class TieredStore:
             await asyncio.gather(self._opened, return_exceptions=True)
             for tier in self.tiers:
                 await tier.close()
+        await self.metrics.stop()
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of the metrics HTTP server while it serves (the one chosen for port 0)."""
+        return self.metrics.port
 
     # ------------------------------------------------------------------ public API
     async def put(
@@ -185,8 +200,10 @@ class TieredStore:
         serde.check_storable(tensor)
         if position is not None:
             self._positions[key] = position
-        async with _Operation(self):
+        async with _Operation(self, self.metrics.puts, tensor.nbytes) as op:
             outcome = await self._background(self._put(key, tensor))
+            if outcome is _Outcome.PLACED and op.histograms is not None:
+                op.tier = self._holder_name(key)
         return PutStatus.LEGAL if outcome is _Outcome.PLACED else PutStatus.ILLEGAL
 
     async def put_many(
@@ -230,8 +247,8 @@ class TieredStore:
             serde.check_storable(out)
             if out.requires_grad:
                 raise InvalidValueError("out requires grad: pass a tensor without autograd")
-        async with _Operation(self):
-            return await self._get(key, target, out, self._find(key))
+        async with _Operation(self, self.metrics.gets) as op:
+            return await self._get(key, target, out, self._find(key), op)
 
     async def get_many(
         self, keys: Sequence[KeyLike], device: str | torch.device | None = None
@@ -315,12 +332,14 @@ class TieredStore:
         index, tier, _ = found
         return bool(index) and self.config.promote_on_hit and not tier.is_leaving(key)
 
-    def _record_hit(self, key: KeyLike, tier: Tier, obj: Any) -> None:
+    def _record_hit(self, key: KeyLike, tier: Tier, obj: Any, op: _Operation | None = None) -> None:
         tier.touch(key)
-        if self._observers:  # reuse evidence for the tiers' admission policies
-            size = tier.evictor.get_size(obj)
-            for admission in self._observers:
-                admission.observe(key, size)
+        size = tier.evictor.get_size(obj)
+        tier.counters.bytes_out += size
+        if op is not None:
+            op.tier, op.nbytes = tier.name, size
+        for admission in self._observers:  # reuse evidence for the tiers' admission policies
+            admission.observe(key, size)
 
     async def _get(
         self,
@@ -328,8 +347,10 @@ class TieredStore:
         target: torch.device | None,
         out: torch.Tensor | None,
         found: tuple[int, Tier, Any] | None,
+        op: _Operation | None = None,
     ) -> torch.Tensor | None:
-        """``get`` from where ``_find`` found the key, looking again if it moved meanwhile."""
+        """``get`` from where ``_find`` found the key, looking again if it moved meanwhile;
+        ``op``, a timed call, learns the tier and bytes of the hit."""
         if found is not None and found[1].lookup(key) is not found[2]:
             found = self._find(key)  # it changed while this call waited for its turn
         for attempt in range(_MAX_LOOKUPS):
@@ -339,7 +360,7 @@ class TieredStore:
                 # Only a key no index held: one that was dropped just now stays a miss.
                 if attempt or not self._shared:
                     return None
-                return await self._fetch_shared(key, target, out)
+                return await self._fetch_shared(key, target, out, op)
             index, tier, obj = found
             result = self._read_now(found, target, out)
             if result is None:
@@ -356,7 +377,7 @@ class TieredStore:
                         result = await copy_to(data, home, tier.loads_are_private)
                 finally:
                     tier.unpin(key)
-            self._record_hit(key, tier, obj)
+            self._record_hit(key, tier, obj, op)
             # Unpinned first: a promotion may wait for room that only this entry's eviction
             # from its own tier would make; the move simply goes stale if that happens.
             if self._promotes(key, found):
@@ -365,7 +386,11 @@ class TieredStore:
         return None
 
     async def _fetch_shared(
-        self, key: KeyLike, target: torch.device | None, out: torch.Tensor | None
+        self,
+        key: KeyLike,
+        target: torch.device | None,
+        out: torch.Tensor | None,
+        op: _Operation | None,
     ) -> torch.Tensor | None:
         """A key no index holds may be in a shared tier's storage (another store wrote it)."""
         if key in self._moving:
@@ -374,11 +399,16 @@ class TieredStore:
             if not tier.shared:
                 continue
             deletes = self._deletes
+            started = time.perf_counter()
             found = await tier.fetch(key)
             if found is None:
                 continue
             obj, data = found
             tier.counters.fetched += 1
+            tier.counters.bytes_out += data.nbytes
+            self.metrics.observe_load(tier.name, time.perf_counter() - started, data.nbytes)
+            if op is not None:
+                op.tier, op.nbytes = tier.name, data.nbytes
             # Indexed only if no tier took the key meanwhile (a put that committed is newer)
             # and no delete ran while the value was on its way (it may have been the key's).
             adopted = (
@@ -445,9 +475,7 @@ class TieredStore:
 
     def stats(self) -> dict[str, Any]:
         """Per-tier counters and totals as one plain dict."""
-        tiers = {tier.name: tier.stats() for tier in self.tiers}
-        for name, copies in self._clean_copies().items():
-            tiers[name]["clean_copies"] = copies
+        tiers = cascade_stats(self.tiers)
         return {
             "tiers": tiers,
             "entries": sum(t["entries"] - t["clean_copies"] for t in tiers.values()),
@@ -476,17 +504,6 @@ class TieredStore:
                         f"the entry in {holder.name} {expected}"
                     )
         return problems
-
-    def _clean_copies(self) -> dict[str, int]:
-        """Per tier, its entries that are clean copies (a higher tier holds the key)."""
-        counts = {}
-        above: set[KeyLike] = set()
-        for index, tier in enumerate(self.tiers):
-            keys = tier.cache_dict.keys()
-            counts[tier.name] = len(keys & above) if above else 0
-            if index + 1 < len(self.tiers):
-                above.update(keys)
-        return counts
 
     # ------------------------------------------------------------------ moving entries
     async def _place(
@@ -702,6 +719,7 @@ class TieredStore:
             # put waiting for its room would otherwise wait in vain.
         if outcome is _Outcome.PLACED:
             tier.counters.demotions_out += 1
+            tier.counters.bytes_out += tier.evictor.get_size(obj)
             return
         if tier.lookup(key) is not obj:
             return  # deleted or replaced meanwhile
@@ -757,6 +775,12 @@ class TieredStore:
     def _holder(self, key: KeyLike) -> Tier | None:
         return next((tier for tier in self.tiers if tier.lookup(key) is not None), None)
 
+    def _holder_name(self, key: KeyLike) -> str | None:
+        for tier in self.tiers:  # a plain loop: this runs on every put
+            if tier.lookup(key) is not None:
+                return tier.name
+        return None
+
     def _remove_everywhere(self, key: KeyLike) -> list[tuple[Tier, Any]]:
         removed = []
         for tier in self.tiers:
@@ -775,6 +799,8 @@ class TieredStore:
         descriptors or memory, an I/O error, a server down) is counted and leaves the entry
         where it is, to be read again later.
         """
+        timed = tier.name in self.metrics.timed_loads  # reads of storage, not of memory tiers
+        started = time.perf_counter() if timed else 0.0
         try:
             data = await (tier.load(obj) if out is None else tier.load_into(obj, out))
         except CorruptEntryError as exc:
@@ -794,6 +820,8 @@ class TieredStore:
             return None
         if data is None:
             self._drop_bad(tier, key, obj, "its storage vanished", "errors")
+        elif timed:
+            self.metrics.observe_load(tier.name, time.perf_counter() - started, data.nbytes)
         return data
 
     def _drop_bad(self, tier: Tier, key: KeyLike, obj: Any, why: str, counter: str) -> None:
@@ -859,24 +887,43 @@ async def _answering(work: Coroutine[Any, Any, T], answer: asyncio.Future[T]) ->
 
 
 class _Operation:
-    """Counts a public call in flight so that ``close`` can wait for it."""
+    """Counts a public call in flight so that ``close`` can wait for it.
 
-    def __init__(self, store: TieredStore) -> None:
+    With ``histograms`` (the metrics' puts or gets, by tier) the call is timed: one that returns
+    is observed under ``tier`` with ``nbytes``, which the call sets once it knows them (tier
+    None: no tier took the put, or the get missed).
+    """
+
+    __slots__ = ("histograms", "nbytes", "started", "store", "tier")
+
+    def __init__(
+        self,
+        store: TieredStore,
+        histograms: Mapping[str | None, OperationHistograms] | None = None,
+        nbytes: int = 0,
+    ) -> None:
         self.store = store
+        self.histograms = histograms
+        self.nbytes = nbytes
+        self.tier: str | None = None
+        self.started = time.perf_counter() if histograms is not None else 0.0
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> _Operation:
         store = self.store
         store._check_open()
         if store._opened is None or not store._opened.done():
             await store.open()
         store._active += 1
         store._idle_event().clear()
+        return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: object, *exc_info: object) -> None:
         store = self.store
         store._active -= 1
         if not store._active:
             store._idle_event().set()
+        if self.histograms is not None and exc_type is None:
+            self.histograms[self.tier].observe(time.perf_counter() - self.started, self.nbytes)
 
 
 def _as_device(device: str | torch.device | None) -> torch.device | None:

@@ -341,9 +341,8 @@ def test_an_unknown_variable_names_every_top_level_field() -> None:
     from lmtier.config import config_from_mapping
 
     data = {"tiers": [{"name": "cpu", "kind": "memory", "max_size_gb": 0.001}]}
-    with pytest.raises(
-        ConfigError, match="clean_copies, namespace, promote_on_hit, room_timeout_s"
-    ):
+    fields = "clean_copies, metrics, namespace, promote_on_hit, room_timeout_s"
+    with pytest.raises(ConfigError, match=fields):
         config_from_mapping(data, environ={"LMTIER_NOPE": "1"})
 
 

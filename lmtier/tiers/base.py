@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from lmtier.keys import KeyLike
 from lmtier.metrics import TierCounters
 from lmtier.tiers.copies import copy_into
 
-__all__ = ["Tier"]
+__all__ = ["Tier", "cascade_stats"]
 
 
 class Tier(abc.ABC):
@@ -365,3 +366,17 @@ class Tier(abc.ABC):
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+
+def cascade_stats(tiers: Sequence[Tier]) -> dict[str, dict[str, Any]]:
+    """Each tier's ``stats()`` by name, with ``clean_copies``: its entries whose key a tier
+    above also holds (a promotion's source, left in place)."""
+    stats = {}
+    above: set[KeyLike] = set()
+    for index, tier in enumerate(tiers):
+        keys = tier.cache_dict.keys()
+        stats[tier.name] = tier.stats()
+        stats[tier.name]["clean_copies"] = len(keys & above) if above else 0
+        if index + 1 < len(tiers):
+            above.update(keys)
+    return stats

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import prometheus_client
 import pytest
 from vllm_helpers import (
     Engine,
@@ -276,5 +277,80 @@ def test_metrics_are_declared_and_reported(tmp_path: Path, engines: Any) -> None
     stats = engine.tier.get_stats()
     assert stats is not None
     assert stats.data["data"][METRIC_STORED_BLOCKS][("LmtierSecondaryTier",)] == 3
-    assert engine.tier.get_stats() is None  # reported once
+    later = StatsTotals()
+    later.add(engine.tier.get_stats())
+    later.add(engine.tier.get_stats())
+    assert METRIC_STORED_BLOCKS not in later.counters  # reported once
     assert engine.manager.get_stats() is not None  # vLLM aggregates it with its own
+
+
+class StatsTotals:
+    """What a series of get_stats reported: counters summed, gauges' latest values."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, dict[tuple[str, ...], float]] = {}
+        self.gauges: dict[str, dict[tuple[str, ...], float]] = {}
+
+    def add(self, stats: Any) -> None:
+        if stats is None:
+            return
+        for name, series in stats.data["data"].items():
+            kind = stats.data["types"][name]
+            into = self.counters if kind == "counter" else self.gauges
+            for labels, value in series.items():
+                seen = into.setdefault(name, {})
+                seen[labels] = seen.get(labels, 0) + value if kind == "counter" else value
+
+    def value(self, name: str, labels: tuple[str, ...]) -> float | None:
+        return {**self.counters.get(name, {}), **self.gauges.get(name, {})}.get(labels)
+
+
+def test_the_stores_tier_stats_are_reported_through_vllm(
+    tmp_path: Path, engines: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm.v1.kv_offload.base import OffloadingCounterMetadata, OffloadingGaugeMetadata
+    from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec
+
+    import lmtier.integrations.vllm as integration
+    from lmtier.integrations.vllm import STORE_METRICS
+
+    monkeypatch.setattr(integration, "STORE_STATS_INTERVAL_S", 0.0)  # a read on every call
+    extra = kv_transfer_extra(memory_disk_config(tmp_path), 4, ROW)
+    definitions = TieringOffloadingSpec.build_metric_definitions(extra)
+    for name, kind, _ in STORE_METRICS.values():
+        assert definitions[name].labelnames == ("tier", "lmtier_tier")
+        metadata = OffloadingCounterMetadata if kind == "counter" else OffloadingGaugeMetadata
+        assert type(definitions[name]) is metadata
+    # vLLM makes a prometheus_client metric of each definition: valid names, no clash.
+    registry = prometheus_client.CollectorRegistry()
+    for name, metadata in definitions.items():
+        kind = type(metadata).__name__.removeprefix("Offloading").removesuffix("Metadata")
+        make = getattr(prometheus_client, kind)
+        make(name, metadata.documentation, ["engine", *metadata.labelnames], registry=registry)
+    engine = engines(None, extra=extra)
+    req = engine.ctx("r1")
+    texts = [offload_key_text(key) for key in fill(engine, "s", 3, req) + fill(engine, "t", 3, req)]
+    where = [engine.tier.blocking.contains(text) for text in texts]
+    assert where.count("disk") == 2  # lmtier's cpu tier holds 4 rows: two went on to disk
+    assert engine.tier.blocking.get(texts[where.index("disk")]) is not None  # a disk hit
+    truth = engine.tier.blocking.stats()["tiers"]
+    assert truth["cpu"]["demotions_out"] >= 2 and truth["disk"]["hits"] == 1
+    tier = engine.tier
+    totals = StatsTotals()
+
+    def all_reported() -> bool:
+        totals.add(tier.get_stats())
+        return all(
+            totals.value(name, ("LmtierSecondaryTier", lmtier_tier)) == float(stats[stat])
+            for lmtier_tier, stats in truth.items()
+            for stat, (name, _, _) in STORE_METRICS.items()
+            if stat in stats
+        )
+
+    wait_for(all_reported, timeout=10)
+    assert set(totals.counters) | set(totals.gauges) <= set(definitions)
+    # Nothing changed since: the next read reports nothing.
+    read = tier._store_read  # the read the last call started, on the store's thread
+    assert read is not None
+    read.result(10)
+    assert tier.get_stats() is None
