@@ -165,7 +165,9 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     defaults = ReplayOptions()
     replay.add_argument(
-        "trace", help="a JSONL trace, or synthetic:zipf (a generated multi-turn chat workload)"
+        "trace",
+        help="a JSONL trace, or a generated workload: synthetic:zipf (multi-turn chat) or "
+        "synthetic:shared-prompt (long shared system prompts, short sessions)",
     )
     replay.add_argument("--format", choices=sorted(FORMATS), help="default: detected")
     replay.add_argument("--limit", type=positive_int, help="replay only the first N requests")
@@ -180,7 +182,7 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         choices=sorted(WINDOWS),
         help="a named part: first-half (1/2), second-half (2/2)",
     )
-    synthetic = replay.add_argument_group("synthetic:zipf parameters")
+    synthetic = replay.add_argument_group("synthetic:zipf and synthetic:shared-prompt parameters")
     spec = SyntheticSpec()
     synthetic.add_argument("--requests", type=positive_int, help=f"default {spec.requests}")
     synthetic.add_argument(
@@ -239,7 +241,10 @@ def _run_replay(args: argparse.Namespace) -> int:
             seed=args.seed,
         )  # fmt: skip
     elif any(v is not None for v in (args.requests, args.sessions, args.zipf_alpha, args.seed)):
-        raise LmtierError("--requests, --sessions, --zipf-alpha and --seed are for synthetic:zipf")
+        raise LmtierError(
+            "--requests, --sessions, --zipf-alpha and --seed are for synthetic:zipf and "
+            "synthetic:shared-prompt"
+        )
     trace = load_trace(args.trace, args.format, args.limit, part, synthetic)
     default_bytes = 16 if args.real else ReplayOptions().bytes_per_token
     options = ReplayOptions(

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from lmtier.cli import main
 from lmtier.errors import TraceError
-from lmtier.replay.synthetic import SyntheticSpec, parse_synthetic, synthetic_trace
+from lmtier.replay.synthetic import (
+    SYNTHETIC_KINDS,
+    SyntheticSpec,
+    parse_synthetic,
+    synthetic_trace,
+)
 from lmtier.replay.traces import Trace, parse_part, read_trace, trace_part, trace_stats
 from lmtier.replay.workloads import Workload, load_trace
 
@@ -24,10 +30,12 @@ def test_the_generator_is_deterministic_for_a_seed() -> None:
     assert other.requests != synthetic_trace(SMALL).requests
 
 
-def test_synthetic_ids_are_prefix_chained() -> None:
+@pytest.mark.parametrize("kind", sorted(SYNTHETIC_KINDS))
+def test_synthetic_ids_are_prefix_chained(kind: str) -> None:
     """Each id always follows the same parent, so one id names its whole prefix."""
     parent: dict[int, int | None] = {}
-    for request in synthetic_trace(SMALL).requests:
+    spec = replace(SYNTHETIC_KINDS[kind], requests=2000, sessions=800)
+    for request in synthetic_trace(spec).requests:
         previous = None
         for block in request.hash_ids:
             assert parent.setdefault(block, previous) == previous
@@ -54,10 +62,38 @@ def test_synthetic_statistics_resemble_the_conversation_trace() -> None:
     assert sum(sorted(firsts.values())[-2:]) > 0.5 * stats.requests
 
 
+def test_shared_prompt_workload_reads_long_shared_prompts_in_short_sessions() -> None:
+    spec = parse_synthetic("synthetic:shared-prompt")
+    trace = synthetic_trace(spec)
+    stats = trace_stats(trace)
+    assert stats.requests == 12000
+    assert stats.ceiling >= 0.85  # the shared prompts are most of the references
+    assert stats.once_fraction >= 0.75  # the sessions' own blocks mostly are not
+    # a prompt: the leading blocks common to every request that starts with its first block
+    prompts: dict[int, tuple[int, ...]] = {}
+    for request in trace.requests:
+        seen = prompts.setdefault(request.hash_ids[0], request.hash_ids)
+        pairs = enumerate(zip(seen, request.hash_ids, strict=False))
+        same = next((i for i, (a, b) in pairs if a != b), min(len(seen), len(request.hash_ids)))
+        prompts[request.hash_ids[0]] = seen[:same]
+    assert 40 <= len(prompts) <= spec.system_prompts  # most of the 64 prompts are drawn
+    for prompt in prompts.values():
+        assert spec.system_blocks_min <= len(prompt) <= spec.system_blocks_max
+    shared = sum(len(prompts[request.hash_ids[0]]) for request in trace.requests)
+    assert shared > 0.75 * stats.references
+    # short sessions: a request adds a few blocks to its prompt on average
+    assert stats.references / stats.requests < spec.system_blocks_max + 12
+
+
 def test_synthetic_parameters_are_checked() -> None:
     assert parse_synthetic("synthetic:zipf", sessions=10, alpha=0.5, seed=None).sessions == 10
-    with pytest.raises(TraceError, match="unknown synthetic trace"):
+    # a generator's own defaults stay under the parameters given
+    shared = parse_synthetic("synthetic:shared-prompt", sessions=10)
+    assert (shared.sessions, shared.system_prompts, shared.system_blocks_min) == (10, 64, 16)
+    with pytest.raises(TraceError, match="known: synthetic:zipf, synthetic:shared-prompt"):
         parse_synthetic("synthetic:uniform")
+    with pytest.raises(TraceError, match="system_blocks_min"):
+        SyntheticSpec(system_blocks_min=9, system_blocks_max=8)
     with pytest.raises(TraceError, match="sessions"):
         SyntheticSpec(sessions=0)
     with pytest.raises(TraceError, match="continue_prob"):
@@ -98,6 +134,10 @@ def test_replay_command_on_a_window_and_on_the_generator(
                  "--no-progress"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "synthetic:zipf: synthetic, 300 requests" in out and "used once" in out
+    assert main(["replay", "synthetic:shared-prompt", "--requests", "300", "--capacities",
+                 "0.1", "--policies", "lru,prefix", "--no-progress"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "synthetic:shared-prompt: synthetic, 300 requests" in out and "\nprefix " in out
     assert main(["replay", str(TRACE), "--sessions", "5", "--no-progress"]) == 2
     assert "synthetic:zipf" in capsys.readouterr().err
     with pytest.raises(SystemExit):
