@@ -201,7 +201,11 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--split", type=float_list, default=defaults.shares,
         help="how a capacity divides among tiers, fastest first, e.g. 1,4,16 (default: one tier)",
     )  # fmt: skip
-    replay.add_argument("--policies", type=name_list, default=defaults.policies, help="e.g. lru")
+    replay.add_argument(
+        "--policies", type=name_list, default=defaults.policies,
+        help="evictors to compare, comma-separated; each one name for every tier or one per "
+        "tier, fastest first, e.g. lru,prefix,lru/prefix (default: lru)",
+    )  # fmt: skip
     replay.add_argument(
         "--bytes-per-token", type=positive_int,
         help=f"KV bytes per token (sizes-only default {defaults.bytes_per_token}, an 8B model "

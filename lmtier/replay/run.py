@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from lmtier.errors import ConfigError
+from lmtier.evictor import evictor_names
 from lmtier.replay.cascade_sim import CascadeSim, SimTier
 from lmtier.replay.optimal import belady_hits, ceiling_hits
 from lmtier.replay.traces import Trace
@@ -23,6 +25,7 @@ __all__ = [
     "optimum",
     "replay_real",
     "replay_sizes_only",
+    "tier_policies",
 ]
 
 
@@ -61,6 +64,26 @@ class ReplayResult:
     @property
     def prefix_hit_ratio(self) -> float:
         return sum(self.prefix_hits) / max(self.references, 1)
+
+
+def tier_policies(policy: str, tiers: int) -> list[str]:
+    """Each tier's evictor from a policy name (every tier) or ``NAME/NAME/...`` (one per tier,
+    fastest first: ``lru/prefix`` is an LRU cpu tier over a prefix disk tier)."""
+    names = policy.split("/")
+    unknown = [name for name in names if name not in evictor_names()]
+    if unknown:
+        raise ConfigError(
+            f"policy {policy!r}: unknown evictor {unknown[0]!r}; "
+            f"known: {', '.join(evictor_names())}"
+        )
+    if len(names) == 1:
+        return names * tiers
+    if len(names) != tiers:
+        raise ConfigError(
+            f"policy {policy!r} names {len(names)} evictors for a cascade of {tiers} tier(s): "
+            "give one name for every tier or one per tier, fastest first (see --split)"
+        )
+    return names
 
 
 def capacity_blocks(trace: Trace, fraction: float) -> int:
@@ -108,14 +131,16 @@ def replay_sizes_only(
 ) -> ReplayResult:
     """Replay through the cascade's decisions alone (no data): every block is read or put.
 
+    ``policy`` is one evictor for every tier or one per tier (``tier_policies``);
     ``admission`` names each tier's admission policy (default: all admit everything);
     ``label`` titles the progress bar shown when ``progress``.
     """
     policies = list(admission) if admission is not None else ["all"] * len(tier_names)
+    evictors = tier_policies(policy, len(tier_names))
     sim = CascadeSim(
         [
-            SimTier(n, c, policy, a, admission_window)
-            for n, c, a in zip(tier_names, capacities, policies, strict=True)
+            SimTier(n, c, e, a, admission_window)
+            for n, c, e, a in zip(tier_names, capacities, evictors, policies, strict=True)
         ],
         promote_on_hit,
         clean_copies,

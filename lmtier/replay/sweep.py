@@ -15,7 +15,13 @@ from lmtier.admission import ADMISSION_POLICIES
 from lmtier.config import StoreConfig, TierConfig, load_config
 from lmtier.errors import ConfigError
 from lmtier.replay.capacity import plan_capacities
-from lmtier.replay.run import ReplayResult, optimum, replay_real, replay_sizes_only
+from lmtier.replay.run import (
+    ReplayResult,
+    optimum,
+    replay_real,
+    replay_sizes_only,
+    tier_policies,
+)
 from lmtier.replay.traces import Trace
 from lmtier.store import TieredStore
 
@@ -61,6 +67,8 @@ def run_sweep(
     working set) is left out, its reason passed to ``on_skip`` (default: a logged warning)
     before any replay and listed in ``skipped``; ConfigError when none is left.
     """
+    for policy in options.policies:  # a bad name fails now, not after the first replays
+        tier_policies(policy, len(options.shares))
     plan = plan_capacities(trace, options.capacities, options.shares)
     for problem in plan.skipped:
         if on_skip is None:
@@ -162,17 +170,20 @@ def _real_config(
         if len(specs) == 3 and torch.cuda.is_available():
             specs[0] = TierConfig(names[0], "memory", 1, device="cuda")
     admission = resolve_admission(options.admission, [spec.name for spec in specs])
+    evictors = tier_policies(policy, len(specs))
     tiers = tuple(
         replace(
             spec,
             max_size_bytes=capacity,
-            evictor=policy,
+            evictor=evictor,
             path=str(folder / spec.name) if spec.kind == "disk" else None,
             # A config's own admission stays unless the replay names one.
             admission=admitted if options.admission else spec.admission,
             admission_window=options.admission_window or spec.admission_window,
         )
-        for spec, capacity, admitted in zip(specs, capacities, admission, strict=True)
+        for spec, capacity, admitted, evictor in zip(
+            specs, capacities, admission, evictors, strict=True
+        )
     )
     return StoreConfig(
         tiers, promote_on_hit=options.promote_on_hit, clean_copies=options.clean_copies
