@@ -214,6 +214,11 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     replay.add_argument("--config", type=Path, help="--real: tier kinds from this config")
     replay.add_argument("--no-promote", action="store_true", help="lower hits stay where they are")
     replay.add_argument(
+        "--no-positions", action="store_true",
+        help="put blocks without their index in the request's chain, as the vLLM and SGLang "
+        "integrations put them (the prefix evictor then ranks every block as a first one)",
+    )  # fmt: skip
+    replay.add_argument(
         "--admission", type=name_list, default=defaults.admission,
         help="admission policies, comma-separated: POLICY for the last tier or TIER=POLICY "
         "(all, second_hit; default: every tier admits all)",
@@ -258,6 +263,7 @@ def _run_replay(args: argparse.Namespace) -> int:
         bytes_per_token=args.bytes_per_token or default_bytes,
         real=args.real,
         promote_on_hit=not args.no_promote,
+        positions=not args.no_positions,
         config=args.config,
         progress=args.progress,
         admission=args.admission,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from lmtier.errors import ConfigError, TraceError
 from lmtier.replay.optimal import belady_hits, ceiling_hits
 from lmtier.replay.run import capacity_blocks, optimum, replay_sizes_only, tier_policies
 from lmtier.replay.sweep import ReplayOptions, run_sweep
+from lmtier.replay.synthetic import SyntheticSpec, synthetic_trace
 from lmtier.replay.traces import Trace, read_trace
 
 TRACE = Path(__file__).parent / "data" / "conversation_trace.jsonl"
@@ -189,6 +191,33 @@ def test_a_policy_per_tier_gives_each_tier_its_evictor() -> None:
     for tier in ("gpu", "cpu", "disk"):
         for counter in ("hits", "evictions", "demotions_in", "promotions_in", "drops"):
             assert real.counters[tier][counter] == sizes.counters[tier][counter], (tier, counter)
+
+
+def test_blocks_put_without_positions_change_only_position_aware_policies() -> None:
+    trace = conversation(3000)
+    runs = {
+        (policy, positions): sizes_only_hits(trace, policy, positions)
+        for policy in ("lru", "prefix")
+        for positions in (True, False)
+    }
+    assert runs["lru", True] == runs["lru", False]
+    assert runs["prefix", True] != runs["prefix", False]
+    common = {"capacities": (0.1,), "shares": (1.0, 1.0, 2.0), "bytes_per_token": 2,
+              "policies": ("prefix",), "positions": False}  # fmt: skip
+    # the real store gets the blocks without positions too (on a trace where they matter)
+    chat = synthetic_trace(SyntheticSpec(requests=150, sessions=30))
+    real = run_sweep(chat, ReplayOptions(real=True, **common)).results[0]  # type: ignore[arg-type]
+    sizes = run_sweep(chat, ReplayOptions(**common)).results[0]  # type: ignore[arg-type]
+    assert real.wrong == 0 and real.block_hits == sizes.block_hits
+    assert real.prefix_hits == sizes.prefix_hits
+    placed = run_sweep(chat, replace(ReplayOptions(**common), positions=True)).results[0]  # type: ignore[arg-type]
+    assert placed.block_hits != sizes.block_hits
+
+
+def sizes_only_hits(trace: Trace, policy: str, positions: bool) -> tuple[int, int]:
+    options = ReplayOptions(capacities=(0.02,), policies=(policy,), positions=positions)
+    result = run_sweep(trace, options).results[0]
+    return sum(result.block_hits), sum(result.prefix_hits)
 
 
 def test_a_policy_per_tier_is_checked_before_any_replay(

@@ -128,12 +128,14 @@ def replay_sizes_only(
     label: str = "replay",
     *,
     clean_copies: bool = True,
+    positions: bool = True,
 ) -> ReplayResult:
     """Replay through the cascade's decisions alone (no data): every block is read or put.
 
     ``policy`` is one evictor for every tier or one per tier (``tier_policies``);
     ``admission`` names each tier's admission policy (default: all admit everything);
-    ``label`` titles the progress bar shown when ``progress``.
+    ``label`` titles the progress bar shown when ``progress``; ``positions`` False puts every
+    block without its index in the request's chain (as an engine that does not know it).
     """
     policies = list(admission) if admission is not None else ["all"] * len(tier_names)
     evictors = tier_policies(policy, len(tier_names))
@@ -151,7 +153,7 @@ def replay_sizes_only(
     def access(block: int, position: int) -> int | None:
         tier = sim.get(block)
         if tier is None:
-            sim.put(block, block_bytes, position)
+            sim.put(block, block_bytes, position if positions else None)
         return tier
 
     _replay(trace, result, access, progress, label)
@@ -173,9 +175,10 @@ def block_tensor(block: int, nbytes: int) -> torch.Tensor:
 
 async def replay_real(
     trace: Trace, store: TieredStore, block_bytes: int, fraction: float, policy: str,
-    progress: bool = False, label: str = "replay",
+    progress: bool = False, label: str = "replay", *, positions: bool = True,
 ) -> ReplayResult:  # fmt: skip
-    """Replay through a real store with real tensors; every hit's bytes are checked."""
+    """Replay through a real store with real tensors; every hit's bytes are checked (and each
+    block put with its index in the chain unless not ``positions``)."""
     names = [tier.name for tier in store.tiers]
     result = ReplayResult(policy, fraction, names, [t.budget for t in store.tiers], block_bytes)
     result.admission = admission_label(names, [t.admission.name for t in store.tiers])
@@ -189,7 +192,9 @@ async def replay_real(
             if got is None:
                 tier = None
                 await store.put(
-                    block_key(block), block_tensor(block, block_bytes), position=position
+                    block_key(block),
+                    block_tensor(block, block_bytes),
+                    position=position if positions else None,
                 )
             else:
                 tier = names.index(where)  # type: ignore[arg-type]

@@ -42,6 +42,7 @@ class ReplayOptions:
     real: bool = False
     promote_on_hit: bool = True
     clean_copies: bool = True  # False: exclusive tiers (see StoreConfig.clean_copies)
+    positions: bool = True  # False: blocks put without their chain index, as the engines put them
     config: Path | None = None  # real mode: tier kinds and devices from here, budgets replaced
     progress: bool = False
     # Admission per tier: "POLICY" (the last tier) or "TIER=POLICY" items; other tiers admit all.
@@ -95,7 +96,7 @@ def run_sweep(
                     trace, names, capacities, policy, block_bytes, fraction,
                     options.promote_on_hit, options.progress,
                     resolve_admission(options.admission, names), options.admission_window,
-                    label=label, clean_copies=options.clean_copies,
+                    label=label, clean_copies=options.clean_copies, positions=options.positions,
                 )  # fmt: skip
             results.append(result)
     return SweepResult(trace, block_bytes, results, best, plan.skipped)
@@ -148,8 +149,9 @@ async def _real(
         config = _real_config(options, capacities, policy, Path(folder))
         async with TieredStore(config) as store:
             return await replay_real(
-                trace, store, block_bytes, fraction, policy, options.progress, label
-            )
+                trace, store, block_bytes, fraction, policy, options.progress, label,
+                positions=options.positions,
+            )  # fmt: skip
 
 
 def _real_config(
