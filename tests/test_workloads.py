@@ -147,14 +147,20 @@ def test_replay_command_on_a_window_and_on_the_generator(
 # ---------------------------------------------------------------------- the policy report
 def test_the_policy_report_covers_every_registered_policy(tmp_path: Path) -> None:
     from lmtier.evictor.registry import evictor_names
+    from lmtier.replay.policy_report import KEEP_MARKER
     from lmtier.replay.policy_report import main as report
 
     args = ["--limit", "300", "--capacities", "0.05,0.25", "--admission-capacities", "0.25",
             "--jobs", "1", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    # a rerun keeps the hand-written part above the marker and rewrites the rest
+    head = f"# Policies\n\nThe default, and why.\n\n{KEEP_MARKER}\n"
+    (tmp_path / "policies.md").write_text(f"{head}\n## Every registered policy\n\nstale\n")
     assert report(args) == 0
     text = (tmp_path / "policies.md").read_text()
+    assert text.startswith(head) and "stale" not in text
+    assert text.count("## Every registered policy") == 1
     for workload in ("conversation trace", "first half", "second half", "synthetic:zipf"):
-        assert f"## {workload}" in text and f"### {workload}" in text
+        assert f"\n### {workload}\n" in text and f"\n#### {workload}\n" in text
     for policy in evictor_names():
         # its row in each workload's table (the best cell of a column in bold)
         assert len(re.findall(rf"^\| {policy} \| (\*\*)?[01]\.", text, re.MULTILINE)) == 4
@@ -163,3 +169,7 @@ def test_the_policy_report_covers_every_registered_policy(tmp_path: Path) -> Non
     rows = (tmp_path / "policies.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 * (2 * (1 + len(evictor_names())) + 2 * len(evictor_names()))
     assert (tmp_path / "policies.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # without a hand-written part, the report has its own title
+    (tmp_path / "policies.md").unlink()
+    assert report([*args, "--policies", "lru", "--capacities", "0.25"]) == 0
+    assert (tmp_path / "policies.md").read_text().startswith("# Eviction policies on replayed")
