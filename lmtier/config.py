@@ -27,6 +27,7 @@ __all__ = [
     "config_from_mapping",
     "load_config",
     "parse_config",
+    "read_config_file",
 ]
 
 GB = 1024**3
@@ -232,7 +233,7 @@ def _device(text: str, where: str) -> str:
     return str(device)
 
 
-def _parse_tier(raw: object, index: int, source: str, default_evictor: str) -> TierConfig:
+def _parse_tier(raw: object, index: int, source: str) -> TierConfig:
     where = f"{source}: tiers[{index}]"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__} {raw!r}")
@@ -260,7 +261,7 @@ def _parse_tier(raw: object, index: int, source: str, default_evictor: str) -> T
         name=name,
         kind=kind,
         max_size_bytes=_size_bytes(raw, where),
-        evictor=_choice(raw, "evictor", where, evictor_names(), default_evictor),
+        evictor=_choice(raw, "evictor", where, evictor_names(), "lru"),
         device=_device(_str(raw, "device", where, "cpu"), where),
         pinned=_bool(raw, "pinned", where, True),
         path=path,
@@ -324,15 +325,8 @@ def _tls_files(raw: Mapping[Any, Any], where: str, tls: bool) -> dict[str, str |
     return files
 
 
-def parse_config(
-    data: object, source: str = "<config>", *, default_evictor: str = TierConfig.evictor
-) -> StoreConfig:
-    """Validate an already-loaded mapping; ``source`` names it in error messages; a tier that
-    names no evictor gets ``default_evictor``."""
-    if default_evictor not in evictor_names():
-        raise ConfigError(
-            f"default evictor {default_evictor!r} is unknown; known: {', '.join(evictor_names())}"
-        )
+def parse_config(data: object, source: str = "<config>") -> StoreConfig:
+    """Validate an already-loaded mapping; ``source`` names it in error messages."""
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"{source}: the top level must be a mapping with a 'tiers' list, "
@@ -342,7 +336,7 @@ def parse_config(
     raw_tiers = _field(data, "tiers", source, _REQUIRED)
     if not isinstance(raw_tiers, list | tuple) or not raw_tiers:
         raise _type_error(source, "tiers", "a non-empty list of tiers", raw_tiers)
-    tiers = tuple(_parse_tier(raw, i, source, default_evictor) for i, raw in enumerate(raw_tiers))
+    tiers = tuple(_parse_tier(raw, i, source) for i, raw in enumerate(raw_tiers))
     seen: dict[str, int] = {}
     for i, tier in enumerate(tiers):
         first = seen.setdefault(tier.name.lower(), i)
@@ -422,23 +416,21 @@ def config_from_mapping(
     data: Mapping[str, Any],
     source: str = "<mapping>",
     environ: Mapping[str, str] | None = None,
-    *,
-    default_evictor: str = TierConfig.evictor,
 ) -> StoreConfig:
     """Validate a config mapping as a YAML file's content is: ``LMTIER_*`` overrides from
     ``environ`` (default ``os.environ``) applied first, then ``parse_config``."""
     env = os.environ if environ is None else environ
     if not isinstance(data, Mapping):
-        return parse_config(data, source, default_evictor=default_evictor)
+        return parse_config(data, source)
     overridden = apply_env_overrides(data, env)
     try:
-        return parse_config(overridden, source, default_evictor=default_evictor)
+        return parse_config(overridden, source)
     except ConfigError as exc:
         overrides = sorted(v for v in env if v.startswith(ENV_PREFIX) and v not in RESERVED_ENV)
         if not overrides:
             raise
         try:
-            parse_config(data, source, default_evictor=default_evictor)
+            parse_config(data, source)
         except ConfigError:
             raise exc from None  # the content itself is at fault
         # The content alone is valid: the environment's values are what broke it.
@@ -446,13 +438,19 @@ def config_from_mapping(
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None,
-    environ: Mapping[str, str] | None = None,
-    *,
-    default_evictor: str = TierConfig.evictor,
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> StoreConfig:
-    """Read a YAML config (``path``, else ``$LMTIER_CONFIG``), apply env overrides, validate;
-    a tier that names no evictor gets ``default_evictor``."""
+    """Read a YAML config (``path``, else ``$LMTIER_CONFIG``), apply env overrides, validate."""
+    env = os.environ if environ is None else environ
+    data, source = read_config_file(path, env)
+    return config_from_mapping(data, source, env)
+
+
+def read_config_file(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[Any, str]:
+    """The YAML content of ``path`` (else ``$LMTIER_CONFIG``'s file), not yet validated, and
+    the file's name for error messages."""
     env = os.environ if environ is None else environ
     if path is None:
         path = env.get(CONFIG_ENV)
@@ -468,7 +466,7 @@ def load_config(
         raise ConfigError(f"cannot read config file {source}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: malformed YAML: {exc}") from exc
-    return config_from_mapping(data, source, env, default_evictor=default_evictor)
+    return data, source
 
 
 def apply_log_level(environ: Mapping[str, str] | None = None) -> None:
