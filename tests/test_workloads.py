@@ -145,6 +145,14 @@ def test_replay_command_on_a_window_and_on_the_generator(
 
 
 # ---------------------------------------------------------------------- the policy report
+def test_the_shipped_report_keeps_the_default_evictor_section_on_a_rerun() -> None:
+    from lmtier.replay.policy_report import KEEP_MARKER
+
+    text = (Path(__file__).parent.parent / "docs" / "policies.md").read_text()
+    kept, marker, generated = text.partition(KEEP_MARKER)
+    assert marker and "## The default evictor" in kept and "## Every registered policy" in generated
+
+
 def test_the_policy_report_covers_every_registered_policy(tmp_path: Path) -> None:
     from lmtier.evictor.registry import evictor_names
     from lmtier.replay.policy_report import KEEP_MARKER
