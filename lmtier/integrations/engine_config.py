@@ -4,7 +4,7 @@ its last tier when that tier names none.
 lmtier's tiers sit below the engine's own host tier (vLLM's CPU tier, SGLang's HiCache host
 pool), which evicts by LRU.  Replays measured LRU tiers over a prefix last tier best: up to
 twice LRU's hits on the conversation trace, never more than 2% behind LRU on any workload,
-while prefix on a middle tier cost up to 3% (docs/policies.md, "The default evictor").  A tier
+while prefix on a middle tier cost up to 3.3% (docs/policies.md, "The default evictor").  A tier
 that names an evictor keeps it; the others get the library's default (``TierConfig.evictor``).
 """
 
