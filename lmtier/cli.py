@@ -93,7 +93,8 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     defaults = ReplayOptions()
     replay.add_argument(
         "trace", type=user_path,
-        help="a JSONL trace, or synthetic:zipf (a generated multi-turn chat workload)",
+        help="a JSONL trace, or a generated workload: synthetic:zipf (multi-turn chat) or "
+        "synthetic:shared-prompt (long shared system prompts, short sessions)",
     )  # fmt: skip
     replay.add_argument("--format", choices=sorted(FORMATS), help="default: detected")
     replay.add_argument("--limit", type=positive_int, help="replay only the first N requests")
@@ -108,7 +109,7 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         choices=sorted(WINDOWS),
         help="a named part: first-half (1/2), second-half (2/2)",
     )
-    synthetic = replay.add_argument_group("synthetic:zipf parameters")
+    synthetic = replay.add_argument_group("synthetic:zipf and synthetic:shared-prompt parameters")
     spec = SyntheticSpec()
     synthetic.add_argument(
         "--requests", type=positive_int, help=f"requests to generate (default {spec.requests})"
@@ -131,7 +132,8 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )  # fmt: skip
     replay.add_argument(
         "--policies", type=name_list, default=defaults.policies,
-        help="evictors to compare, comma-separated, e.g. lru,arc (default: %(default)s)",
+        help="evictors to compare, comma-separated; each one name for every tier or one per "
+        "tier, fastest first, e.g. lru,prefix,lru/prefix (default: lru)",
     )  # fmt: skip
     replay.add_argument(
         "--bytes-per-token", type=positive_int,
@@ -140,6 +142,11 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )  # fmt: skip
     replay.add_argument("--config", type=user_path, help="--real: tier kinds from this config")
     replay.add_argument("--no-promote", action="store_true", help="lower hits stay where they are")
+    replay.add_argument(
+        "--no-positions", action="store_true",
+        help="put blocks without their index in the request's chain, as the vLLM and SGLang "
+        "integrations put them (the prefix evictor then ranks every block as a first one)",
+    )  # fmt: skip
     replay.add_argument(
         "--admission", type=name_list, default=defaults.admission,
         help="admission policies, comma-separated: POLICY for the last tier or TIER=POLICY "
@@ -171,7 +178,10 @@ def _run_replay(args: argparse.Namespace) -> int:
             seed=args.seed,
         )  # fmt: skip
     elif any(v is not None for v in (args.requests, args.sessions, args.zipf_alpha, args.seed)):
-        raise LmtierError("--requests, --sessions, --zipf-alpha and --seed are for synthetic:zipf")
+        raise LmtierError(
+            "--requests, --sessions, --zipf-alpha and --seed are for synthetic:zipf and "
+            "synthetic:shared-prompt"
+        )
     trace = load_trace(source, args.format, args.limit, part, synthetic)
     default_bytes = 16 if args.real else ReplayOptions().bytes_per_token
     options = ReplayOptions(
@@ -181,6 +191,7 @@ def _run_replay(args: argparse.Namespace) -> int:
         bytes_per_token=args.bytes_per_token or default_bytes,
         real=args.real,
         promote_on_hit=not args.no_promote,
+        positions=not args.no_positions,
         config=args.config,
         progress=args.progress,
         admission=args.admission,

@@ -28,6 +28,7 @@ __all__ = [
     "config_from_mapping",
     "load_config",
     "parse_config",
+    "read_config_file",
 ]
 
 GB = 1024**3
@@ -478,6 +479,16 @@ def load_config(
 ) -> StoreConfig:
     """Read a YAML config (``path``, else ``$LMTIER_CONFIG``), apply env overrides, validate."""
     env = os.environ if environ is None else environ
+    data, source = read_config_file(path, env)
+    return config_from_mapping(data, source, env)
+
+
+def read_config_file(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[Any, str]:
+    """The YAML content of ``path`` (else ``$LMTIER_CONFIG``'s file), not yet validated, and
+    the file's name for error messages."""
+    env = os.environ if environ is None else environ
     if path is None:
         path = env.get(CONFIG_ENV)
         if not path:
@@ -492,7 +503,7 @@ def load_config(
         raise ConfigError(f"cannot read config file {source}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: malformed YAML: {exc}") from exc
-    return config_from_mapping(data, source, env)
+    return data, source
 
 
 def apply_log_level(environ: Mapping[str, str] | None = None) -> None:

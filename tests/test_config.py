@@ -70,10 +70,28 @@ def test_shipped_configs_load(filename: str, expected: list[tuple[Any, ...]]) ->
     assert config.promote_on_hit is True
     assert config.room_timeout_s == 30.0
     for tier in config.tiers:
-        assert tier.evictor == "lru"
         assert tier.required is False
         assert tier.durability == "none"
         assert tier.pinned is True
+
+
+# The measured default (docs/policies.md, "The default evictor"): change it only with new
+# measurements there.
+SHIPPED_EVICTORS = {
+    "default.yaml": ["lru", "lru", "prefix"],
+    "cpu_disk.yaml": ["lru", "prefix"],
+    "cpu_disk_redis.yaml": ["lru", "lru", "prefix"],
+}
+
+
+@pytest.mark.parametrize("filename", sorted(SHIPPED_EVICTORS))
+def test_shipped_configs_evict_by_lru_above_a_prefix_last_tier(filename: str) -> None:
+    config = load_config(CONFIGS / filename, environ={})
+    assert [tier.evictor for tier in config.tiers] == SHIPPED_EVICTORS[filename]
+
+
+def test_every_shipped_config_has_its_evictors_pinned() -> None:
+    assert sorted(path.name for path in CONFIGS.glob("*.yaml")) == sorted(SHIPPED_EVICTORS)
 
 
 def test_defaults_and_types() -> None:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import csv
 import json
 import random
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
 import pytest
 
 from lmtier.cli import main
-from lmtier.errors import TraceError
+from lmtier.errors import ConfigError, TraceError
 from lmtier.replay.optimal import belady_hits, ceiling_hits
-from lmtier.replay.run import capacity_blocks, optimum, replay_sizes_only
+from lmtier.replay.run import capacity_blocks, optimum, replay_sizes_only, tier_policies
 from lmtier.replay.sweep import ReplayOptions, run_sweep
+from lmtier.replay.synthetic import SyntheticSpec, synthetic_trace
 from lmtier.replay.traces import Trace, read_trace
 
 TRACE = Path(__file__).parent / "data" / "conversation_trace.jsonl"
@@ -171,6 +173,67 @@ def test_real_mode_makes_the_same_decisions_as_sizes_only(admission: tuple[str, 
             assert real.counters[tier][counter] == sizes.counters[tier][counter], (tier, counter)
     if admission:
         assert sizes.counters["disk"]["admission_rejects"] > 0
+
+
+def test_a_policy_per_tier_gives_each_tier_its_evictor() -> None:
+    trace = conversation(3000)
+    policies = ("lru", "lru/lru", "prefix", "prefix/prefix", "lru/prefix")
+    options = ReplayOptions(capacities=(0.05,), shares=(1.0, 4.0), policies=policies)
+    runs = {r.policy: (r.block_hits, r.prefix_hits) for r in run_sweep(trace, options).results}
+    assert runs["lru/lru"] == runs["lru"] and runs["prefix/prefix"] == runs["prefix"]
+    assert runs["lru/prefix"] not in (runs["lru"], runs["prefix"])
+    # the real store builds the same evictor per tier as the simulation
+    common = {"capacities": (0.1,), "shares": (1.0, 1.0, 2.0), "bytes_per_token": 2,
+              "policies": ("lru/prefix/s3fifo",)}  # fmt: skip
+    real = run_sweep(conversation(60), ReplayOptions(real=True, **common)).results[0]  # type: ignore[arg-type]
+    sizes = run_sweep(conversation(60), ReplayOptions(**common)).results[0]  # type: ignore[arg-type]
+    assert real.wrong == 0 and real.block_hits == sizes.block_hits
+    for tier in ("gpu", "cpu", "disk"):
+        for counter in ("hits", "evictions", "demotions_in", "promotions_in", "drops"):
+            assert real.counters[tier][counter] == sizes.counters[tier][counter], (tier, counter)
+
+
+def test_blocks_put_without_positions_change_only_position_aware_policies() -> None:
+    trace = conversation(3000)
+    runs = {
+        (policy, positions): sizes_only_hits(trace, policy, positions)
+        for policy in ("lru", "prefix")
+        for positions in (True, False)
+    }
+    assert runs["lru", True] == runs["lru", False]
+    assert runs["prefix", True] != runs["prefix", False]
+    common = {"capacities": (0.1,), "shares": (1.0, 1.0, 2.0), "bytes_per_token": 2,
+              "policies": ("prefix",), "positions": False}  # fmt: skip
+    # the real store gets the blocks without positions too (on a trace where they matter)
+    chat = synthetic_trace(SyntheticSpec(requests=150, sessions=30))
+    real = run_sweep(chat, ReplayOptions(real=True, **common)).results[0]  # type: ignore[arg-type]
+    sizes = run_sweep(chat, ReplayOptions(**common)).results[0]  # type: ignore[arg-type]
+    assert real.wrong == 0 and real.block_hits == sizes.block_hits
+    assert real.prefix_hits == sizes.prefix_hits
+    placed = run_sweep(chat, replace(ReplayOptions(**common), positions=True)).results[0]  # type: ignore[arg-type]
+    assert placed.block_hits != sizes.block_hits
+
+
+def sizes_only_hits(trace: Trace, policy: str, positions: bool) -> tuple[int, int]:
+    options = ReplayOptions(capacities=(0.02,), policies=(policy,), positions=positions)
+    result = run_sweep(trace, options).results[0]
+    return sum(result.block_hits), sum(result.prefix_hits)
+
+
+def test_a_policy_per_tier_is_checked_before_any_replay(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert tier_policies("prefix", 3) == ["prefix"] * 3
+    assert tier_policies("lru/prefix", 2) == ["lru", "prefix"]
+    with pytest.raises(ConfigError, match=r"names 2 evictors for a cascade of 3 tier\(s\)"):
+        tier_policies("lru/prefix", 3)
+    with pytest.raises(ConfigError, match="unknown evictor 'nope'; known: arc, "):
+        tier_policies("lru/nope", 2)
+    args = ["replay", str(TRACE), "--limit", "50", "--policies", "lru,lru/prefix", "--no-progress"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "names 2 evictors for a cascade of 1 tier(s)" in captured.err
+    assert "prefix hit" not in captured.out  # refused before the lru replay printed a table
 
 
 # ---------------------------------------------------------------------- the command

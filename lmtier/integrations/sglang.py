@@ -41,10 +41,11 @@ from sglang.srt.mem_cache.hicache_storage import (
     HiCacheStorageExtraInfo,
 )
 
-from lmtier.config import StoreConfig, config_from_mapping, load_config
+from lmtier.config import StoreConfig
 from lmtier.errors import ConfigError, LmtierError
 from lmtier.evictor import PutStatus
 from lmtier.integrations.blocking import BlockingStore
+from lmtier.integrations.engine_config import engine_config
 from lmtier.store import TieredStore
 
 __all__ = ["LmtierHiCacheStorage"]
@@ -379,14 +380,12 @@ def _store_config(extra: Mapping[str, Any], config: HiCacheStorageConfig) -> Sto
     path, inline = extra.get("config_path"), extra.get("config")
     if path is not None and inline is not None:
         raise ConfigError("extra_config: give 'config_path' or 'config', not both")
-    if inline is not None:
-        if not isinstance(inline, Mapping):
-            raise ConfigError(
-                f"extra_config field 'config' must be a mapping, got {type(inline).__name__}"
-            )
-        parsed = config_from_mapping(inline, "extra_config['config']")
-    else:
-        parsed = load_config(path)  # None: $LMTIER_CONFIG
+    if inline is not None and not isinstance(inline, Mapping):
+        raise ConfigError(
+            f"extra_config field 'config' must be a mapping, got {type(inline).__name__}"
+        )
+    # Neither: $LMTIER_CONFIG.  Tiers naming no evictor get the engines' default.
+    parsed = engine_config(path, inline, "extra_config['config']")
     rank_dirs = extra.get("rank_dirs", True)
     if not isinstance(rank_dirs, bool):
         raise ConfigError(f"extra_config field 'rank_dirs' must be a bool, got {rank_dirs!r}")

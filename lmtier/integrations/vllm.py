@@ -64,10 +64,11 @@ from vllm.v1.kv_offload.base import (
 )
 from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager
 
-from lmtier.config import StoreConfig, load_config, parse_config
+from lmtier.config import StoreConfig
 from lmtier.errors import StoreClosedError
 from lmtier.evictor import PutStatus
 from lmtier.integrations.blocking import BlockingStore
+from lmtier.integrations.engine_config import engine_config
 from lmtier.keys import KeyLike
 from lmtier.monitoring import CATALOGUE
 from lmtier.store import TieredStore
@@ -241,9 +242,8 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             raise ValueError("LmtierSecondaryTier: give config_path or config, not both")
         if batch_blocks < 1:
             raise ValueError(f"LmtierSecondaryTier: batch_blocks must be >= 1, got {batch_blocks}")
-        base = parse_config(dict(config), "config") if config is not None else None
-        if base is None:
-            base = load_config(config_path)  # None: $LMTIER_CONFIG
+        # Neither: $LMTIER_CONFIG.  Tiers naming no evictor get the engines' default.
+        base = engine_config(config_path, config, "config", env_overrides=False)
         assert primary_kv_view.strides is not None
         rows = np.asarray(primary_kv_view)
         if rows.ndim != 2:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from lmtier.errors import ConfigError
+from lmtier.evictor import evictor_names
 from lmtier.replay.cascade_sim import CascadeSim, SimTier
 from lmtier.replay.optimal import belady_hits, ceiling_hits
 from lmtier.replay.traces import Trace
@@ -23,6 +25,7 @@ __all__ = [
     "optimum",
     "replay_real",
     "replay_sizes_only",
+    "tier_policies",
 ]
 
 
@@ -61,6 +64,26 @@ class ReplayResult:
     @property
     def prefix_hit_ratio(self) -> float:
         return sum(self.prefix_hits) / max(self.references, 1)
+
+
+def tier_policies(policy: str, tiers: int) -> list[str]:
+    """Each tier's evictor from a policy name (every tier) or ``NAME/NAME/...`` (one per tier,
+    fastest first: ``lru/prefix`` is an LRU cpu tier over a prefix disk tier)."""
+    names = policy.split("/")
+    unknown = [name for name in names if name not in evictor_names()]
+    if unknown:
+        raise ConfigError(
+            f"policy {policy!r}: unknown evictor {unknown[0]!r}; "
+            f"known: {', '.join(evictor_names())}"
+        )
+    if len(names) == 1:
+        return names * tiers
+    if len(names) != tiers:
+        raise ConfigError(
+            f"policy {policy!r} names {len(names)} evictors for a cascade of {tiers} tier(s): "
+            "give one name for every tier or one per tier, fastest first (see --split)"
+        )
+    return names
 
 
 def capacity_blocks(trace: Trace, fraction: float) -> int:
@@ -106,19 +129,23 @@ def replay_sizes_only(
     *,
     clean_copies: bool = True,
     into: list[ReplayResult] | None = None,
+    positions: bool = True,
 ) -> ReplayResult:
     """Replay through the cascade's decisions alone (no data): every block is read or put.
 
+    ``policy`` is one evictor for every tier or one per tier (``tier_policies``);
     ``admission`` names each tier's admission policy (default: all admit everything);
-    ``label`` titles the progress bar shown when ``progress``.  The result is appended to
-    ``into`` (if given) before the first reference, so that a caller interrupted midway holds
-    the partial counts.
+    ``label`` titles the progress bar shown when ``progress``; ``positions`` False puts every
+    block without its index in the request's chain (as an engine that does not know it).  The
+    result is appended to ``into`` (if given) before the first reference, so that a caller
+    interrupted midway holds the partial counts.
     """
     policies = list(admission) if admission is not None else ["all"] * len(tier_names)
+    evictors = tier_policies(policy, len(tier_names))
     sim = CascadeSim(
         [
-            SimTier(n, c, policy, a, admission_window)
-            for n, c, a in zip(tier_names, capacities, policies, strict=True)
+            SimTier(n, c, e, a, admission_window)
+            for n, c, e, a in zip(tier_names, capacities, evictors, policies, strict=True)
         ],
         promote_on_hit,
         clean_copies,
@@ -131,7 +158,7 @@ def replay_sizes_only(
     def access(block: int, position: int) -> int | None:
         tier = sim.get(block)
         if tier is None:
-            sim.put(block, block_bytes, position)
+            sim.put(block, block_bytes, position if positions else None)
         return tier
 
     try:
@@ -156,8 +183,10 @@ def block_tensor(block: int, nbytes: int) -> torch.Tensor:
 async def replay_real(
     trace: Trace, store: TieredStore, block_bytes: int, fraction: float, policy: str,
     progress: bool = False, label: str = "replay", into: list[ReplayResult] | None = None,
+    *, positions: bool = True,
 ) -> ReplayResult:  # fmt: skip
-    """Replay through a real store with real tensors; every hit's bytes are checked.
+    """Replay through a real store with real tensors; every hit's bytes are checked (and each
+    block put with its index in the chain unless not ``positions``).
 
     ``into`` as in ``replay_sizes_only``; the store's counters are in the result however the
     replay ends.
@@ -169,7 +198,7 @@ async def replay_real(
         into.append(result)
     started = time.perf_counter()
     try:
-        await _replay_real(trace, store, result, progress, label)
+        await _replay_real(trace, store, result, progress, label, positions)
     finally:
         result.seconds = time.perf_counter() - started
         result.counters = {name: dict(stats) for name, stats in store.stats()["tiers"].items()}
@@ -177,7 +206,12 @@ async def replay_real(
 
 
 async def _replay_real(
-    trace: Trace, store: TieredStore, result: ReplayResult, progress: bool, label: str
+    trace: Trace,
+    store: TieredStore,
+    result: ReplayResult,
+    progress: bool,
+    label: str,
+    positions: bool,
 ) -> None:
     names = result.tier_names
     block_bytes = result.block_bytes
@@ -190,7 +224,9 @@ async def _replay_real(
             if got is None:
                 tier = None
                 await store.put(
-                    block_key(block), block_tensor(block, block_bytes), position=position
+                    block_key(block),
+                    block_tensor(block, block_bytes),
+                    position=position if positions else None,
                 )
             else:
                 tier = names.index(where)  # type: ignore[arg-type]

@@ -15,7 +15,13 @@ from lmtier.admission import ADMISSION_POLICIES
 from lmtier.config import StoreConfig, TierConfig, load_config
 from lmtier.errors import ConfigError
 from lmtier.replay.capacity import plan_capacities
-from lmtier.replay.run import ReplayResult, optimum, replay_real, replay_sizes_only
+from lmtier.replay.run import (
+    ReplayResult,
+    optimum,
+    replay_real,
+    replay_sizes_only,
+    tier_policies,
+)
 from lmtier.replay.traces import Trace
 from lmtier.store import TieredStore
 
@@ -36,6 +42,7 @@ class ReplayOptions:
     real: bool = False
     promote_on_hit: bool = True
     clean_copies: bool = True  # False: exclusive tiers (see StoreConfig.clean_copies)
+    positions: bool = True  # False: blocks put without their chain index, as the engines put them
     config: Path | None = None  # real mode: tier kinds and devices from here, budgets replaced
     progress: bool = False
     # Admission per tier: "POLICY" (the last tier) or "TIER=POLICY" items; other tiers admit all.
@@ -66,6 +73,8 @@ def run_sweep(
     ``sweep``, when given, is filled as the replays run (each result from its first
     reference on), so a caller interrupted midway holds partial counts.
     """
+    for policy in options.policies:  # a bad name fails now, not after the first replays
+        tier_policies(policy, len(options.shares))
     plan = plan_capacities(trace, options.capacities, options.shares)
     for problem in plan.skipped:
         if on_skip is None:
@@ -95,6 +104,7 @@ def run_sweep(
                     options.promote_on_hit, options.progress,
                     resolve_admission(options.admission, names), options.admission_window,
                     label=label, clean_copies=options.clean_copies, into=results,
+                    positions=options.positions,
                 )  # fmt: skip
     return sweep
 
@@ -147,8 +157,9 @@ async def _real(
         config = _real_config(options, capacities, policy, Path(folder))
         async with TieredStore(config) as store:
             return await replay_real(
-                trace, store, block_bytes, fraction, policy, options.progress, label, into
-            )
+                trace, store, block_bytes, fraction, policy, options.progress, label, into,
+                positions=options.positions,
+            )  # fmt: skip
 
 
 def _real_config(
@@ -169,17 +180,20 @@ def _real_config(
         if len(specs) == 3 and torch.cuda.is_available():
             specs[0] = TierConfig(names[0], "memory", 1, device="cuda")
     admission = resolve_admission(options.admission, [spec.name for spec in specs])
+    evictors = tier_policies(policy, len(specs))
     tiers = tuple(
         replace(
             spec,
             max_size_bytes=capacity,
-            evictor=policy,
+            evictor=evictor,
             path=str(folder / spec.name) if spec.kind == "disk" else None,
             # A config's own admission stays unless the replay names one.
             admission=admitted if options.admission else spec.admission,
             admission_window=options.admission_window or spec.admission_window,
         )
-        for spec, capacity, admitted in zip(specs, capacities, admission, strict=True)
+        for spec, capacity, admitted, evictor in zip(
+            specs, capacities, admission, evictors, strict=True
+        )
     )
     return StoreConfig(
         tiers, promote_on_hit=options.promote_on_hit, clean_copies=options.clean_copies

@@ -1,4 +1,4 @@
-"""Workloads by name: a trace file or ``synthetic:zipf``, optionally cut to its first requests
+"""Workloads by name: a trace file or ``synthetic:NAME``, optionally cut to its first requests
 and to one consecutive part (a time split: tune on the first half, report on the second)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ __all__ = ["Workload", "load_trace"]
 
 @dataclass(frozen=True)
 class Workload:
-    """A named trace to replay: ``source`` is a JSONL path or ``synthetic:zipf``."""
+    """A named trace to replay: ``source`` is a JSONL path or ``synthetic:NAME``."""
 
     name: str
     source: str

@@ -207,6 +207,7 @@ def test_config_from_a_yaml_path(tmp_path: Path) -> None:
         assert backend.set("k", page_for("k"))
         store = inner(backend)._store
         assert store.contains("k" + inner(backend).config_suffix) == "disk"
+        assert [t.evictor for t in store.store.config.tiers] == ["prefix"]  # engines' default
         assert (tmp_path / "yaml-l3" / "rank-tp0-pp0-dp0-cp0").is_dir()  # one folder per rank
     finally:
         backend.close()

@@ -97,6 +97,7 @@ def test_spec_from_kv_transfer_config_through_vllm_factory(tmp_path: Path, engin
     assert isinstance(tier, LmtierSecondaryTier)
     assert tier.namespace.startswith("rev-7|vllm:tiny-llama:")
     assert [t.name for t in tier.store.tiers] == ["disk"]
+    assert [t.evictor for t in tier.store_config.tiers] == ["prefix"]  # the engines' default
     assert tier.tier_type == "LmtierSecondaryTier"
 
 
