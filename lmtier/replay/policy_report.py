@@ -22,7 +22,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lmtier.argtypes import float_list, name_list, non_negative_float_list, positive_int
+from lmtier.argtypes import (
+    float_list,
+    name_list,
+    non_negative_float_list,
+    positive_int,
+    user_path,
+)
 from lmtier.errors import ConfigError
 from lmtier.evictor.registry import evictor_names
 from lmtier.replay.capacity import capacity_problem
@@ -410,8 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``scripts/policy_report.py``: run the report and write it (default: ``docs/``)."""
     defaults = ReportOptions()
     parser = argparse.ArgumentParser(prog="policy_report.py", description=__doc__)
-    parser.add_argument("--trace", type=Path, default=defaults.trace)
-    parser.add_argument("--out", type=Path, default=Path("docs"), help="the output folder")
+    parser.add_argument(
+        "--trace", type=user_path, default=defaults.trace, help="the trace to replay"
+    )
+    parser.add_argument("--out", type=user_path, default=Path("docs"), help="the output folder")
     parser.add_argument("--policies", type=name_list, default=(), help="default: every registered")
     parser.add_argument("--capacities", type=float_list, default=defaults.capacities)
     parser.add_argument(
