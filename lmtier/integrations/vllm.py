@@ -72,6 +72,7 @@ from lmtier.integrations.engine_config import engine_config
 from lmtier.keys import KeyLike
 from lmtier.monitoring import CATALOGUE
 from lmtier.store import TieredStore
+from lmtier.tiers.base import cascade_stats
 
 __all__ = ["LmtierSecondaryTier", "kv_namespace", "offload_key_text"]
 
@@ -602,7 +603,7 @@ def _held(store: TieredStore, key: str) -> bool:
 
 
 async def _tier_stats(store: TieredStore) -> dict[str, dict[str, Any]]:
-    return {tier.name: tier.stats() for tier in store.tiers}
+    return cascade_stats(store.tiers)
 
 
 async def _held_keys(store: TieredStore) -> list[str]:
