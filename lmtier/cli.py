@@ -7,6 +7,7 @@ import importlib.metadata
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -283,14 +284,29 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench = commands.add_parser(
         "bench",
         help="data paths beside raw baselines measured in the same run, as ratios",
-        description="Medians of several repetitions; each ratio is baseline time / lmtier "
-        "time, measured side by side (1.0: as fast as the raw operation).",
+        description="Medians of several repetitions with their spread (min-max); each ratio is "
+        "baseline time / lmtier time, measured side by side (1.0: as fast as the raw "
+        "operation), with PASS or FAIL against its goal.",
     )
     bench.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
-    bench.add_argument("--folder", type=Path, help="where disk rows write (default: /tmp)")
+    bench.add_argument(
+        "--folder",
+        type=user_path,
+        help="where disk rows write: a real disk, not tmpfs (default: the temp folder)",
+    )
     bench.add_argument("--fsync", action="store_true", help="disk rows with durability fsync")
     bench.add_argument(
-        "--restart-entries", type=positive_int, default=BenchOptions().restart_entries
+        "--restart-entries",
+        type=positive_int,
+        default=BenchOptions().restart_entries,
+        help="entries the restart row indexes (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--repeat",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="run the whole table N times; each row's ratio as the median and range of the runs",
     )
     bench.add_argument(
         "--peers",
@@ -305,26 +321,53 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="also the vLLM tier's store and load jobs (needs vLLM: scripts/install_engines.sh)",
     )
-    bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (shown on a terminal)"
+    )
     bench.set_defaults(run=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    # The bench package's helpers beyond its table, loaded with the command that uses them.
+    from lmtier.bench.machine import LoadWatch, folder_warning, spread_warning
+    from lmtier.bench.repeat import format_repeated, repeated
+
     options = BenchOptions(
         args.quick, args.folder, args.fsync, args.restart_entries, args.peers, args.redis, args.vllm
     )
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
+    runs = f", {args.repeat} runs" if args.repeat > 1 else ""
     print(
         f"lmtier bench: torch {torch.__version__}, {os.cpu_count()} CPUs, {device}; "
-        f"medians of {options.repeats}",
+        f"medians of {options.repeats}{runs}",
         flush=True,
     )
+    on_tmpfs = folder_warning(args.folder or Path(tempfile.gettempdir()))
+    if on_tmpfs:
+        print(on_tmpfs, flush=True)
+    load = LoadWatch()
 
     def progress(row: Row) -> None:
         if args.progress:
             print(f"  measured {row.name}", file=sys.stderr, flush=True)
 
-    print(format_rows(run_bench(options, progress)))
+    tables = []
+    for run in range(args.repeat):
+        if args.progress and args.repeat > 1:
+            print(f"run {run + 1} of {args.repeat}", file=sys.stderr, flush=True)
+        tables.append(run_bench(options, progress))
+        load.sample(f"end of run {run + 1}" if args.repeat > 1 else "end")
+    if args.repeat == 1:
+        rows = tables[0]
+        print(format_rows(rows))
+    else:
+        summaries = repeated(tables)
+        rows = [summary.row for summary in summaries]
+        print(format_repeated(summaries))
+    # Repeated after the table, where a reader of its figures looks.
+    for warning in (on_tmpfs, load.warning(), spread_warning(rows)):
+        if warning:
+            print(warning)
     return 0
 
 

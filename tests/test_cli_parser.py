@@ -18,7 +18,7 @@ from lmtier.cli import build_parser, main
 REPO = Path(__file__).resolve().parent.parent
 # Subcommands whose every option must explain itself in --help. bench is left out: its
 # --restart-entries and --no-progress have no help text yet.
-DOCUMENTED = ("stress", "replay", "inspect")
+DOCUMENTED = ("stress", "replay", "inspect", "bench")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -112,7 +112,11 @@ def test_every_path_argument_expands_the_home_folder(command: str) -> None:
     paths = {
         a.dest for a in parser._actions if a.type in (argtypes.user_path, argtypes.output_path)
     }
-    expected = {"stress": {"config"}, "replay": {"trace", "config", "csv", "plot"}}
+    expected = {
+        "stress": {"config"},
+        "replay": {"trace", "config", "csv", "plot"},
+        "bench": {"folder"},
+    }
     assert paths == expected.get(command, {"path"})
 
 

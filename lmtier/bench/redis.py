@@ -1,4 +1,4 @@
-"""``lmtier bench`` rows for the redis tier: store puts and gets of whole chunks against
+"""Rows for the redis tier: store puts and gets of whole chunks against
 redis-py SET/GET of the same bytes on the same server, measured side by side in one run."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import shutil
 import socket
-import statistics
 import subprocess
 import tempfile
 import time
@@ -16,10 +15,9 @@ from collections.abc import Iterator
 
 import torch
 
-from lmtier.bench import MiB, Row, _gbs, amedian_time
-from lmtier.config import StoreConfig, TierConfig
+from lmtier.bench.core import Goal, MiB, Row, Scale, Side, atimed, make_store, touched
+from lmtier.config import TierConfig
 from lmtier.serde import payload_view
-from lmtier.store import TieredStore
 
 __all__ = ["local_redis_server", "remote_bench_rows", "remote_rows"]
 
@@ -32,7 +30,7 @@ async def remote_rows(url: str, nbytes: int, repeats: int) -> list[Row]:
     import redis.asyncio as aioredis
 
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
-    out = torch.empty_like(src)
+    out = touched(torch.empty_like(src))
     raw = bytes(payload_view(src))
     batch = [(f"b{i}", src) for i in range(BATCH)]
     prefix = f"lmtier-bench-{uuid.uuid4().hex[:8]}"
@@ -47,7 +45,7 @@ async def remote_rows(url: str, nbytes: int, repeats: int) -> list[Row]:
 
     samples: dict[str, list[float]] = {n: [] for n in ("put", "get", "set", "GET", "pm", "pl")}
     try:
-        async with TieredStore(StoreConfig((tier,))) as store:
+        async with make_store(tier) as store:
             await store.put("k", src)
             raw_name = f"{prefix}-raw"
             await client.set(raw_name, raw)
@@ -59,26 +57,24 @@ async def remote_rows(url: str, nbytes: int, repeats: int) -> list[Row]:
             for turn in range(repeats):
                 for pair in pairs:  # each side first in every other turn: no position bias
                     for name, operation in pair if turn % 2 else pair[::-1]:
-                        samples[name].append(await amedian_time(operation, 1))
+                        samples[name].append(await atimed(operation))
             assert torch.equal(out, src)
             for key in ["k", *(key for key, _ in batch)]:
                 await store.delete(key)
         await client.delete(f"{prefix}-raw", *(f"{prefix}-raw{i}" for i in range(BATCH)))
     finally:
         await client.aclose()
-    put, set_, get, get_raw, pm, pl = (
-        statistics.median(samples[n]) for n in ("put", "set", "get", "GET", "pm", "pl")
-    )
     size = f"{nbytes // MiB} MiB"
-    many = BATCH * nbytes
+    one, many = Scale.throughput(nbytes), Scale.throughput(BATCH * nbytes)
+
+    def side(name: str, scale: Scale, note: str = "") -> Side:
+        return Side(tuple(samples[name]), scale, note)
+
     return [
-        Row(f"redis put {size}", _gbs(nbytes, put), _gbs(nbytes, set_) + " SET", set_ / put,
-            ">= 0.8"),
-        Row(f"redis get(out=) {size}", _gbs(nbytes, get), _gbs(nbytes, get_raw) + " GET",
-            get_raw / get, ">= 0.8"),
-        Row(f"redis put_many {BATCH} x {size}", _gbs(many, pm), _gbs(many, pl) + " pipeline",
-            pl / pm),
-    ]  # fmt: skip
+        Row(f"redis put {size}", side("put", one), side("set", one, "SET"), Goal.ratio(0.8)),
+        Row(f"redis get(out=) {size}", side("get", one), side("GET", one, "GET"), Goal.ratio(0.8)),
+        Row(f"redis put_many {BATCH} x {size}", side("pm", many), side("pl", many, "pipeline")),
+    ]
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Bench rows for lmtier's vLLM secondary tier (``python -m lmtier.bench_vllm``).
+"""Rows for lmtier's vLLM secondary tier (``lmtier bench --vllm``, ``python -m lmtier.bench.vllm``).
 
 One job of ``blocks`` primary-tier rows (default 64 rows of 2 MiB) stored into and loaded back
 from a disk tier through ``LmtierSecondaryTier``, against raw ``os.write`` / ``readinto`` of the
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import shutil
-import statistics
 import tempfile
 import time
 import uuid
@@ -26,11 +26,9 @@ import numpy as np
 import torch
 import xxhash
 
-from lmtier.bench import Row, format_rows
+from lmtier.bench.core import Goal, MiB, Row, Scale, Side, format_rows, timed
 
 __all__ = ["vllm_tier_rows"]
-
-MiB = 1024**2
 
 
 def _spec(row_bytes: int) -> Any:
@@ -84,8 +82,8 @@ def vllm_tier_rows(
     raw_folder.mkdir()
     store_s: list[float] = []
     load_s: list[float] = []
-    submit_us: list[float] = []
-    lookup_us: list[float] = []
+    submit_s: list[float] = []
+    lookup_s: list[float] = []
     raw_write_s: list[float] = []
     raw_read_s: list[float] = []
     alone_s: list[float] = []  # the store's own put_many of the same rows: the adapter's cost
@@ -95,20 +93,20 @@ def vllm_tier_rows(
             keys = [make_offload_key(uuid.uuid4().bytes * 2, 0) for _ in range(blocks)]
             items = [(f"alone-{round_}-{i}", tier_rows[i]) for i in range(blocks)]
             if round_ % 2:  # who writes first pays for the other's writeback: take turns
-                alone_s.append(_timed(lambda items=items: tier.blocking.put_many(items)))
+                alone_s.append(timed(functools.partial(tier.blocking.put_many, items)))
             started = time.perf_counter()
             tier.submit_store(_job(2 * round_, keys, range(blocks), promotion=False))
             submitted = time.perf_counter()
             tier.drain_jobs()
             store_s.append(time.perf_counter() - started)
-            submit_us.append((submitted - started) * 1e6)
+            submit_s.append(submitted - started)
             assert all(r.success for r in tier.get_finished_jobs())
             if not round_ % 2:
-                alone_s.append(_timed(lambda items=items: tier.blocking.put_many(items)))
+                alone_s.append(timed(functools.partial(tier.blocking.put_many, items)))
 
             looked = time.perf_counter()
             assert all(tier.lookup(k, None) is LookupResult.HIT for k in keys)
-            lookup_us.append((time.perf_counter() - looked) * 1e6)
+            lookup_s.append(time.perf_counter() - looked)
 
             rows[:] = 0
             started = time.perf_counter()
@@ -138,37 +136,26 @@ def vllm_tier_rows(
         tier.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
-    nbytes = blocks * row_bytes
-    store, load = statistics.median(store_s), statistics.median(load_s)
-    raw_write, raw_read = statistics.median(raw_write_s), statistics.median(raw_read_s)
-    submit, lookup = statistics.median(submit_us), statistics.median(lookup_us)
-    alone = statistics.median(alone_s)
+    gbs = Scale.throughput(blocks * row_bytes)
     size = f"{blocks} x {row_bytes // MiB} MiB"
+    store = Side(tuple(store_s), gbs)
+    scheduler = Side(tuple(s + u for s, u in zip(submit_s, lookup_s, strict=True)), Scale.latency())
+    submit, lookup = Side(tuple(submit_s), Scale.latency()), Side(tuple(lookup_s), Scale.latency())
     return [
-        Row(f"vllm tier store job {size} (disk)", _gbs(nbytes, store),
-            _gbs(nbytes, raw_write) + " raw write+xxh3", raw_write / store, ">= 0.8"),
-        Row(f"vllm tier store job {size} vs the store's put_many", _gbs(nbytes, store),
-            _gbs(nbytes, alone) + " put_many", alone / store, ">= 0.9"),
-        Row(f"vllm tier load job {size} (disk, checksum)", _gbs(nbytes, load),
-            _gbs(nbytes, raw_read) + " raw read+xxh3", raw_read / load, ">= 0.8"),
-        Row(f"vllm scheduler thread per job (submit + {blocks} lookups)",
-            f"{submit + lookup:.0f} us", f"submit {submit:.0f} us, lookups {lookup:.0f} us",
-            None, "< 1000 us"),
+        Row(f"vllm tier store job {size} (disk)", store,
+            Side(tuple(raw_write_s), gbs, "raw write+xxh3"), Goal.ratio(0.8)),
+        Row(f"vllm tier store job {size} vs the store's put_many", store,
+            Side(tuple(alone_s), gbs, "put_many"), Goal.ratio(0.9)),
+        Row(f"vllm tier load job {size} (disk, checksum)", Side(tuple(load_s), gbs),
+            Side(tuple(raw_read_s), gbs, "raw read+xxh3"), Goal.ratio(0.8)),
+        Row(f"vllm scheduler thread per job (submit + {blocks} lookups)", scheduler,
+            goal=Goal.figure_at_most(1000, "<= 1000 us"),
+            detail=f"submit {submit.text()}, lookups {lookup.text()}"),
     ]  # fmt: skip
 
 
-def _timed(fn: Any) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
-def _gbs(nbytes: int, seconds: float) -> str:
-    return f"{nbytes / seconds / 1e9:.2f} GB/s"
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmtier.bench_vllm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lmtier.bench.vllm", description=__doc__)
     parser.add_argument("--folder", type=Path, default=None, help="where the disk rows write")
     parser.add_argument("--blocks", type=int, default=64)
     parser.add_argument("--row-mib", type=int, default=2)

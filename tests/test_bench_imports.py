@@ -1,0 +1,69 @@
+"""The bench package has no import cycle: row modules import the core, never one another, and
+the core imports none of them."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lmtier.bench
+
+ROWS = ["cpu", "disk", "gpu", "peers", "redis", "vllm"]
+PACKAGE = Path(lmtier.bench.__file__).parent
+# What a row module may bring along besides itself: the core, and the peers' LMCache loader.
+SHARED = {"lmtier.bench", "lmtier.bench.core", "lmtier.bench.lmcache_peer"}
+
+
+def _bench_modules_after(statement: str) -> set[str]:
+    """The lmtier.bench modules loaded by ``statement`` in a fresh interpreter."""
+    probe = (
+        f"import sys, json; {statement}; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[:2] == "
+        "['lmtier', 'bench'])))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_each_row_module_imports_alone(row: str) -> None:
+    loaded = _bench_modules_after(f"import lmtier.bench.{row}")
+    assert f"lmtier.bench.{row}" in loaded
+    assert loaded - SHARED == {f"lmtier.bench.{row}"}, "a row module imported another"
+
+
+def test_the_core_imports_no_row_module() -> None:
+    assert _bench_modules_after("import lmtier.bench.core") == {
+        "lmtier.bench",
+        "lmtier.bench.core",
+    }
+    tree = ast.parse((PACKAGE / "core.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    assert not {name for name in imported if name and name.startswith("lmtier.bench")}
+
+
+def test_row_modules_import_only_the_core_of_the_package() -> None:
+    # Static as well as at run time: a row module's lazy import would not show above.
+    helpers = {"lmtier.bench.core", "lmtier.bench.lmcache_peer"}
+    for row in ROWS:
+        tree = ast.parse((PACKAGE / f"{row}.py").read_text())
+        modules = {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module
+        }
+        assert {m for m in modules if m.startswith("lmtier.bench")} <= helpers, row
