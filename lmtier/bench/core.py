@@ -139,9 +139,14 @@ class Side:
         return self.scale.value(self.median)
 
     @property
-    def relative_spread(self) -> float:
-        """(slowest - fastest) / median of the repetitions."""
-        return (max(self.seconds) - min(self.seconds)) / self.median
+    def middle_spread(self) -> float:
+        """How far apart the middle half of the repetitions lie (third quartile minus first),
+        relative to their median: the odd preempted sample, which the median ignores, does
+        not move it; many disturbed samples do."""
+        if len(self.seconds) < 2:
+            return 0.0
+        first, _, third = statistics.quantiles(self.seconds, n=4, method="inclusive")
+        return (third - first) / self.median
 
     def text(self) -> str:
         note = f" {self.note}" if self.note else ""
@@ -221,10 +226,10 @@ class Row:
         return "" if met is None else "PASS" if met else "FAIL"
 
     @property
-    def relative_spread(self) -> float:
-        """The larger relative spread of the two sides (0 without sides)."""
+    def middle_spread(self) -> float:
+        """The larger ``Side.middle_spread`` of the two sides (0 without sides)."""
         sides = [side for side in (self.lmtier, self.baseline) if side is not None]
-        return max((side.relative_spread for side in sides), default=0.0)
+        return max((side.middle_spread for side in sides), default=0.0)
 
 
 # ---------------------------------------------------------------------- text

@@ -2,8 +2,11 @@
 
 The rule (docs/benchmarks.md): a run is flagged when the 1-minute load average is above the
 number of cores at its start or at its end (other work then takes turns with the bench's
-threads, and a row that hops threads pays for it), or when a row's repetitions spread over more
-than ``SPREAD_LIMIT`` of their median (slowest minus fastest, on either side of the row).
+threads, and a row that hops threads pays for it), or when the middle half of a row's
+repetitions (first to third quartile, on either side of the row) spans more than
+``SPREAD_LIMIT`` of their median.  The quartiles rather than the extremes: on a shared machine
+nearly every row has an odd slow sample, which its median ignores; a wide middle half means
+the median itself moved.
 """
 
 from __future__ import annotations
@@ -51,13 +54,14 @@ class LoadWatch:
 
 
 def spread_warning(rows: Sequence[Row], limit: float = SPREAD_LIMIT) -> str | None:
-    """One line naming the rows whose repetitions spread over ``limit`` of their median."""
-    wide = [row.name for row in rows if row.relative_spread > limit]
+    """One line naming the rows whose middle half of repetitions spans over ``limit`` of their
+    median."""
+    wide = [row.name for row in rows if row.middle_spread > limit]
     if not wide:
         return None
-    return (f"warning: {len(wide)} of {len(rows)} rows spread over {limit:.0%} of their median "
-            f"(slowest minus fastest): {'; '.join(wide)}; their ratios are unreliable, rerun "
-            "them or use --repeat")  # fmt: skip
+    return (f"warning: in {len(wide)} of {len(rows)} rows the middle half of the repetitions "
+            f"spans over {limit:.0%} of their median: {'; '.join(wide)}; their ratios are "
+            "unreliable, rerun them or use --repeat")  # fmt: skip
 
 
 def filesystem_type(path: Path, mounts_file: Path = PROC_MOUNTS) -> str | None:
