@@ -31,7 +31,7 @@ from lmtier.evictor import PutStatus
 from lmtier.keys import KeyLike, check_key
 from lmtier.monitoring import OperationHistograms, StoreMetrics
 from lmtier.tiers.base import Tier, cascade_stats
-from lmtier.tiers.copies import copy_into, copy_pairs, copy_to
+from lmtier.tiers.copies import INLINE_COPY_BYTES, copy_into, copy_pairs, copy_to
 from lmtier.tiers.factory import build_tiers
 
 __all__ = ["TieredStore"]
@@ -203,7 +203,8 @@ class TieredStore:
         async with _Operation(self, self.metrics.puts, tensor.nbytes) as op:
             outcome = await self._background(self._put(key, tensor))
             if outcome is _Outcome.PLACED and op.histograms is not None:
-                op.tier = self._holder_name(key)
+                holder = self._holder(key)
+                op.tier = None if holder is None else holder.name
         return PutStatus.LEGAL if outcome is _Outcome.PLACED else PutStatus.ILLEGAL
 
     async def put_many(
@@ -312,10 +313,14 @@ class TieredStore:
     def _read_now(
         self, found: tuple[int, Tier, Any], target: torch.device | None, out: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """A copy of a found entry made without awaiting, if its tier can (``Tier.read_now``)."""
+        """A copy of a small host entry held in memory, made on the spot: no await, so no pin
+        (nothing can evict it meanwhile); None where the read must wait."""
         if out is not None or (target is not None and target.type != "cpu"):
             return None
-        return found[1].read_now(found[2])
+        stored = found[1].resident_tensor(found[2])
+        if stored is None or not stored.is_cpu or stored.nbytes >= INLINE_COPY_BYTES:
+            return None
+        return stored.detach().clone()
 
     def _hit_now(
         self, key: KeyLike, found: tuple[int, Tier, Any] | None, target: torch.device | None
@@ -724,11 +729,12 @@ class TieredStore:
         if tier.lookup(key) is not obj:
             return  # deleted or replaced meanwhile
         tier.remove(key)
-        if self._holder(key) is not None and self._holder(key) not in below:
+        holder = self._holder(key)
+        if holder is not None and holder not in below:
             tier.counters.copies_evicted += 1  # a promotion above committed while it moved
         else:
             tier.counters.drops += 1
-            if self._holder(key) is None:  # else the copy leaving below reports its own drop
+            if holder is None:  # else the copy leaving below reports its own drop
                 self._notify_drop(key)
         await tier.discard(obj)
 
@@ -773,12 +779,10 @@ class TieredStore:
             del self._moving[key]
 
     def _holder(self, key: KeyLike) -> Tier | None:
-        return next((tier for tier in self.tiers if tier.lookup(key) is not None), None)
-
-    def _holder_name(self, key: KeyLike) -> str | None:
-        for tier in self.tiers:  # a plain loop: this runs on every put
+        """The tier of ``key``'s authoritative entry (the highest holding it), or None."""
+        for tier in self.tiers:  # a plain loop: this runs on every put and move
             if tier.lookup(key) is not None:
-                return tier.name
+                return tier
         return None
 
     def _remove_everywhere(self, key: KeyLike) -> list[tuple[Tier, Any]]:

@@ -100,15 +100,6 @@ class Tier(abc.ABC):
         out), or None where reading it takes I/O; the default."""
         return None
 
-    def read_now(self, obj: Any) -> torch.Tensor | None:
-        """A private host copy of a stored object made at once, without awaiting, or None when
-        reading it must wait (I/O, a device copy, a large copy kept off the event loop).
-
-        Nothing can evict an entry while nothing awaits, so a read served here needs no pin.
-        The default always returns None.
-        """
-        return None
-
     async def load_into(self, obj: Any, out: torch.Tensor) -> torch.Tensor | None:
         """Fill ``out`` (the entry's shape and dtype, any device) with a stored object; ``out``,
         or None if it vanished.  Backends that can read straight into ``out`` override this."""

@@ -12,7 +12,7 @@ import torch
 from lmtier.evictor import BaseEvictor
 from lmtier.keys import KeyLike
 from lmtier.tiers.base import Tier
-from lmtier.tiers.copies import INLINE_COPY_BYTES, copy_async
+from lmtier.tiers.copies import copy_async
 
 __all__ = ["MemoryTier"]
 
@@ -61,13 +61,6 @@ class MemoryTier(Tier):
     def resident_tensor(self, obj: Any) -> torch.Tensor:
         assert isinstance(obj, torch.Tensor)
         return obj
-
-    def read_now(self, obj: Any) -> torch.Tensor | None:
-        """Small host entries are cloned on the spot: the hot path of small hits."""
-        assert isinstance(obj, torch.Tensor)
-        if obj.is_cpu and obj.nbytes < INLINE_COPY_BYTES:
-            return obj.detach().clone()
-        return None
 
     async def load(self, obj: Any) -> torch.Tensor:
         assert isinstance(obj, torch.Tensor)
