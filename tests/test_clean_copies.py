@@ -196,3 +196,19 @@ async def test_a_promotion_racing_the_demotion_of_its_source_leaves_no_stuck_ent
         again = await store.get("k0")
         assert again is not None and torch.equal(again, tensor_for("k0"))
         assert all(not tier.is_leaving("k0") for tier in store.tiers)
+
+
+async def test_a_clean_copy_whose_file_vanished_is_dropped_and_reported(tmp_path: Path) -> None:
+    """The copy below was removed behind the store's back before its entry handed over to it:
+    the next get misses, the key is reported dropped, and the accounting holds."""
+    store, drops = two_tiers(tmp_path)
+    async with store:
+        await fill_and_promote(store)
+        copy = store.tiers[1].lookup("k0")
+        Path(copy.path).unlink()  # hostile: the file goes while the store still indexes it
+        for i in range(4):  # k0 leaves cpu, handing over to the missing copy: nothing written
+            await store.put(f"n{i}", tensor_for(f"n{i}"))
+        assert store.stats()["tiers"]["cpu"]["unwritten_demotions"] == 1
+        assert await store.get("k0") is None
+        assert "k0" in drops.keys and await store.contains("k0") is None
+        assert store.audit() == []
