@@ -84,16 +84,28 @@ async def test_files_lost_behind_the_stores_back_become_misses(tmp_path: Path) -
         assert store.audit() == []
 
 
+def reads_in_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send every read to the worker threads: the races and descriptor shortages these tests
+    inject live there (a read from the page cache on the loop never awaits, and holds one
+    descriptor at a time)."""
+    monkeypatch.setattr(disk_module, "LOOP_READ_BYTES", -1)
+
+
+@pytest.mark.parametrize("path", ["loop", "thread"])
 async def test_a_read_error_is_a_counted_miss(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     async with cpu_then_disk(tmp_path) as store:
         for key in "abcd":
             await store.put(key, tensor_for(key))
 
-        def io_error(self: DiskTier, meta: Any) -> None:
+        def io_error(*args: Any) -> None:
             raise OSError(errno.EIO, "Input/output error")
 
+        if path == "thread":
+            reads_in_threads(monkeypatch)
+        else:  # the failing device fails the read on the loop first, then the thread's
+            monkeypatch.setattr(os, "preadv", io_error)
         monkeypatch.setattr(DiskTier, "_read_file", io_error)
         assert await store.get("a") is None
         assert disk_of(store).counters.errors >= 1 and store.audit() == []
@@ -127,6 +139,7 @@ async def test_a_passing_error_keeps_every_entry(
             return real_open(path, *args, **kwargs)
 
         monkeypatch.setattr(disk_module, "open", crowded_open, raising=False)
+        reads_in_threads(monkeypatch)
         await asyncio.gather(*(store.get(key) for key in keys))
         monkeypatch.undo()
         assert failed == 346 and disk.counters.errors == failed
@@ -142,6 +155,9 @@ RLIMIT_BURST = """
 import asyncio, os, resource, sys
 import torch
 from lmtier import StoreConfig, TierConfig, TieredStore
+from lmtier.tiers import disk as disk_module
+
+disk_module.LOOP_READ_BYTES = -1  # reads in threads, which hold descriptors at once
 
 async def main(root):
     keys = [f"k{i}" for i in range(400)]
@@ -205,6 +221,7 @@ def gate_open(
 
     monkeypatch.setattr(disk_module, "open", gated_open, raising=False)
     monkeypatch.setattr(disk_module, "read_header", gated_read_header)
+    reads_in_threads(monkeypatch)
     return reached, release
 
 

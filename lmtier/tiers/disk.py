@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
+import stat as stat_module
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -44,6 +46,12 @@ log = logging.getLogger(__name__)
 # Writes smaller than this share worker-thread hops; larger ones take a thread each, so that
 # several run in parallel.
 BATCHED_WRITE_BYTES = 1 << 20
+# Reads up to this size are first tried on the event loop, from the page cache alone
+# (RWF_NOWAIT: the loop never waits on the device).  Reading and verifying 2 MiB that are
+# cached takes ~0.2 ms, less than the thread hop it saves (0.2-0.37 ms on a 2-core VM), and
+# no more than the host copies that run on the loop (``copies.LOOP_COPY_BYTES``).
+LOOP_READ_BYTES = 4 << 20
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 @dataclass
@@ -94,6 +102,7 @@ class DiskTier(Tier):
         self._small_writes = ThreadBatcher()
         # Removals have their own queue: a file unlinked must never wait behind a slow write.
         self._removals = ThreadBatcher()
+        self._nowait_reads = _NOWAIT != 0  # cleared on a filesystem that cannot do them
 
     @property
     def home_device(self) -> torch.device:
@@ -280,6 +289,10 @@ class DiskTier(Tier):
 
     async def load(self, obj: Any) -> torch.Tensor | None:
         assert isinstance(obj, DiskCacheMetadata)
+        if self._reads_on_loop(obj):
+            cached = self._read_cached(obj, None)
+            if cached is not None:
+                return cached
         return await asyncio.to_thread(self._read_file, obj)
 
     def _read_file(
@@ -305,7 +318,59 @@ class DiskTier(Tier):
         check_out(out, obj.shape or (), obj.dtype or out.dtype)
         if out.device.type != "cpu" or not out.is_contiguous() or out.is_neg() or out.is_conj():
             return await super().load_into(obj, out)
+        if self._reads_on_loop(obj) and self._read_cached(obj, out) is not None:
+            return out
         return await asyncio.to_thread(self._read_file, obj, out)
+
+    def _reads_on_loop(self, meta: DiskCacheMetadata) -> bool:
+        return self._nowait_reads and meta.size <= LOOP_READ_BYTES
+
+    def _read_cached(
+        self, meta: DiskCacheMetadata, out: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The entry, verified, if every byte of its file is in the page cache; else None, and
+        the thread path (``_read_file``) reads it and judges whatever is wrong with it.
+
+        One ``preadv`` of header and payload: the header is the file's bytes before the
+        payload, whose size the index knows.  Nothing here waits on the device, and nothing
+        here decides that an entry is corrupt or gone: the thread path alone does.
+        """
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(meta.path, flags)
+        except OSError:
+            return None
+        try:
+            stat = os.fstat(fd)
+            header_bytes = stat.st_size - meta.size
+            if not stat_module.S_ISREG(stat.st_mode) or not (
+                serde.PREFIX_BYTES < header_bytes <= serde.PREFIX_BYTES + serde.MAX_HEADER_BYTES
+            ):
+                return None
+            tensor = torch.empty(meta.shape or (), dtype=meta.dtype) if out is None else out
+            payload = serde.payload_view(tensor)
+            head = bytearray(header_bytes)
+            if os.preadv(fd, [head, payload], 0, _NOWAIT) != stat.st_size:
+                return None  # some pages are not cached (or the file changed): read it there
+        except OSError as exc:  # EAGAIN: not cached; EOPNOTSUPP: the filesystem cannot say
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait_reads = False
+            return None
+        finally:
+            os.close(fd)
+        try:
+            header = serde.decode_header(bytes(head))
+            if (header.nbytes, header.dtype, header.shape, header.checksum) != (
+                meta.size,
+                meta.dtype,
+                meta.shape,
+                meta.checksum,
+            ):
+                return None
+            serde.check_checksum(header, serde.payload_digest(payload), meta.path)
+        except CorruptEntryError:
+            return None
+        return tensor
 
     async def discard(self, obj: Any) -> None:
         """Remove the entry's file (or its staged file, if it was never published); with
