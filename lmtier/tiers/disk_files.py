@@ -89,6 +89,14 @@ def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> int:
     by one of those behind the store's back is not the entry it was.  Fits ``open``'s
     ``opener``.
     """
+    return _open_regular(path, flags)[0]
+
+
+def _open_regular(path: str | os.PathLike[str], flags: int) -> tuple[int, os.stat_result]:
+    """``open_regular``'s descriptor and the file's status."""
+    # O_NONBLOCK only keeps the open from waiting on a FIFO; it stays set, as it changes
+    # nothing for a regular file's reads and writes (open(2)), and clearing it cost a restart
+    # two fcntl calls per file.
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -96,13 +104,13 @@ def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> int:
             raise CorruptEntryError(f"{os.fsdecode(path)}: a symbolic link, not followed") from exc
         raise
     try:
-        if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+        stat = os.fstat(fd)
+        if not stat_module.S_ISREG(stat.st_mode):
             raise CorruptEntryError(f"{os.fsdecode(path)}: not a regular file")
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, stat
 
 
 def remove_own(path: str | os.PathLike[str]) -> bool:
@@ -143,10 +151,9 @@ def read_entry(path: str, verify: bool = True) -> tuple[serde.EntryHeader, int, 
     Raises ``CorruptEntryError`` for a file that is not a complete, intact entry.
     """
     # Plain descriptors: a restart reads 100k headers, and file objects cost a third more.
-    fd = open_regular(path)
+    fd, stat = _open_regular(path, os.O_RDONLY)
     try:
         header, head = _read_whole_header(lambda size: os.read(fd, size))
-        stat = os.fstat(fd)
         if stat.st_size != header.file_size:
             raise CorruptEntryError(
                 f"{path}: {stat.st_size} bytes, the header promises {header.file_size}"
