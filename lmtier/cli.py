@@ -322,6 +322,12 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="also the vLLM tier's store and load jobs (needs vLLM: scripts/install_engines.sh)",
     )
     bench.add_argument(
+        "--gpu-only",
+        action="store_true",
+        help="only the GPU rows: the GPU tier and the batched GPU<->pinned CPU path "
+        "(needs CUDA; scripts/gpu_check.sh runs it)",
+    )
+    bench.add_argument(
         "--no-progress", action="store_true", help="no progress bars (shown on a terminal)"
     )
     bench.set_defaults(run=_run_bench)
@@ -333,7 +339,14 @@ def _run_bench(args: argparse.Namespace) -> int:
     from lmtier.bench.repeat import format_repeated, repeated
 
     options = BenchOptions(
-        args.quick, args.folder, args.fsync, args.restart_entries, args.peers, args.redis, args.vllm
+        args.quick,
+        args.folder,
+        args.fsync,
+        args.restart_entries,
+        args.peers,
+        args.redis,
+        args.vllm,
+        args.gpu_only,
     )
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
     runs = f", {args.repeat} runs" if args.repeat > 1 else ""

@@ -31,6 +31,7 @@ from lmtier.evictor import PutStatus
 from lmtier.keys import KeyLike, check_key
 from lmtier.monitoring import OperationHistograms, StoreMetrics
 from lmtier.tiers.base import Tier, cascade_stats
+from lmtier.tiers.batch_copies import run_steps, to_device_views
 from lmtier.tiers.copies import INLINE_COPY_BYTES, copy_into, copy_pairs, copy_to
 from lmtier.tiers.factory import build_tiers
 
@@ -228,7 +229,53 @@ class TieredStore:
         return [PutStatus.LEGAL if placed[key] else PutStatus.ILLEGAL for key, _ in items]
 
     async def _put_all(self, items: Mapping[KeyLike, torch.Tensor]) -> list[_Outcome]:
-        return await asyncio.gather(*(self._put(key, tensor) for key, tensor in items.items()))
+        # Numbered first, as called: staging awaits, and a put called meanwhile is newer.
+        tickets = [self._begin_put(key) for key in items]
+        tier = self.tiers[0]
+        try:
+            staged = await self._stage(tier, list(items.values()))
+        except BaseException:
+            for key in items:
+                self._end_put(key)
+            raise
+        try:
+            return await asyncio.gather(
+                *(
+                    self._put(key, tensor if view is None else view, ticket)
+                    for (key, tensor), view, ticket in zip(
+                        items.items(), staged, tickets, strict=True
+                    )
+                )
+            )
+        finally:
+            for view in staged:
+                if view is not None:
+                    tier.release_staged(view)
+
+    #: Devices whose tensors a batch (put_many, the victims of one eviction) stages into a
+    #: host tier as one copy, and devices a get_many copies host hits to as one copy per run.
+    _stage_from: frozenset[str] = frozenset({"cuda"})
+    _batch_to: frozenset[str] = frozenset({"cuda"})
+
+    async def _stage(
+        self, tier: Tier, tensors: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor | None]:
+        """Host copies of the GPU tensors of a batch, made by ``tier`` as one batch (None for
+        each tensor it did not stage); its placements then read or adopt them."""
+        chosen = [
+            i for i, t in enumerate(tensors) if t.device.type in self._stage_from and t.nbytes
+        ]
+        staged: list[torch.Tensor | None] = [None] * len(tensors)
+        if not chosen:
+            return staged
+        try:
+            views = await tier.stage([tensors[i].detach() for i in chosen])
+        except Exception as exc:  # the batch is an optimization: copy chunk by chunk instead
+            log.warning("tier %r could not stage a batch: %s", tier.name, exc)
+            return staged
+        for i, view in zip(chosen, views, strict=True):
+            staged[i] = view
+        return staged
 
     async def get(
         self,
@@ -292,18 +339,31 @@ class TieredStore:
         target: torch.device | None,
         results: list[torch.Tensor | None],
     ) -> None:
-        """Copy pinned in-memory hits out as one batch (``copy_pairs``), then count them."""
+        """Copy pinned in-memory hits out as one batch, then count them: host hits bound for a
+        GPU with one copy per run of them (``to_device_views``), the others with
+        ``copy_pairs``."""
         pairs = []
+        batch: list[tuple[int, torch.Tensor]] = []
         try:
             for i, _, tier, obj in hits:
                 stored = tier.resident_tensor(obj)
                 assert stored is not None
+                if target is not None and target.type in self._batch_to and stored.is_cpu:
+                    batch.append((i, stored))
+                    continue
                 out = torch.empty(
                     stored.shape, dtype=stored.dtype, device=target or tier.home_device
                 )
                 results[i] = out
                 pairs.append((out, stored))
-            await copy_pairs(pairs)
+            if batch:
+                assert target is not None
+                outs, steps = to_device_views([stored for _, stored in batch], target)
+                for (i, _), out in zip(batch, outs, strict=True):
+                    results[i] = out
+                await run_steps(steps)
+            if pairs:
+                await copy_pairs(pairs)
         finally:
             for _, key, tier, _ in hits:
                 tier.unpin(key)
@@ -656,20 +716,30 @@ class TieredStore:
             "; ".join(tier.describe_room() for tier in full),
         )
 
-    async def _put(self, key: KeyLike, tensor: torch.Tensor) -> _Outcome:
+    def _begin_put(self, key: KeyLike) -> int:
+        """Count a put of ``key`` in flight; its ticket (puts are numbered as called)."""
         self._putting[key] += 1
         self._tickets += 1
+        return self._tickets
+
+    def _end_put(self, key: KeyLike) -> None:
+        self._putting[key] -= 1
+        if not self._putting[key]:
+            del self._putting[key]
+            self._newest_put.pop(key, None)
+            if key in self._drops_held:
+                self._drops_held.discard(key)
+                if self._holder(key) is None:
+                    self._notify_drop(key)
+
+    async def _put(self, key: KeyLike, tensor: torch.Tensor, ticket: int = 0) -> _Outcome:
+        """Place a put; ``ticket`` from ``_begin_put`` if the caller began it, else 0."""
+        if not ticket:
+            ticket = self._begin_put(key)
         try:
-            return await self._place(key, tensor, self.tiers, None, ticket=self._tickets)
+            return await self._place(key, tensor, self.tiers, None, ticket=ticket)
         finally:
-            self._putting[key] -= 1
-            if not self._putting[key]:
-                del self._putting[key]
-                self._newest_put.pop(key, None)
-                if key in self._drops_held:
-                    self._drops_held.discard(key)
-                    if self._holder(key) is None:
-                        self._notify_drop(key)
+            self._end_put(key)
 
     async def _make_room(self, tier: Tier, victims: list[tuple[KeyLike, Any]], size: int) -> None:
         """Move the victims down, then reserve ``size`` bytes in ``tier``, within the room timeout.
@@ -689,12 +759,60 @@ class TieredStore:
 
     async def _demote(self, tier: Tier, victims: list[tuple[KeyLike, Any]]) -> None:
         below = self.tiers[self.tiers.index(tier) + 1 :]
-        await asyncio.gather(*(self._demote_one(tier, below, key, obj) for key, obj in victims))
+        staged = await self._stage_victims(tier, below, victims)
+        try:
+            await asyncio.gather(
+                *(
+                    self._demote_one(tier, below, key, obj, view)
+                    for (key, obj), view in zip(victims, staged, strict=True)
+                )
+            )
+        finally:
+            for view in staged:
+                if view is not None:
+                    below[0].release_staged(view)
         # The caller's list is the last reference to the moved objects: without it a memory
         # tier can reuse their buffers for the write that waited for this room.
+        staged.clear()
         victims.clear()
 
-    async def _demote_one(self, tier: Tier, below: list[Tier], key: KeyLike, obj: Any) -> None:
+    async def _stage_victims(
+        self, tier: Tier, below: Sequence[Tier], victims: Sequence[tuple[KeyLike, Any]]
+    ) -> list[torch.Tensor | None]:
+        """The victims leaving a GPU tier that will need a write below, staged into the tier
+        below as one batch (one gather and one copy); None for the others."""
+        staged: list[torch.Tensor | None] = [None] * len(victims)
+        if not below or tier.home_device.type not in self._stage_from or len(victims) < 2:
+            return staged
+        chosen: list[int] = []
+        tensors: list[torch.Tensor] = []
+        for i, (key, obj) in enumerate(victims):
+            if (
+                tier.lookup(key) is obj
+                and self._holder(key) is tier
+                and below[0].lookup(key) is None
+                and self._clean_copy_below(key, below) is None
+            ):
+                resident = tier.resident_tensor(obj)
+                if resident is not None:
+                    chosen.append(i)
+                    tensors.append(resident)
+        if len(chosen) < 2:
+            return staged
+        views = await self._stage(below[0], tensors)
+        for i, view in zip(chosen, views, strict=True):
+            staged[i] = view
+        return staged
+
+    async def _demote_one(
+        self,
+        tier: Tier,
+        below: list[Tier],
+        key: KeyLike,
+        obj: Any,
+        staged: torch.Tensor | None = None,
+    ) -> None:
+        """Move one victim down (``staged``: its bytes, already copied to the tier below)."""
         if tier.lookup(key) is not obj:
             return  # deleted or replaced since it was chosen
         is_copy = self._holder(key) is not tier
@@ -713,7 +831,7 @@ class TieredStore:
         # A tier whose copy is leaving too cannot take the key again: its own move settles it.
         candidates = [each for each in below if each.lookup(key) is None]
         if candidates:
-            data = await self._load_or_drop(tier, key, obj)
+            data = staged if staged is not None else await self._load_or_drop(tier, key, obj)
             if data is not None:
                 self._moving[key] += 1
                 try:

@@ -151,25 +151,44 @@ async def test_a_failed_write_leaves_no_file(
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["LOCK"]
 
 
-async def test_memory_reuses_freed_buffers_but_never_one_in_use() -> None:
+async def test_memory_reuses_freed_ranges_but_never_one_in_use() -> None:
     tier = MemoryTier("cpu", lru(4 * 1024), torch.device("cpu"))
+    assert tier.slab is not None
     await store_in(tier, "a", tensor_for("a"))
     held = await tier.load(tier.lookup("a"))  # a reader still copying out of "a"
     await tier.discard(tier.remove("a"))
     await store_in(tier, "b", tensor_for("b"))
-    assert torch.equal(held, tensor_for("a")), "a buffer in use was handed to a new entry"
+    assert torch.equal(held, tensor_for("a")), "a range in use was handed to a new entry"
+    a_start = held.data_ptr()
+    del held
+    await tier.discard(tier.remove("b"))
+    await store_in(tier, "c", tensor_for("c"))
+    assert tier.lookup("c").data_ptr() == a_start  # first fit: the range "a" left
+    assert tier.slab.allocated_bytes <= tier.slab.capacity
+
+
+@pytest.mark.cuda
+async def test_gpu_memory_reuses_freed_buffers_but_never_one_in_use() -> None:
+    tier = MemoryTier("gpu", lru(4 * 1024), torch.device("cuda"))
+    source = tensor_for("a").cuda()
+    await store_in(tier, "a", source)
+    held = await tier.load(tier.lookup("a"))
+    await tier.discard(tier.remove("a"))
+    await store_in(tier, "b", tensor_for("b").cuda())
+    assert torch.equal(held.cpu(), tensor_for("a")), "a buffer in use was handed to a new entry"
     del held
     await tier.discard(tier.remove("b"))
     storage_of_b_pool = {t.untyped_storage().data_ptr() for q in tier._pool.values() for t in q}
-    await store_in(tier, "c", tensor_for("c"))
+    await store_in(tier, "c", tensor_for("c").cuda())
     assert tier.lookup("c").untyped_storage().data_ptr() in storage_of_b_pool
     assert tier.resident_bytes + tier._pool_bytes <= tier.budget
 
 
-async def test_memory_pool_never_holds_more_than_the_budget_allows() -> None:
+async def test_memory_slab_never_holds_more_than_the_budget_and_one_piece() -> None:
     tier = MemoryTier("cpu", lru(4 * 1024), torch.device("cpu"))
+    assert tier.slab is not None
     for i in range(20):
         numel = 64 * (1 + i % 5)
         await store_in(tier, f"k{i}", tensor_for(f"k{i}", numel=numel))
-        assert tier.resident_bytes + tier._pool_bytes <= tier.budget
+        assert tier.slab.allocated_bytes <= 2 * tier.budget
     assert tier.audit(quiescent=True) == []

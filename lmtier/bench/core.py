@@ -49,6 +49,7 @@ class BenchOptions:
     peers: bool = False  # rows beside LMCache 0.5.6's local backends (lmtier.bench.peers)
     redis_url: str | None = None  # redis rows on this server (default: a local one, if installed)
     vllm: bool = False  # the vLLM secondary tier's rows (lmtier.bench.vllm; needs vLLM)
+    gpu_only: bool = False  # only the GPU rows (lmtier.bench.gpu; needs CUDA)
 
     @property
     def repeats(self) -> int:

@@ -16,7 +16,7 @@ from lmtier.bench.cpu import checksum_rows, cpu_put_get, hit_latency, ops_per_se
 from lmtier.bench.disk import demotion_throughput, disk_rows, restart_row, small_disk_writes
 from lmtier.bench.redis import remote_bench_rows
 
-__all__ = ["QUICK_RESTART_ENTRIES", "run_table", "settle"]
+__all__ = ["QUICK_RESTART_ENTRIES", "gpu_section", "run_table", "settle"]
 
 QUICK_RESTART_ENTRIES = 2_000
 
@@ -26,6 +26,17 @@ def settle() -> None:
     pages written back by the kernel now rather than during the next section's timings."""
     gc.collect()
     os.sync()
+
+
+def gpu_section(repeats: int, add: Callable[[list[Row]], None]) -> None:
+    """The GPU rows: the GPU tier's, then the batched path's at 2 and 32 MiB, single chunks
+    and batches of 64."""
+    from lmtier.bench.gpu import gpu_batch_rows, gpu_rows
+
+    add(asyncio.run(gpu_rows(2 * MiB, repeats * 4)))
+    for chunk in (2 * MiB, 32 * MiB):
+        for count in (1, 64):
+            add(asyncio.run(gpu_batch_rows(chunk, count, repeats * 4 if count == 1 else repeats)))
 
 
 def run_table(options: BenchOptions, on_row: Callable[[Row], None] | None = None) -> list[Row]:
@@ -39,6 +50,12 @@ def run_table(options: BenchOptions, on_row: Callable[[Row], None] | None = None
         settle()
 
     repeats = options.repeats
+    if options.gpu_only:
+        if torch.cuda.is_available():
+            gpu_section(repeats, add)
+        else:
+            add(Row("gpu rows", None, detail="no CUDA device on this machine"))
+        return rows
     for nbytes in (2 * MiB, 16 * MiB):
         add(asyncio.run(cpu_put_get(nbytes, repeats)))
     add(asyncio.run(hit_latency(repeats, 500 if options.quick else 2000)))
@@ -64,9 +81,7 @@ def run_table(options: BenchOptions, on_row: Callable[[Row], None] | None = None
 
             add(vllm_tier_rows(folder, repeats=repeats))
     if torch.cuda.is_available():
-        from lmtier.bench.gpu import gpu_rows
-
-        add(asyncio.run(gpu_rows(2 * MiB, repeats * 4)))
+        gpu_section(repeats, add)
     # A round trip takes ~1.5 ms: eight times the samples cost a few seconds and steady the
     # medians, which a shared machine's noise moved by several hundredths at 9 samples.
     add(remote_bench_rows(options.redis_url, repeats * 8))

@@ -106,6 +106,20 @@ class Tier(abc.ABC):
         data = await self.load(obj)
         return None if data is None else await copy_into(out, data)
 
+    async def stage(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Copy a batch into this tier's memory ahead of its placements, as one batch where the
+        backend can (a CPU memory tier: one gather and one copy from a GPU).
+
+        Each result is a tensor holding one input's bytes, or None where nothing was staged.
+        A staged tensor that a later ``write`` of this tier receives is adopted as is, without
+        a copy; one that lands elsewhere is just the data, and ``release_staged`` frees it.
+        The default stages nothing.
+        """
+        return [None] * len(tensors)
+
+    def release_staged(self, tensor: torch.Tensor) -> None:
+        """Free a tensor ``stage`` returned unless a ``write`` adopted it (then: nothing)."""
+
     @abc.abstractmethod
     async def discard(self, obj: Any) -> None:
         """Release the storage behind an object that ``remove`` took out of the tier."""

@@ -1,10 +1,15 @@
-"""A tier in device memory: ``cuda``/``cuda:N`` (the GPU tier) or ``cpu`` (pinned, the CPU tier)."""
+"""A tier in device memory: ``cuda``/``cuda:N`` (the GPU tier) or ``cpu`` (pinned, the CPU tier).
+
+A CPU tier keeps its entries in a ``HostSlab`` (pieces touched and pinned once, carved into
+ranges); a GPU tier reuses the memory of removed entries through a pool of buffers by size.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -12,7 +17,9 @@ import torch
 from lmtier.evictor import BaseEvictor
 from lmtier.keys import KeyLike
 from lmtier.tiers.base import Tier
+from lmtier.tiers.batch_copies import plan_to_host, run_steps
 from lmtier.tiers.copies import copy_async
+from lmtier.tiers.host_slab import PIECE_BYTES, HostSlab
 
 __all__ = ["MemoryTier"]
 
@@ -25,7 +32,12 @@ class MemoryTier(Tier):
     """Entries are tensors on ``device`` that the tier owns (copied in, never the caller's)."""
 
     def __init__(
-        self, name: str, evictor: BaseEvictor, device: torch.device, pinned: bool = True
+        self,
+        name: str,
+        evictor: BaseEvictor,
+        device: torch.device,
+        pinned: bool = True,
+        piece_bytes: int = PIECE_BYTES,
     ) -> None:
         super().__init__(name, evictor)
         self.device = device
@@ -34,6 +46,13 @@ class MemoryTier(Tier):
             _say_unpinned_once()
         self._pool: dict[int, deque[torch.Tensor]] = {}
         self._pool_bytes = 0
+        #: Host memory of a CPU tier: the budget plus one piece, the room a full tier needs
+        #: to stage a batch before its placements evict anything.
+        self.slab: HostSlab | None = None
+        if device.type == "cpu":
+            headroom = min(self.budget, piece_bytes)
+            self.slab = HostSlab(self.budget + headroom, self.pinned, piece_bytes)
+        self._staged: dict[int, torch.Tensor] = {}  # by id: staged views not yet adopted
 
     @property
     def home_device(self) -> torch.device:
@@ -41,15 +60,57 @@ class MemoryTier(Tier):
 
     async def reserve(self, size: int, timeout: float) -> None:
         await super().reserve(size, timeout)
-        self._trim_pool(keep=size)
+        if self.slab is None:
+            self._trim_pool(keep=size)
 
     async def _write(self, key: KeyLike, tensor: torch.Tensor) -> torch.Tensor:
-        # Allocated here, on the event loop: the pool is only ever touched from the loop.
+        if self._staged.pop(id(tensor), None) is tensor:
+            return tensor  # staged here by ``stage``: already a copy the tier owns
+        # Allocated here, on the event loop: the slab and pool are only touched from the loop.
         stored = self._allocate(tensor)
         await copy_async(stored, tensor.detach())
         return stored
 
+    async def stage(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Copies of ``tensors`` in the slab, made as one batch: one run of consecutive ranges
+        where one is free (one gather and one copy from a GPU), else a range each where free
+        (None for the others).  A CPU tier only; ``Tier.stage`` says the rest."""
+        if self.slab is None or not tensors:
+            return [None] * len(tensors)
+        slab = self.slab
+        run = slab.allocate_run([t.nbytes for t in tensors])
+        flats: list[torch.Tensor | None] = (
+            list(run)
+            if run is not None
+            else [slab.allocate(t.nbytes, standalone=False) for t in tensors]
+        )
+        del run
+        views: list[torch.Tensor | None] = [
+            None if f is None else slab.as_entry(f, t) for f, t in zip(flats, tensors, strict=True)
+        ]
+        del flats
+        pairs = [(v, t.detach()) for v, t in zip(views, tensors, strict=True) if v is not None]
+        try:
+            await run_steps(plan_to_host([v for v, _ in pairs], [t for _, t in pairs]))
+        except BaseException:
+            for view, _ in pairs:
+                slab.free(view)
+            raise
+        for each in views:
+            if each is not None:
+                self._staged[id(each)] = each
+        return views
+
+    def release_staged(self, tensor: torch.Tensor) -> None:
+        if self._staged.pop(id(tensor), None) is tensor:
+            assert self.slab is not None
+            self.slab.free(tensor)
+
     def _allocate(self, like: torch.Tensor) -> torch.Tensor:
+        if self.slab is not None:
+            flat = self.slab.allocate(like.nbytes)
+            assert flat is not None
+            return self.slab.as_entry(flat, like)
         buffer = self._take_buffer(like.nbytes)
         if buffer is not None:
             if buffer.dtype == like.dtype and buffer.shape == like.shape:
@@ -67,8 +128,12 @@ class MemoryTier(Tier):
         return obj
 
     async def discard(self, obj: Any) -> None:
-        """Keep the tensor's memory for a later write of the same size (see ``_take_buffer``)."""
+        """Give the tensor's memory back to the slab, or keep it for a later write of the same
+        size (see ``_take_buffer``)."""
         assert isinstance(obj, torch.Tensor)
+        if self.slab is not None:
+            self.slab.free(obj)
+            return
         nbytes = obj.nbytes
         self._pool.setdefault(nbytes, deque()).append(obj)
         self._pool_bytes += nbytes
@@ -77,6 +142,9 @@ class MemoryTier(Tier):
     async def close(self) -> None:
         self._pool.clear()
         self._pool_bytes = 0
+        self._staged.clear()
+        if self.slab is not None:
+            self.slab.close()
 
     # ------------------------------------------------------------------ buffer pool
     # Fresh memory costs a page fault per page (a fresh 16 MiB copy runs at a fifth of the
