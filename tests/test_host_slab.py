@@ -1,4 +1,4 @@
-"""The host slab: pieces allocated lazily, first-fit ranges, runs, coalescing and fallbacks."""
+"""The host slab: pieces allocated lazily, best-fit ranges, runs, coalescing and fallbacks."""
 
 from __future__ import annotations
 
@@ -101,3 +101,43 @@ def test_entry_views_keep_dtype_and_shape() -> None:
     view.copy_(like)
     assert view.dtype == like.dtype and view.shape == like.shape and torch.equal(view, like)
     assert slab.owns(view)
+
+
+def test_best_fit_takes_the_smallest_hole_and_the_index_follows_every_merge() -> None:
+    slab = HostSlab(4096, pinned=False)
+    views = [slab.allocate(n) for n in (512, 256, 512, 128, 512, 1024)]
+    assert all(v is not None for v in views)
+    for i in (1, 3):  # holes of 256 and 128 bytes between the 512-byte entries
+        slab.free(views[i])
+    holes = {(views[1].data_ptr(), 256), (views[3].data_ptr(), 128)}  # type: ignore[union-attr]
+    del views[3], views[1]
+    small = slab.allocate(100, standalone=False)  # the 128-byte hole, not the first one
+    assert small is not None and (small.data_ptr(), 128) in holes
+    mid = slab.allocate(200, standalone=False)
+    assert mid is not None and (mid.data_ptr(), 256) in holes
+    for view in views:
+        slab.free(view)
+    slab.free(small)
+    slab.free(mid)
+    del views, view, small, mid
+    slab.reclaim()
+    assert slab.free_ranges() == [(0, 4096)]
+    assert slab._by_length == [(4096, 0, 0)], "merged ranges leave the index"
+
+
+def test_churn_of_mixed_sizes_keeps_the_index_equal_to_the_free_ranges() -> None:
+    generator = torch.Generator().manual_seed(5)
+    slab = HostSlab(1 << 16, pinned=False)
+    live: list[torch.Tensor] = []
+    for _ in range(2000):
+        if live and torch.rand((), generator=generator) < 0.45:
+            slab.free(live.pop(int(torch.randint(len(live), (), generator=generator))))
+        else:
+            got = slab.allocate(int(torch.randint(1, 2048, (), generator=generator)), False)
+            if got is not None:
+                live.append(got)
+        slab.reclaim()
+        indexed = sorted((start, start + length) for length, _, start in slab._by_length)
+        assert indexed == slab.free_ranges()
+    in_use = sum(aligned(v.numel()) for v in live)
+    assert slab.free_bytes + in_use == slab.allocated_bytes

@@ -1,4 +1,4 @@
-"""Host memory for a CPU tier: pieces allocated once, carved by a first-fit range allocator."""
+"""Host memory for a CPU tier: pieces allocated once, carved by a best-fit range allocator."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ class HostSlab:
     Pieces are allocated lazily, up to ``capacity`` bytes in all, and kept until ``close``:
     their pages are touched and pinned once, not on every write (fresh memory costs a page
     fault per page, pinned memory is slow to allocate).  Free ranges are kept per piece,
-    sorted, and coalesced with their neighbours as they are freed; ``allocate`` is first fit.
+    sorted, and coalesced with their neighbours as they are freed.  ``allocate`` is best fit,
+    by bisection in an index of the free ranges by length: first fit would scan past every
+    hole too small, and chunks of mixed sizes (a prompt's partial last chunk) leave many.
     ``allocate_run`` hands out the ranges of a batch as one contiguous run (consecutive
     views), so that a batch moves with one copy.
 
@@ -52,6 +54,7 @@ class HostSlab:
         self.piece_bytes = max(ALIGN, min(aligned(piece_bytes), aligned(max(capacity, 1))))
         self._pieces: list[torch.Tensor] = []
         self._free: list[list[tuple[int, int]]] = []  # per piece: sorted (start, end)
+        self._by_length: list[tuple[int, int, int]] = []  # sorted (length, piece, start)
         self._ranges: dict[int, _Range] = {}  # data_ptr of a handed-out view -> its range
         self._held: list[torch.Tensor] = []  # freed, reused once nobody refers to them
         self._held_ptrs: set[int] = set()
@@ -95,6 +98,7 @@ class HostSlab:
     def close(self) -> None:
         self._pieces.clear()
         self._free.clear()
+        self._by_length.clear()
         self._ranges.clear()
         self._held.clear()
         self._held_ptrs.clear()
@@ -136,35 +140,40 @@ class HostSlab:
 
     # ------------------------------------------------------------------ internals
     def _find(self, need: int) -> _Range | None:
-        """First fit of ``need`` aligned bytes in the free ranges (the held-back ones nobody
+        """Best fit of ``need`` aligned bytes in the free ranges (the held-back ones nobody
         uses now returned to them first, so freed neighbours coalesce), else in a new piece
         while the capacity allows one."""
         if self._held:
             self.reclaim()
-        found = self._first_fit(need)
+        found = self._best_fit(need)
         if found is None and need <= self.piece_bytes:
             size = min(self.piece_bytes, self.capacity - self.allocated_bytes)
             if size >= need:
                 self._add_piece(size)
-                found = self._first_fit(need)
+                found = self._best_fit(need)
         return found
 
-    def _first_fit(self, need: int) -> _Range | None:
-        for index, ranges in enumerate(self._free):
-            for slot, (start, end) in enumerate(ranges):
-                if end - start >= need:
-                    if end - start == need:
-                        del ranges[slot]
-                    else:
-                        ranges[slot] = (start + need, end)
-                    return _Range(index, start, need)
-        return None
+    def _best_fit(self, need: int) -> _Range | None:
+        """The smallest free range of at least ``need`` bytes, its first ``need`` taken."""
+        slot = bisect.bisect_left(self._by_length, (need, -1, -1))
+        if slot == len(self._by_length):
+            return None
+        length, piece, start = self._by_length.pop(slot)
+        ranges = self._free[piece]
+        at = bisect.bisect_left(ranges, (start, start + length))
+        if length == need:
+            del ranges[at]
+        else:
+            ranges[at] = (start + need, start + length)
+            bisect.insort(self._by_length, (length - need, piece, start + need))
+        return _Range(piece, start, need)
 
     def _add_piece(self, size: int) -> None:
         piece = torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
         piece.fill_(0)  # touched once, here, so no write into it pays the page faults later
         self._pieces.append(piece)
         self._free.append([(0, size)])
+        bisect.insort(self._by_length, (size, len(self._pieces) - 1, 0))
 
     def _carve(self, found: _Range, sizes: Sequence[int]) -> list[torch.Tensor]:
         piece = self._pieces[found.piece]
@@ -182,8 +191,16 @@ class HostSlab:
         start, end = done.start, done.start + done.length
         slot = bisect.bisect_left(ranges, (start, end))
         if slot < len(ranges) and ranges[slot][0] == end:  # merge the next neighbour
-            end = ranges.pop(slot)[1]
+            end = self._unindex(done.piece, ranges.pop(slot))
         if slot and ranges[slot - 1][1] == start:  # and the previous one
             slot -= 1
             start = ranges.pop(slot)[0]
+            self._unindex(done.piece, (start, done.start))
         ranges.insert(slot, (start, end))
+        bisect.insort(self._by_length, (end - start, done.piece, start))
+
+    def _unindex(self, piece: int, free: tuple[int, int]) -> int:
+        """Drop a free range from the index by length; its end."""
+        start, end = free
+        del self._by_length[bisect.bisect_left(self._by_length, (end - start, piece, start))]
+        return end
