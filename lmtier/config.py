@@ -45,7 +45,15 @@ _KINDS = ("disk", "memory", "redis")
 _REDIS_SCHEMES = ("redis", "rediss")
 _DURABILITIES = ("fsync", "none")
 _SIZE_UNITS = {"max_size_gb": GB, "max_size_mb": MB}
-_TOP_KEYS = ("clean_copies", "metrics", "namespace", "promote_on_hit", "room_timeout_s", "tiers")
+_TOP_KEYS = (
+    "clean_copies",
+    "metrics",
+    "namespace",
+    "promote_on_hit",
+    "room_timeout_s",
+    "tiers",
+    "write_ahead",
+)
 _METRICS_KEYS = ("host", "port")
 _REDIS_KEYS = (
     "cluster",
@@ -157,6 +165,9 @@ class StoreConfig:
     # A promotion leaves the lower entry as a clean copy, so demoting it again writes nothing;
     # false keeps tiers exclusive (a key in one tier: more distinct keys, a write per re-demotion).
     clean_copies: bool = True
+    # A memory tier nearly full copies its next victims to the tier below in the background,
+    # as clean copies, so that the puts that evict them write nothing then (needs clean_copies).
+    write_ahead: bool = False
     room_timeout_s: float = 30.0  # how long a put waits for in-flight demotions to free room
     # What makes cached KV incompatible beyond the key (dtype, KV layout, weights revision):
     # persistent tiers keep each namespace apart, so one never reads another's entries.
@@ -381,10 +392,18 @@ def parse_config(data: object, source: str = "<config>") -> StoreConfig:
     room_timeout_s = _number(data, "room_timeout_s", source, 30.0)
     if not room_timeout_s > 0:  # also rejects NaN
         raise ConfigError(f"{source}: field 'room_timeout_s' must be > 0, got {room_timeout_s!r}")
+    clean_copies = _bool(data, "clean_copies", source, True)
+    write_ahead = _bool(data, "write_ahead", source, False)
+    if write_ahead and not clean_copies:
+        raise ConfigError(
+            f"{source}: field 'write_ahead' needs 'clean_copies': what is written ahead is a "
+            "clean copy"
+        )
     return StoreConfig(
         tiers=tiers,
         promote_on_hit=_bool(data, "promote_on_hit", source, True),
-        clean_copies=_bool(data, "clean_copies", source, True),
+        clean_copies=clean_copies,
+        write_ahead=write_ahead,
         room_timeout_s=float(room_timeout_s),
         namespace=_str(data, "namespace", source, ""),
         metrics=_parse_metrics(data.get("metrics"), source),

@@ -20,6 +20,7 @@ class TierCounters:
     demotions_out: int = 0  # victims moved down, unwritten ones included
     unwritten_demotions: int = 0  # victims whose clean copy below took over: nothing written
     copies_evicted: int = 0  # victims that were clean copies of a key held higher: dropped
+    written_ahead: int = 0  # clean copies written into the tier ahead of their key's eviction
     promotions_in: int = 0
     promotions_out: int = 0
     drops: int = 0  # victims no lower tier took

@@ -42,6 +42,12 @@ T = TypeVar("T")
 
 # A get whose entry moved or was replaced while it read looks again, at most this often.
 _MAX_LOOKUPS = 4
+# Moves that leave their source in place: the copy is clean (see the class docstring).
+_KEEPS_SOURCE = ("promotions_in", "written_ahead")
+#: With ``write_ahead``, a commit into a memory tier copies down the entries that this many
+#: more puts of its size would evict, at most ``MAX_WRITES_AHEAD`` copies at a time.
+WRITE_AHEAD_PUTS = 4
+MAX_WRITES_AHEAD = 8
 
 
 class _Outcome(enum.Enum):
@@ -81,7 +87,10 @@ class TieredStore:
       any tiers below its authoritative one, and only there;
     * a put or delete of the key removes every copy, so a copy is never older than the value;
     * demoting an entry that has a clean copy below writes nothing: the copy takes over.  A
-      clean copy chosen as a victim is dropped without a move (the key stays above).
+      clean copy chosen as a victim is dropped without a move (the key stays above);
+    * with ``write_ahead``, a memory tier that a commit leaves nearly full copies its next
+      victims to the tier below as clean copies, in the background; a victim whose copy is
+      on its way waits for it, then hands over.
     """
 
     def __init__(
@@ -119,6 +128,9 @@ class TieredStore:
         # Keys with a demotion or promotion in flight: a shared tier's value of such a key may
         # be a move's write that a delete or put has made stale, so it is never adopted.
         self._moving: Counter[KeyLike] = Counter()
+        # Keys being copied down ahead of their eviction (``write_ahead``): what their
+        # demotion waits for, so that it hands over to the copy instead of writing again.
+        self._writing_ahead: dict[KeyLike, asyncio.Future[None]] = {}
         self._deletes = 0  # deletes so far: a fetch that overlapped one adopts nothing
         self._tasks: set[asyncio.Task[Any]] = set()
         self._active = 0
@@ -685,11 +697,13 @@ class TieredStore:
             if source is None:
                 replaced = self._remove_everywhere(key)
                 self._newest_put[key] = ticket
-            elif arrival != "promotions_in" or not self.config.clean_copies:
+            elif arrival not in _KEEPS_SOURCE or not self.config.clean_copies:
                 source[0].remove(key)
                 replaced = [source]
             tier.commit(key, obj, size)
             tier.counters.count(arrival)
+            if self.config.write_ahead:
+                self._write_ahead(tier, size)
             for old_tier, old_obj in replaced:  # (a promotion's source stays: a clean copy)
                 await old_tier.discard(old_obj)
             await tier.make_durable(obj)
@@ -792,6 +806,7 @@ class TieredStore:
                 and self._holder(key) is tier
                 and below[0].lookup(key) is None
                 and self._clean_copy_below(key, below) is None
+                and key not in self._writing_ahead
             ):
                 resident = tier.resident_tensor(obj)
                 if resident is not None:
@@ -804,6 +819,52 @@ class TieredStore:
             staged[i] = view
         return staged
 
+    def _write_ahead(self, tier: Tier, size: int) -> None:
+        """Start copying down, as clean copies, the entries that the next puts of ``size``
+        bytes into ``tier`` would evict: their demotions then hand over and write nothing,
+        while a put waits only for what is not copied yet.  Memory tiers whose evictor can
+        name its next victims (``BaseEvictor.next_victims``) only."""
+        index = self.tiers.index(tier)
+        if index + 1 == len(self.tiers):
+            return
+        into, below = self.tiers[index + 1], self.tiers[index + 1 :]
+        for key in tier.evictor.next_victims(tier.cache_dict, WRITE_AHEAD_PUTS * size):
+            if len(self._writing_ahead) >= MAX_WRITES_AHEAD:
+                return
+            obj = tier.lookup(key)
+            data = tier.resident_tensor(obj)
+            if (
+                data is None
+                or key in self._writing_ahead
+                or key in self._moving
+                or tier.is_leaving(key)
+                or self._holder(key) is not tier
+                or any(each.lookup(key) is not None for each in below)
+            ):
+                continue
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._writing_ahead[key] = done
+            self._background_nowait(self._copy_ahead(tier, into, key, obj, data, done))
+
+    async def _copy_ahead(
+        self,
+        tier: Tier,
+        into: Tier,
+        key: KeyLike,
+        obj: Any,
+        data: torch.Tensor,
+        done: asyncio.Future[None],
+    ) -> None:
+        """Copy ``key``'s entry from ``tier`` into ``into`` and keep it above: a clean copy,
+        committed only while the entry above is still the key's authoritative one."""
+        self._moving[key] += 1
+        try:
+            await self._place(key, data, [into], (tier, obj), "written_ahead", wait=False)
+        finally:
+            self._unmoving(key)
+            del self._writing_ahead[key]
+            done.set_result(None)
+
     async def _demote_one(
         self,
         tier: Tier,
@@ -813,6 +874,9 @@ class TieredStore:
         staged: torch.Tensor | None = None,
     ) -> None:
         """Move one victim down (``staged``: its bytes, already copied to the tier below)."""
+        copying = self._writing_ahead.get(key)
+        if copying is not None:
+            await copying  # its copy below takes over once committed: no second write
         if tier.lookup(key) is not obj:
             return  # deleted or replaced since it was chosen
         is_copy = self._holder(key) is not tier

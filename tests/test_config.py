@@ -311,6 +311,12 @@ INVALID: list[tuple[str, object, str]] = [
     ("duplicate names", _tier(1, name="CPU"), r"tiers\[1\].*name.*duplicates"),
     ("promote_on_hit not bool", {**_base(), "promote_on_hit": "yes"}, "promote_on_hit"),
     ("clean_copies not bool", {**_base(), "clean_copies": 1}, "clean_copies"),
+    ("write_ahead not bool", {**_base(), "write_ahead": "yes"}, "write_ahead"),
+    (
+        "write_ahead without clean copies",
+        {**_base(), "write_ahead": True, "clean_copies": False},
+        "needs 'clean_copies'",
+    ),
     ("room timeout zero", {**_base(), "room_timeout_s": 0}, "room_timeout_s"),
     ("room timeout negative", {**_base(), "room_timeout_s": -1.5}, "room_timeout_s"),
     ("room timeout nan", {**_base(), "room_timeout_s": float("nan")}, "room_timeout_s"),
@@ -359,7 +365,7 @@ def test_an_unknown_variable_names_every_top_level_field() -> None:
     from lmtier.config import config_from_mapping
 
     data = {"tiers": [{"name": "cpu", "kind": "memory", "max_size_gb": 0.001}]}
-    fields = "clean_copies, metrics, namespace, promote_on_hit, room_timeout_s"
+    fields = "clean_copies, metrics, namespace, promote_on_hit, room_timeout_s, write_ahead"
     with pytest.raises(ConfigError, match=fields):
         config_from_mapping(data, environ={"LMTIER_NOPE": "1"})
 

@@ -260,7 +260,7 @@ async def test_stats_has_every_counter_per_tier(tmp_path: Path) -> None:
         "demotions_in", "demotions_out", "promotions_in", "promotions_out", "drops", "corrupt",
         "errors", "room_timeouts", "admission_rejects", "bytes_in", "bytes_out", "unavailable",
         "fetched", "pinned_entries", "pinned_bytes", "moving_out", "unwritten_demotions",
-        "copies_evicted", "clean_copies",
+        "copies_evicted", "clean_copies", "written_ahead",
     }  # fmt: skip
     assert list(tiers) == ["gpu", "cpu", "disk"]
     assert all(set(t) == expected for t in tiers.values())

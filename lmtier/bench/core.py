@@ -86,8 +86,8 @@ def touched(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def make_store(*tiers: TierConfig) -> TieredStore:
-    return TieredStore(StoreConfig(tiers))
+def make_store(*tiers: TierConfig, write_ahead: bool = False) -> TieredStore:
+    return TieredStore(StoreConfig(tiers, write_ahead=write_ahead))
 
 
 # ---------------------------------------------------------------------- rows

@@ -67,7 +67,8 @@ def run_table(options: BenchOptions, on_row: Callable[[Row], None] | None = None
         for nbytes in (2 * MiB, 16 * MiB):
             add(disk_rows(nbytes, repeats, folder, options.fsync))
         add(asyncio.run(small_disk_writes(folder, 16 * KiB, 64, repeats)))
-        add(asyncio.run(demotion_throughput(folder, 2 * MiB, 16, repeats)))
+        for write_ahead in (False, True):
+            add(asyncio.run(demotion_throughput(folder, 2 * MiB, 16, repeats, write_ahead)))
         add(
             restart_row(folder, QUICK_RESTART_ENTRIES if options.quick else options.restart_entries)
         )

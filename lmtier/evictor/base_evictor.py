@@ -129,6 +129,16 @@ class BaseEvictor(metaclass=abc.ABCMeta):
         self._charged -= cache_size
         self._forget(key, cache_size)
 
+    def next_victims(self, cache_dict: OrderedDict[Any, Any], cache_size: int) -> list[KeyLike]:
+        """The keys ``update_on_put`` would choose now to fit ``cache_size`` more bytes, in the
+        order it would take them, without changing any state (the store copies them to the
+        next tier ahead of their eviction: ``write_ahead``).
+
+        The default answers ``[]``: a policy whose choice changes its own state (a clock's
+        second chances, a ghost list) cannot tell without choosing.
+        """
+        return []
+
     def pin(self, key: KeyLike) -> None:
         """Make ``key`` unevictable until a matching ``unpin``; pins are counted."""
         self._pins[key] = self._pins.get(key, 0) + 1
@@ -163,12 +173,26 @@ class BaseEvictor(metaclass=abc.ABCMeta):
         entry charged, or ILLEGAL (and no state change) when the entry cannot fit.
         """
         check_size(cache_size)
-        capacity = self._capacity
-        if capacity is None:
+        if self._capacity is None:
             self._charge(cache_size)
             return [], PutStatus.LEGAL
-        if cache_size > capacity:
+        chosen = self._victims_among(candidates, cache_size)
+        if chosen is None:
             return [], PutStatus.ILLEGAL
+        victims, freed = chosen
+        self._charged += cache_size - freed
+        return victims, PutStatus.LEGAL
+
+    def _victims_among(
+        self, candidates: Iterable[tuple[KeyLike, Any]], cache_size: int
+    ) -> tuple[list[KeyLike], int] | None:
+        """The unpinned candidates, in order, whose bytes make ``cache_size`` more fit, and
+        those bytes; None when they cannot.  Changes nothing."""
+        capacity = self._capacity
+        if capacity is None:
+            return [], 0
+        if cache_size > capacity:
+            return None
         need = self._charged + cache_size - capacity
         victims: list[KeyLike] = []
         freed = 0
@@ -181,9 +205,8 @@ class BaseEvictor(metaclass=abc.ABCMeta):
                 if freed >= need:
                     break
             else:
-                return [], PutStatus.ILLEGAL
-        self._charged += cache_size - freed
-        return victims, PutStatus.LEGAL
+                return None
+        return victims, freed
 
 
 class DummyEvictor(BaseEvictor):

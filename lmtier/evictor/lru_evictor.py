@@ -54,3 +54,8 @@ class LRUEvictor(BaseEvictor):
     ) -> tuple[list[KeyLike], PutStatus]:
         """Victims least recent first, skipping pinned keys, until ``cache_size`` fits."""
         return self._pick_victims(cache_dict.items(), cache_size)
+
+    def next_victims(self, cache_dict: OrderedDict[Any, Any], cache_size: int) -> list[KeyLike]:
+        """``update_on_put``'s victims for ``cache_size`` bytes, chosen without charging."""
+        chosen = self._victims_among(cache_dict.items(), cache_size)
+        return [] if chosen is None else chosen[0]

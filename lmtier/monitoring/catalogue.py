@@ -65,6 +65,11 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     _counter(
         "copies_evicted", "copies_evicted", "Clean copies evicted while a higher tier held the key."
     ),
+    _counter(
+        "written_ahead",
+        "written_ahead",
+        "Clean copies written into the tier ahead of their key's eviction above (write_ahead).",
+    ),
     _counter("promotions_in", "promotions_in", "Entries promoted into the tier on a lower hit."),
     _counter("promotions_out", "promotions_out", "Entries promoted from the tier to one above."),
     _counter("drops", "drops", "Victims no lower tier took: lost from the store."),
