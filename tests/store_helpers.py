@@ -8,11 +8,15 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from lmtier import serde
 from lmtier.config import StoreConfig, TierConfig
 from lmtier.keys import KeyLike
 from lmtier.store import TieredStore
+from lmtier.tiers import copies
 
 KIB = 1024
 
@@ -77,3 +81,16 @@ def kill_midway(target: Callable[..., None], args: tuple[object, ...], delay: fl
     os.kill(child.pid, signal.SIGKILL)
     child.join(10)
     assert child.exitcode == -signal.SIGKILL
+
+
+def count_waits(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The side-stream events the loop awaits (one per batch), recorded as they are awaited."""
+    waits: list[object] = []
+    real_wait = copies._wait_for
+
+    async def counting(done: Any) -> None:
+        waits.append(done)
+        await real_wait(done)
+
+    monkeypatch.setattr(copies, "_wait_for", counting)
+    return waits

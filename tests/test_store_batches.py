@@ -17,7 +17,7 @@ from lmtier.store import TieredStore
 from lmtier.tiers import copies
 
 from conftest import tensor_for
-from store_helpers import KIB
+from store_helpers import KIB, count_waits
 
 
 @contextmanager
@@ -182,14 +182,7 @@ async def test_copy_pairs_copies_small_host_pairs_inline(monkeypatch: pytest.Mon
 
 @pytest.mark.cuda
 async def test_a_batch_to_the_gpu_is_one_side_stream_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    waits: list[object] = []
-    real_wait = copies._wait_for
-
-    async def counting(done: Any) -> None:
-        waits.append(done)
-        await real_wait(done)
-
-    monkeypatch.setattr(copies, "_wait_for", counting)
+    waits = count_waits(monkeypatch)
     items = large_entries(8)
     config = StoreConfig(tiers=(TierConfig("cpu", "memory", 16 << 20, pinned=True),))
     async with TieredStore(config) as store:

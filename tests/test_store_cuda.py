@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from lmtier import PutStatus, StoreConfig, TierConfig, TieredStore
-from lmtier.tiers import MemoryTier, batch_copies, copies
+from lmtier.tiers import MemoryTier, batch_copies
 from lmtier.tiers.batch_copies import find_runs
 
 from conftest import tensor_for
+from store_helpers import count_waits
 
 pytestmark = pytest.mark.cuda
 KIB = 1024
@@ -78,19 +78,6 @@ async def test_copies_wait_for_work_queued_on_the_engines_stream(tmp_path: Path)
 
 
 # ---------------------------------------------------------------------- batched GPU path
-def count_waits(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """The side-stream events the loop awaits (one per batch), recorded as they are awaited."""
-    waits: list[object] = []
-    real_wait = copies._wait_for
-
-    async def counting(done: Any) -> None:
-        waits.append(done)
-        await real_wait(done)
-
-    monkeypatch.setattr(copies, "_wait_for", counting)
-    return waits
-
-
 def step_delta(before: Counter[str]) -> Counter[str]:
     delta = Counter(batch_copies.step_counts)
     delta.subtract(before)

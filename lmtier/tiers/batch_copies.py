@@ -127,6 +127,18 @@ def _batchable(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 # ---------------------------------------------------------------------- plans
+def _one_batch(
+    dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], device_side: Sequence[torch.Tensor]
+) -> bool:
+    """Whether a run of pairs can move as one batch: more than one pair, the device side's
+    tensors contiguous on one device, and each pair of the same size."""
+    return (
+        len(dsts) > 1
+        and _batchable(device_side)
+        and all(x.nbytes == y.nbytes for x, y in zip(dsts, srcs, strict=True))
+    )
+
+
 def plan_to_host(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> list[Step]:
     """Copies of ``srcs`` (the device side) into ``dsts`` (the host side): for each gap-free
     run of ``dsts``, a gather of its sources into one staging buffer on their device (none
@@ -135,11 +147,7 @@ def plan_to_host(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> 
     for run in find_runs(dsts):
         d = [dsts[i] for i in run]
         s = [srcs[i] for i in run]
-        if (
-            len(run) == 1
-            or not _batchable(s)
-            or any(x.nbytes != y.nbytes for x, y in zip(d, s, strict=True))
-        ):
+        if not _one_batch(d, s, device_side=s):
             steps.extend(Step("copy", dsts[i], srcs[i]) for i in run)
             continue
         target = span(d)
@@ -161,11 +169,7 @@ def plan_to_device(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -
     for run in find_runs(srcs, ALIGN - 1):
         d = [dsts[i] for i in run]
         s = [srcs[i] for i in run]
-        if (
-            len(run) == 1
-            or not _batchable(d)
-            or any(x.nbytes != y.nbytes for x, y in zip(d, s, strict=True))
-        ):
+        if not _one_batch(d, s, device_side=d):
             steps.extend(Step("copy", dsts[i], srcs[i]) for i in run)
             continue
         source = span(s)
