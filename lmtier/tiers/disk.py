@@ -301,12 +301,7 @@ class DiskTier(Tier):
         try:
             with open(meta.path, "rb", buffering=0, opener=open_regular) as f:
                 header, start = read_header(f)
-                if (header.nbytes, header.dtype, header.shape, header.checksum) != (
-                    meta.size,
-                    meta.dtype,
-                    meta.shape,
-                    meta.checksum,
-                ):
+                if not _matches(header, meta):
                     raise CorruptEntryError(f"{meta.path}: header does not match the index")
                 return tensor_from(header, start, f, meta.path, out)
         except FileNotFoundError:
@@ -360,12 +355,7 @@ class DiskTier(Tier):
             os.close(fd)
         try:
             header = serde.decode_header(bytes(head))
-            if (header.nbytes, header.dtype, header.shape, header.checksum) != (
-                meta.size,
-                meta.dtype,
-                meta.shape,
-                meta.checksum,
-            ):
+            if not _matches(header, meta):
                 return None
             serde.check_checksum(header, serde.payload_digest(payload), meta.path)
         except CorruptEntryError:
@@ -383,6 +373,16 @@ class DiskTier(Tier):
         except OSError as exc:  # the entry is gone from the index either way
             self.counters.errors += 1
             log.warning("disk tier %r could not remove %s: %s", self.name, obj.path, exc)
+
+
+def _matches(header: serde.EntryHeader, meta: DiskCacheMetadata) -> bool:
+    """Whether a file's header describes the entry the index holds."""
+    return (header.nbytes, header.dtype, header.shape, header.checksum) == (
+        meta.size,
+        meta.dtype,
+        meta.shape,
+        meta.checksum,
+    )
 
 
 def _write_all(fd: int, buffers: list[bytes | memoryview]) -> None:
