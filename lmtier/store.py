@@ -823,11 +823,13 @@ class TieredStore:
         """Start copying down, as clean copies, the entries that the next puts of ``size``
         bytes into ``tier`` would evict: their demotions then hand over and write nothing,
         while a put waits only for what is not copied yet.  Memory tiers whose evictor can
-        name its next victims (``BaseEvictor.next_victims``) only."""
+        name its next victims (``BaseEvictor.next_victims``), above a tier that admits all."""
         index = self.tiers.index(tier)
         if index + 1 == len(self.tiers):
             return
         into, below = self.tiers[index + 1], self.tiers[index + 1 :]
+        if not isinstance(into.admission, AdmitAll):
+            return  # a copy's offer would count as the key's first: admission sees it once
         for key in tier.evictor.next_victims(tier.cache_dict, WRITE_AHEAD_PUTS * size):
             if len(self._writing_ahead) >= MAX_WRITES_AHEAD:
                 return

@@ -173,9 +173,9 @@ async def test_a_copy_that_fails_leaves_the_demotion_to_write(
 
     drops = DropLog()
     async with TieredStore(config(tmp_path), on_drop=drops) as store:
-        for i in range(4):
+        monkeypatch.setattr(os, "writev", full_once)  # strikes the first copy written ahead
+        for i in range(4):  # the puts into cpu write nothing to disk themselves
             await store.put(f"k{i}", tensor_for(f"k{i}"))
-        monkeypatch.setattr(os, "writev", full_once)  # strikes the copies already started
         await settle(store)
         monkeypatch.undo()
         for i in range(4, 8):
@@ -187,6 +187,19 @@ async def test_a_copy_that_fails_leaves_the_demotion_to_write(
             assert got is not None and torch.equal(got, tensor_for(f"k{i}")), i
         assert drops.keys == [] and store.audit() == []
     assert not list((tmp_path / "disk").rglob(".tmp-*"))
+
+
+async def test_nothing_is_written_ahead_into_a_tier_with_an_admission_policy(
+    tmp_path: Path, gate: Gate
+) -> None:
+    """A copy's offer would be the key's first: second_hit would admit its demotion."""
+    base = config(tmp_path)
+    disk = TierConfig("disk", "disk", 64 * KIB, path=str(tmp_path / "disk"), admission="second_hit")
+    async with TieredStore(StoreConfig((base.tiers[0], disk), write_ahead=True)) as store:
+        for i in range(8):
+            await store.put(f"k{i}", tensor_for(f"k{i}"))
+        assert store.tiers[1].counters.written_ahead == 0 and gate.written == []
+        assert store.tiers[1].counters.admission_rejects == 4  # each victim offered once
 
 
 async def test_shared_keys_stress_with_write_ahead_is_clean(tmp_path: Path) -> None:
