@@ -320,6 +320,7 @@ class TieredStore:
         target = _as_device(device)
         results: list[torch.Tensor | None] = [None] * len(keys)
         in_memory: list[tuple[int, KeyLike, Tier, Any]] = []  # copied as one batch
+        promoting: list[tuple[int, tuple[int, Tier, Any]]] = []  # of those, due for promotion
         later: list[tuple[int, Any]] = []
         async with _Operation(self):
             for i, key in enumerate(keys):
@@ -327,11 +328,16 @@ class TieredStore:
                 results[i] = self._hit_now(key, found, target)
                 if results[i] is not None:
                     continue
-                if found is not None and not self._promotes(key, found):
+                if found is not None:
                     _, tier, obj = found
-                    if tier.resident_tensor(obj) is not None:
+                    resident = tier.resident_tensor(obj)
+                    promotes = self._promotes(key, found)
+                    # Host hits bound for a GPU move as one batch, promoted or not.
+                    if resident is not None and (not promotes or self._batches(resident, target)):
                         tier.pin(key)
                         in_memory.append((i, key, tier, obj))
+                        if promotes:
+                            promoting.append((i, found))
                         continue
                 if found is not None or self._shared:
                     later.append((i, self._get(key, target, None, found)))
@@ -343,7 +349,27 @@ class TieredStore:
                 )
                 for (i, _), result in zip(later, done[1:], strict=True):
                     results[i] = result
+            await self._promote_hits(keys, promoting, results)
         return results
+
+    def _batches(self, stored: torch.Tensor, target: torch.device | None) -> bool:
+        """Whether a host hit bound for ``target`` is copied there with others as one batch."""
+        return target is not None and target.type in self._batch_to and stored.is_cpu
+
+    async def _promote_hits(
+        self,
+        keys: Sequence[KeyLike],
+        promoting: list[tuple[int, tuple[int, Tier, Any]]],
+        results: list[torch.Tensor | None],
+    ) -> None:
+        """Promote batch-copied hits from their copies, as ``_get`` promotes its hit."""
+        moves = []
+        for i, found in promoting:
+            result = results[i]
+            if result is not None and self._promotes(keys[i], found):
+                moves.append(self._background(self._promote(found[0], keys[i], found[2], result)))
+        if moves:
+            await asyncio.gather(*moves)
 
     async def _copy_hits(
         self,
@@ -360,7 +386,7 @@ class TieredStore:
             for i, _, tier, obj in hits:
                 stored = tier.resident_tensor(obj)
                 assert stored is not None
-                if target is not None and target.type in self._batch_to and stored.is_cpu:
+                if self._batches(stored, target):
                     batch.append((i, stored))
                     continue
                 out = torch.empty(

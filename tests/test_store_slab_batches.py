@@ -119,6 +119,40 @@ async def test_get_many_of_a_run_of_host_hits_is_one_copy_into_one_buffer() -> N
         assert store.stats()["tiers"]["cpu"]["pinned_entries"] == 0
 
 
+async def test_get_many_hits_due_for_promotion_move_as_one_batch_then_promote() -> None:
+    async with batching(two_memory_tiers(top=8 * KIB)) as store:
+        for i in range(12):
+            await store.put(f"k{i}", tensor_for(f"k{i}"))  # 1 KiB each: k0..k3 spill to low
+        low_keys = [f"k{i}" for i in range(4)]
+        assert [await store.contains(key) for key in low_keys] == ["low"] * 4
+        with counted_steps() as steps:
+            got = await store.get_many(low_keys, device="cpu")
+        assert steps["copy"] == 1, "the four host hits, one run of the low tier, in one copy"
+        for value, key in zip(got, low_keys, strict=True):
+            assert value is not None and torch.equal(value, tensor_for(key))
+        assert [await store.contains(key) for key in low_keys] == ["top"] * 4
+        top, low = store.tiers
+        assert low.counters.promotions_out == 4 and top.counters.promotions_in == 4
+        assert store.audit() == []
+        assert_slab_exact(top)
+        assert_slab_exact(low)
+
+
+async def test_a_batch_promotion_that_an_overwrite_made_stale_never_lands() -> None:
+    async with batching(two_memory_tiers(top=8 * KIB)) as store:
+        for i in range(12):
+            await store.put(f"k{i}", tensor_for(f"k{i}"))
+        reading = asyncio.create_task(store.get_many(["k0", "k1"], device="cpu"))
+        await asyncio.sleep(0)  # the batch is copied; its promotions wait their turn
+        await store.put("k0", tensor_for("k0", version=1))
+        got = await reading
+        assert got[0] is not None and torch.equal(got[0], tensor_for("k0"))  # read before
+        now = await store.get("k0")
+        assert now is not None and torch.equal(now, tensor_for("k0", version=1))
+        assert await store.contains("k1") == "top" and store.audit() == []
+        assert store.tiers[0].counters.promotions_in == 1, "k0's promotion went stale"
+
+
 async def test_the_victims_of_one_eviction_are_staged_as_one_batch() -> None:
     async with batching(two_memory_tiers()) as store:
         for i in range(4):
