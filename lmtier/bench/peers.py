@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,55 +112,87 @@ async def _disk_store_rows(
     """The store's public put and get(out=) on a disk-only store against LMCache's public
     submit_put_task (waited for) and get_blocking."""
     tier = TierConfig("disk", "disk", (repeats + 8) * 2 * nbytes, path=str(folder))
-    write_s: list[float] = []
-    peer_write_s: list[float] = []
     async with make_store(tier) as store:
         await store.put("warm", src)  # the first writes make folders and warm both paths
         await store.delete("warm")
-        warm_key = lmc.key()
-        _disk_put(lmc, warm_key, src)
-        lmc.disk.remove(warm_key)
-        for turn in range(repeats):
-            key, peer_key = f"k{turn}", lmc.key()
-            obj = lmc.filled(src)  # its put source: a filled MemoryObj (untimed)
-            if turn % 2:  # who writes first pays for the other's writeback: take turns
-                peer_write_s.append(timed(lambda: lmc.disk_put(peer_key, obj)))  # noqa: B023
-            write_s.append(await atimed(lambda: store.put(key, src)))  # noqa: B023
-            if not turn % 2:
-                peer_write_s.append(timed(lambda: lmc.disk_put(peer_key, obj)))  # noqa: B023
-            obj.ref_count_down()
-            # a new file per write on both sides, each removed untimed before the next pair
-            await store.delete(key)
-            lmc.disk.remove(peer_key)
+
+        async def put(turn: int) -> float:
+            return await atimed(lambda: store.put(f"k{turn}", src))
+
+        async def remove(turn: int) -> None:
+            await store.delete(f"k{turn}")
+
+        write_s, peer_write_s = await _write_pairs(put, remove, lmc, src, repeats)
         await store.put("read", src)  # one entry each to read back, warm in the page cache
-        peer_key = lmc.key()
-        _disk_put(lmc, peer_key, src)
         out = touched(torch.empty_like(src))
-        read_s: list[float] = []
-        peer_read_s: list[float] = []
-        got: list[Any] = []
-        for turn in range(repeats + 1):  # the first pair only warms
-            if turn % 2:
-                peer_read = timed(lambda: got.append(lmc.disk_get(peer_key)))
-            read = await atimed(lambda: store.get("read", out=out))
-            if not turn % 2:
-                peer_read = timed(lambda: got.append(lmc.disk_get(peer_key)))
-            if not _same_bytes(got[-1].tensor, src):
-                raise RuntimeError("LMCache LocalDiskBackend read back different bytes")
-            got.pop().ref_count_down()
-            if turn:
-                read_s.append(read)
-                peer_read_s.append(peer_read)
+
+        async def get() -> float:
+            return await atimed(lambda: store.get("read", out=out))
+
+        read_s, peer_read_s = await _read_pairs(get, lmc, src, repeats)
         if not _same_bytes(out, src):
             raise RuntimeError("lmtier's disk store read back different bytes")
         await store.delete("read")
-        lmc.disk.remove(peer_key)
     gbs = Scale.throughput(nbytes)
     (write_name, write_goal), (read_name, read_goal) = _names(nbytes)[2:4]
     return [
         Row(write_name, Side(tuple(write_s), gbs), Side(tuple(peer_write_s), gbs), write_goal),
         Row(read_name, Side(tuple(read_s), gbs), Side(tuple(peer_read_s), gbs), read_goal),
     ]
+
+
+async def _write_pairs(
+    ours: Callable[[int], Awaitable[float]],
+    remove: Callable[[int], Awaitable[None]],
+    lmc: Peer,
+    src: torch.Tensor,
+    repeats: int,
+) -> tuple[list[float], list[float]]:
+    """``repeats`` pairs of lmtier's timed write (``ours(turn)``) and LMCache's, each side
+    first in every other pair (who writes first pays for the other's writeback); a new file
+    per write on both sides, each removed untimed (``remove(turn)``) before the next pair."""
+    warm_key = lmc.key()
+    _disk_put(lmc, warm_key, src)
+    lmc.disk.remove(warm_key)
+    write_s: list[float] = []
+    peer_write_s: list[float] = []
+    for turn in range(repeats):
+        peer_key, obj = lmc.key(), lmc.filled(src)  # its put source: a filled MemoryObj
+        if turn % 2:
+            peer_write_s.append(timed(lambda: lmc.disk_put(peer_key, obj)))  # noqa: B023
+        write_s.append(await ours(turn))
+        if not turn % 2:
+            peer_write_s.append(timed(lambda: lmc.disk_put(peer_key, obj)))  # noqa: B023
+        obj.ref_count_down()
+        await remove(turn)
+        lmc.disk.remove(peer_key)
+    return write_s, peer_write_s
+
+
+async def _read_pairs(
+    ours: Callable[[], Awaitable[float]], lmc: Peer, src: torch.Tensor, repeats: int
+) -> tuple[list[float], list[float]]:
+    """``repeats`` pairs of lmtier's timed read (``ours()``) and LMCache's get_blocking of
+    ``src``, each side first in every other pair, after one pair that only warms."""
+    peer_key = lmc.key()
+    _disk_put(lmc, peer_key, src)
+    read_s: list[float] = []
+    peer_read_s: list[float] = []
+    got: list[Any] = []
+    for turn in range(repeats + 1):
+        if turn % 2:
+            peer_read = timed(lambda: got.append(lmc.disk_get(peer_key)))
+        read = await ours()
+        if not turn % 2:
+            peer_read = timed(lambda: got.append(lmc.disk_get(peer_key)))
+        if not _same_bytes(got[-1].tensor, src):
+            raise RuntimeError("LMCache LocalDiskBackend read back different bytes")
+        got.pop().ref_count_down()
+        if turn:
+            read_s.append(read)
+            peer_read_s.append(peer_read)
+    lmc.disk.remove(peer_key)
+    return read_s, peer_read_s
 
 
 def _disk_put(lmc: Peer, key: Any, src: torch.Tensor) -> None:
@@ -180,42 +213,27 @@ def _disk_file_rows(
     tier = DiskTier("disk", LRUEvictor(max_cache_bytes=budget), folder)
     asyncio.run(tier.open())
     written: list[str] = []
-    write_s: list[float] = []
-    peer_write_s: list[float] = []
     try:
         meta = tier.write_published("warm", src)  # first writes make folders and warm both paths
         Path(meta.path).unlink()
-        for turn in range(repeats):
-            key, obj = lmc.key(), lmc.filled(src)  # its put source: a filled MemoryObj
-            if turn % 2:
-                peer_write_s.append(timed(lambda: lmc.disk_put(key, obj)))  # noqa: B023
-            write_s.append(timed(lambda: written.append(tier.write_published("k", src).path)))
-            if not turn % 2:
-                peer_write_s.append(timed(lambda: lmc.disk_put(key, obj)))  # noqa: B023
-            obj.ref_count_down()
+
+        async def write(turn: int) -> float:
+            return timed(lambda: written.append(tier.write_published("k", src).path))
+
+        async def remove(turn: int) -> None:
             Path(written.pop()).unlink()
-            lmc.disk.remove(key)
+
+        write_s, peer_write_s = asyncio.run(_write_pairs(write, remove, lmc, src, repeats))
         meta = tier.write_published("read", src)
         written.append(meta.path)
-        peer_key = lmc.key()
-        _disk_put(lmc, peer_key, src)
         out = touched(torch.empty_like(src))
-        read_s: list[float] = []
-        peer_read_s: list[float] = []
-        got: list[Any] = []
-        for turn in range(repeats + 1):  # the first pair only warms
-            if turn % 2:
-                peer_read = timed(lambda: got.append(lmc.disk_get(peer_key)))
-            read = timed(lambda: tier._read_file(meta, out))
-            if not turn % 2:
-                peer_read = timed(lambda: got.append(lmc.disk_get(peer_key)))
-            got.pop().ref_count_down()
-            if turn:
-                read_s.append(read)
-                peer_read_s.append(peer_read)
+
+        async def read() -> float:
+            return timed(lambda: tier._read_file(meta, out))
+
+        read_s, peer_read_s = asyncio.run(_read_pairs(read, lmc, src, repeats))
         if not _same_bytes(out, src):
             raise RuntimeError("lmtier DiskTier read back different bytes")
-        lmc.disk.remove(peer_key)
     finally:
         asyncio.run(tier.close())
         for path in written:
