@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import os
 import time
@@ -48,6 +49,9 @@ _KEEPS_SOURCE = ("promotions_in", "written_ahead")
 #: more puts of its size would evict, at most ``MAX_WRITES_AHEAD`` copies at a time.
 WRITE_AHEAD_PUTS = 4
 MAX_WRITES_AHEAD = 8
+#: Evicted entries whose storage is being released in the background at most (beyond it an
+#: eviction waits for its own release): what a folder may hold over its budget meanwhile.
+MAX_DISCARDS_BEHIND = 32
 
 
 class _Outcome(enum.Enum):
@@ -131,6 +135,10 @@ class TieredStore:
         # Keys being copied down ahead of their eviction (``write_ahead``): what their
         # demotion waits for, so that it hands over to the copy instead of writing again.
         self._writing_ahead: dict[KeyLike, asyncio.Future[None]] = {}
+        # Evicted entries whose storage a tier releases in the background (``discards_behind``):
+        # a put or delete of the key waits for them, so no older value outlives its return.
+        self._discarding: dict[KeyLike, set[asyncio.Task[None]]] = {}
+        self._discards_behind = 0
         self._deletes = 0  # deletes so far: a fetch that overlapped one adopts nothing
         self._tasks: set[asyncio.Task[Any]] = set()
         self._active = 0
@@ -570,6 +578,7 @@ class TieredStore:
             self._positions.pop(key, None)
             for tier, obj in removed:
                 await tier.discard(obj)
+            await self._discarded(key)
             holders = [tier for tier, _ in removed]
             forgotten = [
                 await tier.forget(key) for tier in self.tiers if tier.shared and tier not in holders
@@ -777,9 +786,11 @@ class TieredStore:
         if not ticket:
             ticket = self._begin_put(key)
         try:
-            return await self._place(key, tensor, self.tiers, None, ticket=ticket)
+            outcome = await self._place(key, tensor, self.tiers, None, ticket=ticket)
         finally:
             self._end_put(key)
+        await self._discarded(key)
+        return outcome
 
     async def _make_room(self, tier: Tier, victims: list[tuple[KeyLike, Any]], size: int) -> None:
         """Move the victims down, then reserve ``size`` bytes in ``tier``, within the room timeout.
@@ -917,7 +928,7 @@ class TieredStore:
             else:
                 tier.counters.demotions_out += 1
                 tier.counters.unwritten_demotions += 1
-            await tier.discard(obj)
+            await self._release(tier, key, obj)
             return
         outcome = _Outcome.REFUSED
         # A tier whose copy is leaving too cannot take the key again: its own move settles it.
@@ -946,7 +957,30 @@ class TieredStore:
             tier.counters.drops += 1
             if holder is None:  # else the copy leaving below reports its own drop
                 self._notify_drop(key)
-        await tier.discard(obj)
+        await self._release(tier, key, obj)
+
+    async def _release(self, tier: Tier, key: KeyLike, obj: Any) -> None:
+        """Release an evicted entry's storage: at once, or in the background where the tier
+        allows (``Tier.discards_behind``), and then the key's next put or delete waits."""
+        if not tier.discards_behind or self._discards_behind >= MAX_DISCARDS_BEHIND:
+            await tier.discard(obj)
+            return
+        task = self._background_nowait(tier.discard(obj))
+        self._discarding.setdefault(key, set()).add(task)
+        self._discards_behind += 1
+        task.add_done_callback(functools.partial(self._forget_discard, key))
+
+    def _forget_discard(self, key: KeyLike, task: asyncio.Task[None]) -> None:
+        self._discards_behind -= 1
+        pending = self._discarding[key]
+        pending.discard(task)
+        if not pending:
+            del self._discarding[key]
+
+    async def _discarded(self, key: KeyLike) -> None:
+        """Wait until no released storage of ``key`` is still being removed."""
+        while key in self._discarding:
+            await asyncio.wait(self._discarding[key])
 
     async def _promote(self, index: int, key: KeyLike, obj: Any, data: torch.Tensor) -> None:
         tier = self.tiers[index]

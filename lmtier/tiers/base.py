@@ -52,6 +52,10 @@ class Tier(abc.ABC):
     loads_are_private: bool = False
     #: Whether other stores share this tier's storage (see the class docstring).
     shared: bool = False
+    #: Whether an evicted entry's storage may be released after its eviction returns: its
+    #: name is its own (a late removal never touches a newer value), and what a crash leaves
+    #: of it is an older value that the key's next put or delete waits to see removed.
+    discards_behind: bool = False
 
     def __init__(self, name: str, evictor: BaseEvictor) -> None:
         if evictor.capacity_bytes is None:

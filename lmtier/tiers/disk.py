@@ -80,6 +80,7 @@ class DiskTier(Tier):
     """
 
     loads_are_private = True
+    discards_behind = True
 
     def __init__(
         self,
