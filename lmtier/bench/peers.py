@@ -264,7 +264,10 @@ def peer_rows(nbytes: int, repeats: int, folder: Path) -> list[Row]:
     src = src.view(kv_shape(nbytes))
     root = folder / f"peers-{uuid.uuid4().hex[:8]}"
     try:
-        with peer(nbytes, root / "lmcache", repeats + 8) as lmc:
+        # LMCache 0.5.6's LocalDiskBackend.remove gives back its usage but not the size its
+        # admission counts (current_cache_size): its budget must hold every put of the run,
+        # two rows of ``repeats`` writes and a warm-up and a read each, or a put is refused.
+        with peer(nbytes, root / "lmcache", 2 * (repeats + 2)) as lmc:
             rows = asyncio.run(_cpu_rows(nbytes, repeats, src, lmc))
             rows += asyncio.run(_disk_store_rows(nbytes, repeats, src, lmc, root / "store"))
             rows += _disk_file_rows(nbytes, repeats, src, lmc, root / "files")
