@@ -81,4 +81,3 @@ def test_many_repeats_fit_lmcaches_disk_accounting(tmp_path: Path) -> None:
     sized for the files it holds at once, the 33rd put of a run was refused."""
     rows = peers.peer_rows(MiB, 16, tmp_path)
     assert all(r.baseline is not None and len(r.baseline.seconds) == 16 for r in rows)
-
