@@ -138,7 +138,6 @@ class TieredStore:
         # Evicted entries whose storage a tier releases in the background (``discards_behind``):
         # a put or delete of the key waits for them, so no older value outlives its return.
         self._discarding: dict[KeyLike, set[asyncio.Task[None]]] = {}
-        self._discards_behind = 0
         self._deletes = 0  # deletes so far: a fetch that overlapped one adopts nothing
         self._tasks: set[asyncio.Task[Any]] = set()
         self._active = 0
@@ -962,16 +961,15 @@ class TieredStore:
     async def _release(self, tier: Tier, key: KeyLike, obj: Any) -> None:
         """Release an evicted entry's storage: at once, or in the background where the tier
         allows (``Tier.discards_behind``), and then the key's next put or delete waits."""
-        if not tier.discards_behind or self._discards_behind >= MAX_DISCARDS_BEHIND:
+        behind = sum(map(len, self._discarding.values()))  # at most MAX_DISCARDS_BEHIND
+        if not tier.discards_behind or behind >= MAX_DISCARDS_BEHIND:
             await tier.discard(obj)
             return
         task = self._background_nowait(tier.discard(obj))
         self._discarding.setdefault(key, set()).add(task)
-        self._discards_behind += 1
         task.add_done_callback(functools.partial(self._forget_discard, key))
 
     def _forget_discard(self, key: KeyLike, task: asyncio.Task[None]) -> None:
-        self._discards_behind -= 1
         pending = self._discarding[key]
         pending.discard(task)
         if not pending:

@@ -126,6 +126,23 @@ async def test_a_put_of_an_evicted_key_returns_only_once_its_old_file_is_gone(
         assert store.audit() == []
 
 
+async def test_a_put_cancelled_while_it_waits_for_the_old_file_still_lands(
+    tmp_path: Path, removals: RemovalGate
+) -> None:
+    async with TieredStore(config(tmp_path, with_memory=True)) as store:
+        await fill(store, 8)
+        put = asyncio.create_task(store.put("k0", tensor_for("k0", version=1)))
+        await asyncio.sleep(0.1)
+        put.cancel()  # mid-wait: the put goes on in the background, as every put does
+        with pytest.raises(asyncio.CancelledError):
+            await put
+        assert await store.contains("k0") == "cpu"
+        removals.release.set()
+    async with TieredStore(config(tmp_path, with_memory=False)) as store:
+        assert await store.get("k0") is None, "the old file is gone, the new value was in memory"
+        assert store.audit() == []
+
+
 async def test_a_delete_of_an_evicted_key_returns_only_once_its_old_file_is_gone(
     tmp_path: Path, removals: RemovalGate
 ) -> None:

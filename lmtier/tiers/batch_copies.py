@@ -52,10 +52,7 @@ class Step:
     src: torch.Tensor | tuple[torch.Tensor, ...]
 
     def tensors(self) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = []
-        for side in (self.dst, self.src):
-            out.extend(side if isinstance(side, tuple) else (side,))
-        return out
+        return [*_dsts(self), *_srcs(self)]
 
 
 # ---------------------------------------------------------------------- runs
@@ -126,6 +123,12 @@ def _batchable(tensors: Sequence[torch.Tensor]) -> bool:
     return all(t.is_contiguous() and t.device == device for t in tensors)
 
 
+def _parts(buffer: torch.Tensor, run: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The slices of ``buffer`` (a copy of ``span(run)``) where each tensor of ``run`` lies."""
+    base = _start(run[0])
+    return [buffer[_start(x) - base : _start(x) - base + x.nbytes] for x in run]
+
+
 # ---------------------------------------------------------------------- plans
 def _one_batch(
     dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], device_side: Sequence[torch.Tensor]
@@ -177,10 +180,8 @@ def plan_to_device(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -
             steps.append(Step("copy", span(d), source))
             continue
         staging = torch.empty(source.numel(), dtype=torch.uint8, device=d[0].device)
-        base = _start(s[0])
-        parts = tuple(staging[_start(x) - base : _start(x) - base + x.nbytes] for x in s)
         steps.append(Step("copy", staging, source))
-        steps.append(Step("scatter", tuple(flat(x) for x in d), parts))
+        steps.append(Step("scatter", tuple(flat(x) for x in d), tuple(_parts(staging, s))))
     return steps
 
 
@@ -202,9 +203,7 @@ def to_device_views(
         s = [srcs[i] for i in run]
         source = span(s)
         buffer = torch.empty(source.numel(), dtype=torch.uint8, device=device)
-        base = _start(s[0])
-        for i, x in zip(run, s, strict=True):
-            part = buffer[_start(x) - base : _start(x) - base + x.nbytes]
+        for i, x, part in zip(run, s, _parts(buffer, s), strict=True):
             results[i] = part.view(x.dtype).view(x.shape)
         steps.append(Step("copy", buffer, source))
     assert all(result is not None for result in results)

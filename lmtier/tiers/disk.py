@@ -7,7 +7,6 @@ import errno
 import logging
 import os
 import shutil
-import stat as stat_module
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from lmtier.tiers.disk_files import (
     key_digest,
     namespace_folder,
     open_regular,
+    open_regular_stat,
     read_header,
     remove_own,
     scan_folder,
@@ -331,17 +331,13 @@ class DiskTier(Tier):
         payload, whose size the index knows.  Nothing here waits on the device, and nothing
         here decides that an entry is corrupt or gone: the thread path alone does.
         """
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            fd = os.open(meta.path, flags)
-        except OSError:
+            fd, stat = open_regular_stat(meta.path, os.O_RDONLY)
+        except (OSError, CorruptEntryError):  # a link or a FIFO: the thread path judges it
             return None
         try:
-            stat = os.fstat(fd)
             header_bytes = stat.st_size - meta.size
-            if not stat_module.S_ISREG(stat.st_mode) or not (
-                serde.PREFIX_BYTES < header_bytes <= serde.PREFIX_BYTES + serde.MAX_HEADER_BYTES
-            ):
+            if not serde.PREFIX_BYTES < header_bytes <= serde.PREFIX_BYTES + serde.MAX_HEADER_BYTES:
                 return None
             tensor = torch.empty(meta.shape or (), dtype=meta.dtype) if out is None else out
             payload = serde.payload_view(tensor)

@@ -32,6 +32,7 @@ __all__ = [
     "key_digest",
     "namespace_folder",
     "open_regular",
+    "open_regular_stat",
     "read_entry",
     "read_header",
     "remove_own",
@@ -89,10 +90,10 @@ def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> int:
     by one of those behind the store's back is not the entry it was.  Fits ``open``'s
     ``opener``.
     """
-    return _open_regular(path, flags)[0]
+    return open_regular_stat(path, flags)[0]
 
 
-def _open_regular(path: str | os.PathLike[str], flags: int) -> tuple[int, os.stat_result]:
+def open_regular_stat(path: str | os.PathLike[str], flags: int) -> tuple[int, os.stat_result]:
     """``open_regular``'s descriptor and the file's status."""
     # O_NONBLOCK only keeps the open from waiting on a FIFO; it stays set, as it changes
     # nothing for a regular file's reads and writes (open(2)), and clearing it cost a restart
@@ -151,7 +152,7 @@ def read_entry(path: str, verify: bool = True) -> tuple[serde.EntryHeader, int, 
     Raises ``CorruptEntryError`` for a file that is not a complete, intact entry.
     """
     # Plain descriptors: a restart reads 100k headers, and file objects cost a third more.
-    fd, stat = _open_regular(path, os.O_RDONLY)
+    fd, stat = open_regular_stat(path, os.O_RDONLY)
     try:
         header, head = _read_whole_header(lambda size: os.read(fd, size))
         if stat.st_size != header.file_size:
