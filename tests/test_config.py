@@ -81,6 +81,10 @@ SHIPPED_EVICTORS = {
     "default.yaml": ["lru", "lru", "prefix"],
     "cpu_disk.yaml": ["lru", "prefix"],
     "cpu_disk_redis.yaml": ["lru", "lru", "prefix"],
+    "vllm.yaml": ["prefix"],
+    "vllm_redis.yaml": ["lru", "prefix"],
+    "sglang.yaml": ["prefix"],
+    "sglang_redis.yaml": ["lru", "prefix"],
 }
 
 
