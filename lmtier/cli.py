@@ -18,6 +18,7 @@ from lmtier.argtypes import float_list, name_list, output_path, positive_int, us
 from lmtier.bench import BenchOptions, Row, format_rows, run_bench
 from lmtier.errors import LmtierError
 from lmtier.inspect import inspect_path
+from lmtier.plan_command import add_plan_parser
 from lmtier.replay.report import check_plotting, format_table, write_csv, write_plot
 from lmtier.replay.sweep import ReplayOptions, SweepResult, run_sweep
 from lmtier.replay.synthetic import SYNTHETIC_PREFIX, SyntheticSpec, parse_synthetic
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_replay(commands)
     _add_inspect(commands)
     _add_bench(commands)
+    add_plan_parser(commands)
     for command in commands.choices.values():
         # SUPPRESS: a command that was not given -v keeps what came before it.
         command.add_argument(

@@ -8,7 +8,8 @@ keeps working for code that does not know lmtier::
     ├── InvalidValueError      (ValueError)   a value lmtier cannot store (empty, bad dtype)
     ├── LmtierTypeError        (TypeError)    a key or value of the wrong type
     ├── ConfigError            (ValueError)   a missing, malformed or invalid configuration
-    │   └── DeviceUnavailableError            a configured device that this machine lacks
+    │   ├── DeviceUnavailableError            a configured device that this machine lacks
+    │   └── UnsupportedModelError             a model whose KV cache lmtier cannot size yet
     ├── TraceError             (ValueError)   a request trace that cannot be parsed (with its line)
     ├── StorageError           (OSError)      a tier's storage cannot be used (unwritable path, ...)
     │   └── TierUnavailableError              a remote tier's server is down, slow or unreachable
@@ -30,6 +31,7 @@ __all__ = [
     "StoreClosedError",
     "TierUnavailableError",
     "TraceError",
+    "UnsupportedModelError",
 ]
 
 
@@ -55,6 +57,10 @@ class ConfigError(LmtierError, ValueError):
 
 class DeviceUnavailableError(ConfigError):
     """A tier asks for a device this machine does not have."""
+
+
+class UnsupportedModelError(ConfigError):
+    """A model config whose KV-cache geometry lmtier cannot compute yet (``lmtier plan``)."""
 
 
 class TraceError(LmtierError, ValueError):
