@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,14 @@ def test_the_module_runs_as_the_command() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "KV per token: 128 KiB" in done.stdout
+
+
+def test_the_worked_example_in_docs_sizing_is_the_commands_output(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = (REPO / "docs" / "sizing.md").read_text(encoding="utf-8")
+    block = re.search(r"```text\n\$ lmtier (.*?)\n(.*?)```", text, re.S)
+    assert block is not None, "docs/sizing.md shows a run of lmtier plan"
+    monkeypatch.chdir(REPO)
+    assert main(block[1].split()) == 0
+    assert capsys.readouterr().out == block[2]
