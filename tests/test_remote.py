@@ -26,7 +26,7 @@ from redis_helpers import (
     remote_spec,
     start_cluster,
 )
-from store_helpers import reshaped_entry
+from store_helpers import ROOM_TIMEOUT_S, reshaped_entry
 from tier_contract import TierContract, lru, store_in
 
 try:
@@ -52,7 +52,9 @@ def server(redis_server: RedisProcess) -> RedisProcess:
 def remote_store(url: str, budget: int = 1 << 20, cpu: int = 0, **fields: object) -> TieredStore:
     """A store whose last tier is remote; ``cpu`` > 0 puts a CPU tier of that many bytes above."""
     above = (TierConfig("cpu", "memory", cpu),) if cpu else ()
-    return TieredStore(StoreConfig((*above, remote_spec(url, budget, **fields)), room_timeout_s=2))
+    return TieredStore(
+        StoreConfig((*above, remote_spec(url, budget, **fields)), room_timeout_s=ROOM_TIMEOUT_S)
+    )
 
 
 def remote_of(store: TieredStore) -> RemoteTier:

@@ -15,6 +15,7 @@ from lmtier.store import TieredStore
 from lmtier.stress import StressOptions, run_shared_stress, shared_stress_config, with_policy
 
 from redis_helpers import RedisProcess, need_redis, remote_spec
+from store_helpers import ROOM_TIMEOUT_S
 
 
 @pytest.mark.parametrize("policy", evictor_names())
@@ -54,7 +55,9 @@ async def test_shared_keys_stress_survives_a_redis_tier_killed_and_restarted(
     server = RedisProcess(tmp_path / "redis").start()
     base = shared_stress_config(tmp_path / "disk")
     config = dataclasses.replace(
-        base, tiers=(*base.tiers[1:], remote_spec(server.url, 2 * MB)), room_timeout_s=5
+        base,
+        tiers=(*base.tiers[1:], remote_spec(server.url, 2 * MB)),
+        room_timeout_s=ROOM_TIMEOUT_S,
     )
     options = StressOptions(
         tasks=32, ops=3200, keys_per_task=64, progress=False, shared_keys=True, rounds=2
