@@ -36,6 +36,8 @@ _FINALIZE_TIMEOUT_S = 10.0
 # How long the calls that a close timed out on may take to end once cancelled, and how long
 # each release after that (a tier's, the metrics server's) may take.
 _CANCEL_GRACE_S = 5.0
+# How long an abandoned close waits for the loop's idle I/O workers to end (they end at once).
+_IDLE_WORKER_EXIT_S = 1.0
 
 
 class BlockingStore:
@@ -235,8 +237,13 @@ class _Runner:
         except Exception:
             log.exception("lmtier loop thread: winding down failed")
         finally:
-            # After an abandoned close a worker may be stuck in a system call: not waited for.
+            # After an abandoned close a worker may be stuck in a system call: not waited for,
+            # though the idle ones, which end at once, are.
             self.executor.shutdown(wait=not self.abandoned, cancel_futures=True)
+            if self.abandoned:
+                deadline = time.monotonic() + _IDLE_WORKER_EXIT_S
+                for worker in list(self.executor._threads):
+                    worker.join(max(0.0, deadline - time.monotonic()))
             asyncio.set_event_loop(None)
             loop.close()
 
