@@ -11,6 +11,7 @@ from lmtier.errors import (
     LmtierTypeError,
     StorageError,
     StoreClosedError,
+    StoreForkedError,
     TierUnavailableError,
 )
 from lmtier.evictor import BaseEvictor, DummyEvictor, LRUEvictor, PutStatus
@@ -40,6 +41,7 @@ __all__ = [
     "StorageError",
     "StoreClosedError",
     "StoreConfig",
+    "StoreForkedError",
     "TierConfig",
     "TierUnavailableError",
     "TieredStore",

@@ -15,6 +15,7 @@ keeps working for code that does not know lmtier::
     │   └── TierUnavailableError              a remote tier's server is down, slow or unreachable
     ├── CorruptEntryError      (ValueError)   stored bytes that fail their header or checksum
     └── StoreClosedError       (RuntimeError) an operation on a closed store
+        └── StoreForkedError                  a store used in a child made by fork
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "LmtierTypeError",
     "StorageError",
     "StoreClosedError",
+    "StoreForkedError",
     "TierUnavailableError",
     "TraceError",
     "UnsupportedModelError",
@@ -81,3 +83,7 @@ class CorruptEntryError(LmtierError, ValueError):
 
 class StoreClosedError(LmtierError, RuntimeError):
     """An operation was attempted on a store that has been closed."""
+
+
+class StoreForkedError(StoreClosedError):
+    """A store used in a process forked from the one that opened it; the child opens its own."""

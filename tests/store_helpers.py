@@ -19,6 +19,9 @@ from lmtier.store import TieredStore
 from lmtier.tiers import copies
 
 KIB = 1024
+# How long a put may wait for room where the test expects it to find room: far beyond any
+# healthy wait on a loaded machine, so that only a lost wake-up reaches it.
+ROOM_TIMEOUT_S = 60.0
 
 
 def cascade_config(
@@ -27,7 +30,7 @@ def cascade_config(
     middle: int = 8 * KIB,
     disk: int = 16 * KIB,
     promote_on_hit: bool = True,
-    room_timeout_s: float = 30.0,
+    room_timeout_s: float = ROOM_TIMEOUT_S,
 ) -> StoreConfig:
     return StoreConfig(
         tiers=(

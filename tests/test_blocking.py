@@ -169,7 +169,7 @@ def test_submit_returns_at_once_and_call_waits(store: BlockingStore) -> None:
 
     future = store.submit(slow_put)
     assert not future.done()
-    assert future.result(5) == "gpu"
+    assert future.result(60) == "gpu"
     assert started.is_set()
     assert store.call(lambda s: s.contains("slow")) == "gpu"
 
@@ -249,7 +249,7 @@ def test_close_finishes_calls_in_flight_and_leaves_no_thread(tmp_path: Path) -> 
     blocking.close()
     assert pending.result(0) == "gpu"  # submitted before close: it finished
     for thread in threads:
-        thread.join(10)
+        thread.join(60)
     assert outcomes.count("closed") == 8
     assert all(o is PutStatus.LEGAL or o == "closed" for o in outcomes), [
         o for o in outcomes if not isinstance(o, PutStatus | str)
@@ -275,7 +275,7 @@ def test_close_with_a_timeout_cancels_what_still_runs(tmp_path: Path) -> None:
     future = blocking.submit(stuck)
     began = time.monotonic()
     blocking.close(timeout=0.3)
-    assert time.monotonic() - began < 5
+    assert time.monotonic() - began < 50  # the call sleeps 60 s: it was not waited for
     assert future.cancelled()
     assert not _lmtier_threads("lmtier-stuck")
 

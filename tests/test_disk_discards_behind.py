@@ -22,7 +22,7 @@ from lmtier.tiers import disk as disk_module
 from lmtier.tiers.disk_files import scan_folder
 
 from conftest import tensor_for
-from store_helpers import KIB
+from store_helpers import KIB, ROOM_TIMEOUT_S
 
 # tensor_for(...) is 1 KiB: the disk tier holds 4 entries, the cpu tier above it 2.
 
@@ -30,7 +30,7 @@ from store_helpers import KIB
 def config(root: Path, with_memory: bool) -> StoreConfig:
     memory = (TierConfig("cpu", "memory", 2 * KIB),) if with_memory else ()
     disk = TierConfig("disk", "disk", 4 * KIB, path=str(root / "disk"))
-    return StoreConfig((*memory, disk), room_timeout_s=5)
+    return StoreConfig((*memory, disk), room_timeout_s=ROOM_TIMEOUT_S)
 
 
 class RemovalGate:
@@ -48,7 +48,7 @@ def removals(monkeypatch: pytest.MonkeyPatch) -> Iterator[RemovalGate]:
     original = disk_module._remove_file
 
     def gated(path: Path, fsync: bool) -> None:
-        assert gate.release.wait(10), "the test never released the removals"
+        assert gate.release.wait(60), "the test never released the removals"
         if gate.fail_with is not None:
             raise gate.fail_with
         original(path, fsync)
@@ -75,7 +75,7 @@ async def test_puts_that_evict_from_disk_do_not_wait_for_the_unlinks(
 ) -> None:
     async with TieredStore(config(tmp_path, with_memory=False)) as store:
         # Twice the tier: every put after the fourth evicts, and every unlink is held.
-        await asyncio.wait_for(fill(store, 8), 5)
+        await asyncio.wait_for(fill(store, 8), 60)
         assert sorted(store.tiers[0].cache_dict) == ["k4", "k5", "k6", "k7"]
         assert "k0" in keys_on_disk(store), "the evicted files are still being removed"
         removals.release.set()
@@ -94,13 +94,13 @@ async def test_removals_in_the_background_are_bounded(
     """Past ``MAX_DISCARDS_BEHIND`` held removals, an evicting put waits for its own: the
     folder never holds more than that many files over its budget."""
     async with TieredStore(config(tmp_path, with_memory=False)) as store:
-        await asyncio.wait_for(fill(store, 4 + MAX_DISCARDS_BEHIND), 5)
+        await asyncio.wait_for(fill(store, 4 + MAX_DISCARDS_BEHIND), 60)
         put = asyncio.create_task(store.put("over", tensor_for("over")))
         await asyncio.sleep(0.1)
         assert not put.done(), "one removal more than the bound: the put waits for it"
         assert len(keys_on_disk(store)) == 4 + MAX_DISCARDS_BEHIND
         removals.release.set()
-        assert await asyncio.wait_for(put, 5) is PutStatus.LEGAL
+        assert await asyncio.wait_for(put, 60) is PutStatus.LEGAL
     assert len(removals.removed) == MAX_DISCARDS_BEHIND + 1
 
 
@@ -117,7 +117,7 @@ async def test_a_put_of_an_evicted_key_returns_only_once_its_old_file_is_gone(
         await asyncio.sleep(0.1)
         assert not put.done(), "the put waits for the removal of k0's old file"
         removals.release.set()
-        assert await asyncio.wait_for(put, 5) is PutStatus.LEGAL
+        assert await asyncio.wait_for(put, 60) is PutStatus.LEGAL
         on_disk = keys_on_disk(store)
         if with_memory:
             assert "k0" not in on_disk
@@ -153,7 +153,7 @@ async def test_a_delete_of_an_evicted_key_returns_only_once_its_old_file_is_gone
         await asyncio.sleep(0.1)
         assert not delete.done(), "the delete waits for the removal of k0's old file"
         removals.release.set()
-        assert await asyncio.wait_for(delete, 5) is False  # it was evicted before
+        assert await asyncio.wait_for(delete, 60) is False  # it was evicted before
         assert "k0" not in keys_on_disk(store)
 
 
@@ -163,11 +163,11 @@ async def test_a_removal_that_fails_is_counted_and_holds_nothing_up(
     removals.fail_with = OSError(errno.EIO, "injected EIO")
     removals.release.set()
     async with TieredStore(config(tmp_path, with_memory=False)) as store:
-        await asyncio.wait_for(fill(store, 6), 5)
-        assert await asyncio.wait_for(store.put("k0", tensor_for("k0", version=1)), 5) is (
+        await asyncio.wait_for(fill(store, 6), 60)
+        assert await asyncio.wait_for(store.put("k0", tensor_for("k0", version=1)), 60) is (
             PutStatus.LEGAL
         )
-        await asyncio.wait_for(store.delete("k1"), 5)
+        await asyncio.wait_for(store.delete("k1"), 60)
         assert store.stats()["tiers"]["disk"]["errors"] >= 2
         got = await store.get("k0")
         assert got is not None and torch.equal(got, tensor_for("k0", version=1))

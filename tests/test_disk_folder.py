@@ -23,6 +23,7 @@ from lmtier.tiers import disk as disk_module
 from lmtier.tiers.disk_files import TEMP_PREFIX, key_digest
 
 from conftest import tensor_for
+from store_helpers import ROOM_TIMEOUT_S
 
 KIB = 1024
 
@@ -36,7 +37,7 @@ def cpu_then_disk(root: Path) -> TieredStore:
         TierConfig("cpu", "memory", 2 * KIB),
         TierConfig("disk", "disk", 64 * KIB, path=str(root)),
     )
-    return TieredStore(StoreConfig(tiers, room_timeout_s=5))
+    return TieredStore(StoreConfig(tiers, room_timeout_s=ROOM_TIMEOUT_S))
 
 
 def disk_of(store: TieredStore) -> DiskTier:
@@ -123,7 +124,7 @@ def fifo_valve(folder: Path, after_s: float) -> Iterator[threading.Event]:
         valve.join()
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 async def test_a_fifo_named_like_an_entry_hangs_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

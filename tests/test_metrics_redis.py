@@ -14,6 +14,7 @@ from lmtier.monitoring import CATALOGUE
 
 from metrics_helpers import exposed_names, scrape, value
 from redis_helpers import RedisProcess, remote_spec
+from store_helpers import ROOM_TIMEOUT_S
 
 pytestmark = pytest.mark.redis
 
@@ -25,7 +26,7 @@ async def test_the_availability_gauge_goes_to_zero_when_the_server_dies(
 ) -> None:
     config = StoreConfig(
         (TierConfig("cpu", "memory", 2 * KIB), remote_spec(redis_server.url)),
-        room_timeout_s=2,
+        room_timeout_s=ROOM_TIMEOUT_S,
         metrics=MetricsConfig(port=0, host="127.0.0.1"),
     )
     async with TieredStore(config) as store:

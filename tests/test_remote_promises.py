@@ -17,6 +17,7 @@ from lmtier.tiers.remote import RemoteTier
 
 from conftest import tensor_for
 from redis_helpers import RedisProcess, remote_spec
+from store_helpers import ROOM_TIMEOUT_S
 
 pytestmark = pytest.mark.redis
 
@@ -86,7 +87,7 @@ async def test_a_dead_redis_tier_is_skipped_not_a_reason_to_refuse(
             TierConfig("disk", "disk", 32 * KIB, path=str(tmp_path)),
             remote_spec(redis_server.url, 1 << 20),
         ),
-        room_timeout_s=5,
+        room_timeout_s=ROOM_TIMEOUT_S,
     )
     async with TieredStore(config) as store:
         redis_server.kill()

@@ -25,6 +25,7 @@ from lmtier.errors import (
 from lmtier.tiers.base import Tier
 
 from conftest import tensor_for
+from store_helpers import ROOM_TIMEOUT_S
 
 KIB = 1024
 CHUNK = 16 * KIB  # 4096 int32 values
@@ -58,7 +59,7 @@ async def test_a_burst_larger_than_the_only_tier_waits_for_no_timeout(
 ) -> None:
     """16 chunks into a tier of 4: each commit wakes the puts waiting for an evictable entry."""
     wakeups = WakeupLog(monkeypatch)
-    config = StoreConfig((TierConfig("cpu", "memory", 4 * CHUNK),), room_timeout_s=3)
+    config = StoreConfig((TierConfig("cpu", "memory", 4 * CHUNK),), room_timeout_s=ROOM_TIMEOUT_S)
     async with TieredStore(config) as store:
         items = [(f"k{i}", chunk(f"k{i}")) for i in range(16)]
         statuses = await store.put_many(items)
@@ -82,7 +83,7 @@ async def test_concurrent_bursts_spill_to_disk_without_refusals(
             TierConfig("cpu", "memory", 4 * CHUNK),
             TierConfig("disk", "disk", 16 * CHUNK, path=str(tmp_path)),
         ),
-        room_timeout_s=3,
+        room_timeout_s=ROOM_TIMEOUT_S,
     )
     async with TieredStore(config) as store:
         bursts = [[(f"r{r}k{i}", chunk(f"r{r}k{i}")) for i in range(16)] for r in range(4)]
@@ -229,7 +230,7 @@ async def test_pins_show_in_stats_and_a_wait_they_cause_is_counted_and_logged(
 
 
 async def test_a_lookup_never_followed_up_lets_go_when_its_lease_ends() -> None:
-    engine = _engine_over_one_tier(room_timeout_s=10, pin_lease_s=0.2)
+    engine = _engine_over_one_tier(room_timeout_s=ROOM_TIMEOUT_S, pin_lease_s=0.2)
     async with await _fill_and_leak_a_lookup(engine) as store:
         assert await store.put("late", chunk("late")) is PutStatus.LEGAL
         assert engine.pins_expired == 4 and store.stats()["pinned_entries"] == 0
@@ -309,7 +310,7 @@ async def test_an_error_of_the_environment_is_one_miss_and_never_strands_a_victi
             TierConfig("disk", "disk", 2 * CHUNK, path=str(tmp_path / "d")),
             TierConfig("disk2", "disk", 8 * CHUNK, path=str(tmp_path / "d2")),
         ),
-        room_timeout_s=5,
+        room_timeout_s=ROOM_TIMEOUT_S,
     )
     async with TieredStore(config) as store:
         disk: Any = store.tiers[0]

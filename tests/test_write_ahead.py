@@ -24,7 +24,7 @@ from lmtier.stress import StressOptions, run_shared_stress, shared_stress_config
 from lmtier.tiers import DiskTier
 
 from conftest import tensor_for
-from store_helpers import KIB, DropLog
+from store_helpers import KIB, ROOM_TIMEOUT_S, DropLog
 
 # tensor_for(...) is 1 KiB: the cpu tier holds 4 entries.
 
@@ -36,7 +36,7 @@ def config(root: Path, write_ahead: bool = True) -> StoreConfig:
             TierConfig("disk", "disk", 64 * KIB, path=str(root / "disk")),
         ),
         write_ahead=write_ahead,
-        room_timeout_s=5,
+        room_timeout_s=ROOM_TIMEOUT_S,
     )
 
 

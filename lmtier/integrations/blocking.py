@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from lmtier.config import StoreConfig, config_from_mapping, load_config
-from lmtier.errors import LmtierTypeError, StoreClosedError
+from lmtier.errors import LmtierTypeError, StoreClosedError, StoreForkedError
 from lmtier.evictor import PutStatus
 from lmtier.keys import KeyLike
 from lmtier.store import TieredStore
@@ -33,24 +33,32 @@ T = TypeVar("T")
 
 # How long a store that was garbage-collected or left open at exit may take to close.
 _FINALIZE_TIMEOUT_S = 10.0
-# How long the calls that a close timed out on may take to end once cancelled.
+# How long the calls that a close timed out on may take to end once cancelled, and how long
+# each release after that (a tier's, the metrics server's) may take.
 _CANCEL_GRACE_S = 5.0
+# How long an abandoned close waits for the loop's idle I/O workers to end (they end at once).
+_IDLE_WORKER_EXIT_S = 1.0
 
 
 class BlockingStore:
     """A ``TieredStore`` on a private event-loop thread, with a blocking method per call.
 
-    ``config`` is a ``StoreConfig``, the path of a YAML config, or a mapping validated as a
-    YAML file's content is (``LMTIER_*`` overrides included).  The constructor opens the store
-    and raises the open's error, if any, in the caller.  ``close`` (or leaving a ``with``
-    block) finishes the calls in flight, closes the store and joins the thread; a store that is
-    garbage-collected or still open at interpreter exit is closed too, within a bounded time.
+        ``config`` is a ``StoreConfig``, the path of a YAML config, or a mapping validated as a
+        YAML file's content is (``LMTIER_*`` overrides included).  The constructor opens the store
+        and raises the open's error, if any, in the caller.  ``close`` (or leaving a ``with``
+        block) finishes the calls in flight, closes the store and joins the thread; a store that is
+        garbage-collected or still open at interpreter exit is closed too, within a bounded time.
+    A close whose time runs out cancels what still runs and releases the store all the same.
 
-    A blocking method called on the loop thread itself (from a function given to ``submit``
-    or an ``on_drop`` callback) raises RuntimeError, since it would wait for itself forever;
-    such code awaits the ``TieredStore`` methods directly.  After ``close`` every call raises
-    ``StoreClosedError``.  A caller that times out or is interrupted cancels its own call
-    only; the store's moves always finish and the loop keeps serving the other threads.
+    The store belongs to the process that opened it: in a child made by ``fork`` (the loop
+    thread is not copied) every call raises ``StoreForkedError``, and the child opens a store
+    of its own.
+
+        A blocking method called on the loop thread itself (from a function given to ``submit``
+        or an ``on_drop`` callback) raises RuntimeError, since it would wait for itself forever;
+        such code awaits the ``TieredStore`` methods directly.  After ``close`` every call raises
+        ``StoreClosedError``.  A caller that times out or is interrupted cancels its own call
+        only; the store's moves always finish and the loop keeps serving the other threads.
     """
 
     store: TieredStore
@@ -131,6 +139,8 @@ class BlockingStore:
         The future is cancelled if the store is closed before ``fn`` finishes.
         """
         runner = self._runner
+        if runner.forked:  # checked before the lock, which a parent's thread may have held
+            raise StoreForkedError(_FORKED)
         with runner.lock:  # closing takes the lock: no call slips in behind store.close()
             if runner.closed:
                 raise StoreClosedError("the store is closed")
@@ -144,7 +154,7 @@ class BlockingStore:
         try:
             return future.result(timeout)
         except concurrent.futures.CancelledError:
-            if self._runner.closed:
+            if self._runner.closed and not self._runner.forked:
                 raise StoreClosedError("the store was closed while the call ran") from None
             raise
         except BaseException:
@@ -155,8 +165,15 @@ class BlockingStore:
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the calls in flight, close the store and stop its thread; later calls do
-        nothing.  After ``timeout`` seconds the calls still running are cancelled (logged),
-        and the thread gets a few more seconds to end."""
+        nothing.
+
+        After ``timeout`` seconds whatever still runs on the loop (calls, the store's moves) is
+        cancelled, the tiers and the metrics server are released all the same (the disk
+        folders unlocked, the port freed), and a warning names what was abandoned.  A worker
+        thread stuck in a system call cannot be stopped: it ends when the call returns, and
+        what it wrote is a temporary file that the folder's next open removes.  In a child
+        made by ``fork`` this does nothing: the store is the parent's to close.
+        """
         self._not_on_loop("close")
         self._finalizer.detach()
         self._runner.shutdown(timeout)
@@ -194,7 +211,11 @@ class _Runner:
         self.store: TieredStore | None = None
         self.lock = threading.Lock()
         self.closed = False
-        self.calls: set[asyncio.Future[Any]] = set()  # submitted calls running on the loop
+        self.forked = False  # set in a child made by fork: the loop thread stayed behind
+        self.abandoned = False  # a close ran out of time and cancelled what still ran
+        # The submitted calls running on the loop, with the function each runs.
+        self.calls: dict[asyncio.Future[Any], Callable[[TieredStore], Awaitable[Any]]] = {}
+        _RUNNERS.add(self)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -216,12 +237,20 @@ class _Runner:
         except Exception:
             log.exception("lmtier loop thread: winding down failed")
         finally:
-            self.executor.shutdown(wait=True, cancel_futures=True)
+            # After an abandoned close a worker may be stuck in a system call: not waited for,
+            # though the idle ones, which end at once, are.
+            self.executor.shutdown(wait=not self.abandoned, cancel_futures=True)
+            if self.abandoned:
+                deadline = time.monotonic() + _IDLE_WORKER_EXIT_S
+                for worker in list(self.executor._threads):
+                    worker.join(max(0.0, deadline - time.monotonic()))
             asyncio.set_event_loop(None)
             loop.close()
 
     def shutdown(self, timeout: float | None) -> None:
         """Close the store, stop the loop and join the thread, within ``timeout`` seconds."""
+        if self.forked:
+            return  # the loop thread and the store are the parent's
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.lock:
             first = not self.closed
@@ -231,10 +260,7 @@ class _Runner:
             try:
                 closing.result(timeout)
             except concurrent.futures.TimeoutError:
-                log.warning(
-                    "lmtier store did not close within %ss: cancelling the calls still running",
-                    timeout,
-                )
+                self._abandon(timeout)
                 deadline = time.monotonic() + _CANCEL_GRACE_S
             except Exception:
                 log.exception("lmtier store failed to close cleanly")
@@ -244,8 +270,57 @@ class _Runner:
         if self.thread.is_alive():
             log.warning("lmtier loop thread %r is still running after close", self.thread.name)
 
+    def _abandon(self, timeout: float | None) -> None:
+        """After a close ran out of time: cancel what runs on the loop, release the store."""
+        self.abandoned = True
+        releasing = asyncio.run_coroutine_threadsafe(self._cancel_and_release(), self.loop)
+        # The cancels, then each tier's release and the metrics server's, each bounded.
+        releases = 1 + (0 if self.store is None else len(self.store.tiers))
+        try:
+            cancelled = releasing.result(_CANCEL_GRACE_S * (1 + releases) + 1)
+        except Exception:  # a TimeoutError included: the thread join after it is bounded too
+            log.exception("lmtier store: releasing it after an expired close failed")
+            return
+        log.warning(
+            "lmtier store did not close within %ss: cancelled %s; its tiers and metrics server "
+            "are released (an I/O worker stuck in a system call ends when that call returns)",
+            timeout,
+            "; ".join(cancelled) or "nothing (the close itself was slow)",
+        )
+
+    async def _cancel_and_release(self) -> list[str]:
+        """On the loop: cancel every other task (again, for those that cancelling starts), then
+        close each tier and the metrics server; what was cancelled, in words."""
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        calls = [_label(fn) for task, fn in self.calls.items() if not task.done()]
+        others = 0
+        seen: set[asyncio.Task[Any]] = set()
+        deadline = loop.time() + _CANCEL_GRACE_S
+        while (left := [t for t in asyncio.all_tasks() if t is not me and not t.done()]) and (
+            wait := deadline - loop.time()
+        ) > 0:
+            others += sum(1 for task in left if task not in seen and task not in self.calls)
+            seen.update(left)
+            for task in left:
+                task.cancel()
+            _, pending = await asyncio.wait(left, timeout=wait)
+            if pending:
+                break  # tasks that will not end: the loop's wind-down cancels them once more
+        store = self.store
+        if store is not None:
+            for tier in store.tiers:
+                await _released(tier.close(), f"tier {tier.name!r}")
+            await _released(store.metrics.stop(), "the metrics server")
+        cancelled = [f"{len(calls)} call(s): {', '.join(calls)}"] if calls else []
+        if others:
+            cancelled.append(f"{others} task(s) of the store (moves, removals, the close)")
+        return cancelled
+
     def finalize(self) -> None:
         """Close on garbage collection or at exit: bounded, and never waiting on itself."""
+        if self.forked:
+            return
         if threading.get_ident() != self.thread.ident:
             self.shutdown(_FINALIZE_TIMEOUT_S)
             return
@@ -260,11 +335,11 @@ class _Runner:
     async def apply(self, fn: Callable[[TieredStore], Awaitable[T]], store: TieredStore) -> T:
         task = asyncio.current_task()
         assert task is not None
-        self.calls.add(task)
+        self.calls[task] = fn
         try:
             return await fn(store)
         finally:
-            self.calls.discard(task)
+            self.calls.pop(task, None)
 
     async def _close_store(self) -> None:
         # The submitted calls first: a function given to submit may still start store calls.
@@ -278,6 +353,38 @@ class _Runner:
             await self._close_store()
         finally:
             self.loop.stop()
+
+
+# Every runner of this process, so that a fork can mark its child's copies unusable.
+_RUNNERS: weakref.WeakSet[_Runner] = weakref.WeakSet()
+_FORKED = (
+    "this BlockingStore was opened in the parent process: its loop thread does not exist in a "
+    "child made by fork; open a new store in the child"
+)
+
+
+def _mark_forked() -> None:
+    """In a fork's child: no runner's loop thread came along, so each call would wait forever."""
+    for runner in list(_RUNNERS):
+        runner.forked = True
+        runner.closed = True
+        runner.lock = threading.Lock()  # a parent's thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+def _label(fn: Callable[..., Any]) -> str:
+    """A submitted function in words: the method it came from (``BlockingStore.put``)."""
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    return name.split(".<locals>", 1)[0] if ".<lambda>" in name else name
+
+
+async def _released(closing: Awaitable[None], what: str) -> None:
+    try:
+        await asyncio.wait_for(closing, _CANCEL_GRACE_S)
+    except Exception:  # TimeoutError included: the next release still runs
+        log.exception("lmtier store: releasing %s after an expired close failed", what)
 
 
 def _as_config(config: StoreConfig | str | os.PathLike[str] | Mapping[str, Any]) -> StoreConfig:
