@@ -31,8 +31,8 @@ __all__ = [
     "top_level_keys",
 ]
 
-#: Every interface.
-DEFAULT_METRICS_HOST = "0.0.0.0"
+#: Loopback: a store's metrics are not the network's unless ``host`` says so.
+DEFAULT_METRICS_HOST = "127.0.0.1"
 
 
 def _port(value: Any, place: Place) -> int | None:
@@ -53,7 +53,7 @@ class MetricsConfig:
         "none: no server; 0: any free port (`metrics_port` tells which)", _port, None
     )
     host: str = setting(
-        "the address to listen on; every interface by default",
+        "the address to listen on: loopback unless set (`0.0.0.0`: every interface)",
         text(nonempty=True, hint=f" (omit it for {DEFAULT_METRICS_HOST})"),
         DEFAULT_METRICS_HOST,
     )
