@@ -147,10 +147,12 @@ def shown_fields(obj: Any) -> str:
         value = getattr(obj, field.name)
         if value is None:
             shown = "None"
+        elif meta.show is not None:  # a secret's own show masks it too (Secret's repr)
+            shown = meta.show(value)
         elif meta.secret:
             shown = "'***'"
         else:
-            shown = meta.show(value) if meta.show is not None else repr(value)
+            shown = repr(value)
         parts.append(f"{field.name}={shown}")
     return ", ".join(parts)
 

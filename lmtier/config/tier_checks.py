@@ -128,7 +128,7 @@ def _key_file(path: str, place: Place) -> Secret:
         raise place.about(f"no file at {path!r}") from None
     except OSError as exc:
         raise place.about(f"cannot open {path!r}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as file:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise place.about(f"{path!r} is not a regular file")
@@ -137,10 +137,12 @@ def _key_file(path: str, place: Place) -> Secret:
                 f"{path!r} is open to group or others (mode {oct(info.st_mode & 0o777)}); "
                 f"a secret must be readable by its owner only: chmod 600 {path}"
             )
-        try:
+        with os.fdopen(os.dup(fd), "rb") as file:
             data = file.read()
-        except OSError as exc:
-            raise place.about(f"cannot read {path!r}: {exc.strerror}") from None
+    except OSError as exc:
+        raise place.about(f"cannot read {path!r}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     # One line ending goes, as `$(cat file)` drops it: the file and a variable filled from it
     # give the same secret.
     data = data.removesuffix(b"\n").removesuffix(b"\r")

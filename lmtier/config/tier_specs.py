@@ -94,8 +94,8 @@ class TierSpec:
     )
     evictor: str = setting(
         "policy by name: `lru`, `fifo`, `lfu`, `s3fifo`, `arc`, `prefix` (see "
-        "[Eviction policies](#eviction-policies)); `TierSpec.evictor`, except on the last tier "
-        "of a config the vLLM and SGLang integrations load: `prefix`. The shipped configs name "
+        "[Eviction policies](#eviction-policies)); on the last tier of a config the vLLM and "
+        "SGLang integrations load, `prefix` when none is named. The shipped configs name "
         "theirs: `lru` on memory tiers and `prefix` on the last tier "
         "([why](policies.md#the-default-evictor))",
         choice(evictor_names),
@@ -198,7 +198,7 @@ class DiskTierSpec(TierSpec):
         show=oct,
     )
     auth_key: Secret | None = setting(
-        _AUTH_KEY_HELP, auth_key, None, keys=_AUTH_KEYS, verbatim=True, secret=True
+        _AUTH_KEY_HELP, auth_key, None, keys=_AUTH_KEYS, verbatim=True, secret=True, show=repr
     )
 
     @property
@@ -223,10 +223,11 @@ class RedisTierSpec(TierSpec):
         show=lambda url: repr(redact_url(url)),
     )
     username: str | None = setting(
-        "credentials (override the URL's)", optional(text()), None, verbatim=True
+        "the user to log in as (overrides the URL's)", optional(text()), None, verbatim=True
     )
     password: str | None = setting(
-        "(prefer `LMTIER_<TIER>__PASSWORD` to a file; never printed)",
+        "the user's password (overrides the URL's; never printed): prefer "
+        "`LMTIER_<TIER>__PASSWORD` to writing it in a file",
         optional(text()),
         None,
         verbatim=True,
@@ -261,7 +262,7 @@ class RedisTierSpec(TierSpec):
         "`rediss://` only: the key of `tls_cert_file`", optional(existing_file), None, verbatim=True
     )
     auth_key: Secret | None = setting(
-        _AUTH_KEY_HELP, auth_key, None, keys=_AUTH_KEYS, verbatim=True, secret=True
+        _AUTH_KEY_HELP, auth_key, None, keys=_AUTH_KEYS, verbatim=True, secret=True, show=repr
     )
 
     def check_together(self, where: str) -> None:
