@@ -13,7 +13,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from lmtier.config import StoreConfig, TierConfig
+from lmtier.config import DiskTierSpec, RedisTierSpec, StoreConfig, TierConfig
 from lmtier.errors import LmtierError
 from lmtier.tiers.disk_files import namespace_folder
 from lmtier.tiers.factory import build_tier
@@ -29,12 +29,12 @@ class StressSpace:
         self.namespace = f"lmtier-stress-{token}"
         tiers = []
         for spec in config.tiers:
-            if spec.kind == "redis" and spec.key_prefix is not None:
+            if isinstance(spec, RedisTierSpec) and spec.key_prefix is not None:
                 # A configured prefix may be all an ACL lets this user write: stay beneath it.
                 spec = dataclasses.replace(spec, key_prefix=f"{spec.key_prefix}:stress-{token}")
             tiers.append(spec)
         self.config = dataclasses.replace(config, namespace=self.namespace, tiers=tuple(tiers))
-        disk_roots = [_root(spec) for spec in tiers if spec.kind == "disk"]
+        disk_roots = [_root(spec) for spec in tiers if isinstance(spec, DiskTierSpec)]
         #: Each disk tier's sub-folder for this run.
         self.folders = [namespace_folder(root, self.namespace) for root in disk_roots]
         # Configured folders that the run's store will create: removed too, if left empty.
@@ -82,8 +82,7 @@ async def _clear_redis(spec: TierConfig, namespace: str) -> str | None:
     return None
 
 
-def _root(spec: TierConfig) -> Path:
-    assert spec.path is not None
+def _root(spec: DiskTierSpec) -> Path:
     return Path(spec.path).expanduser().resolve()  # as the disk tier resolves it
 
 

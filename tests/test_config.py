@@ -14,6 +14,8 @@ import yaml
 from lmtier.config import (
     GB,
     MB,
+    DiskTierSpec,
+    MemoryTierSpec,
     StoreConfig,
     TierConfig,
     apply_env_overrides,
@@ -49,30 +51,36 @@ def _write(tmp_path: Path, data: object, name: str = "c.yaml") -> Path:
         (
             "default.yaml",
             [
-                ("gpu", "memory", "cuda", 2 * GB, None),
-                ("cpu", "memory", "cpu", 8 * GB, None),
-                ("disk", "disk", "cpu", 50 * GB, "/var/tmp/lmtier"),
+                ("gpu", "memory", "cuda", 2 * GB),
+                ("cpu", "memory", "cpu", 8 * GB),
+                ("disk", "disk", "/var/tmp/lmtier", 50 * GB),
             ],
         ),
         (
             "cpu_disk.yaml",
             [
-                ("cpu", "memory", "cpu", 8 * GB, None),
-                ("disk", "disk", "cpu", 50 * GB, "/var/tmp/lmtier"),
+                ("cpu", "memory", "cpu", 8 * GB),
+                ("disk", "disk", "/var/tmp/lmtier", 50 * GB),
             ],
         ),
     ],
 )
 def test_shipped_configs_load(filename: str, expected: list[tuple[Any, ...]]) -> None:
     config = load_config(CONFIGS / filename, environ={})
-    got = [(t.name, t.kind, t.device, t.max_size_bytes, t.path) for t in config.tiers]
+    got = [
+        (t.name, t.kind, t.device if isinstance(t, MemoryTierSpec) else t.path, t.max_size_bytes)
+        for t in config.tiers
+        if isinstance(t, MemoryTierSpec | DiskTierSpec)
+    ]
     assert got == expected
     assert config.promote_on_hit is True
     assert config.room_timeout_s == 30.0
     for tier in config.tiers:
         assert tier.required is False
-        assert tier.durability == "none"
-        assert tier.pinned is True
+        if isinstance(tier, DiskTierSpec):
+            assert (tier.durability, tier.mode, tier.auth_key) == ("none", 0o600, None)
+        else:
+            assert isinstance(tier, MemoryTierSpec) and tier.pinned is True
 
 
 # The measured default (docs/policies.md, "The default evictor"): change it only with new
@@ -103,15 +111,10 @@ def test_defaults_and_types() -> None:
     cpu, disk = config.tiers
     assert isinstance(config, StoreConfig)
     assert isinstance(config.tiers, tuple)
-    assert isinstance(cpu, TierConfig)
-    assert (cpu.evictor, cpu.device, cpu.pinned, cpu.path, cpu.required) == (
-        "lru",
-        "cpu",
-        True,
-        None,
-        False,
-    )
-    assert disk.durability == "none"
+    assert isinstance(cpu, TierConfig) and isinstance(cpu, MemoryTierSpec)
+    assert isinstance(disk, DiskTierSpec)
+    assert (cpu.evictor, cpu.device, cpu.pinned, cpu.required) == ("lru", "cpu", True, False)
+    assert (disk.durability, disk.mode, disk.folder_mode) == ("none", 0o600, 0o700)
     assert isinstance(config.room_timeout_s, float)
 
 

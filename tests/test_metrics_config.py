@@ -3,12 +3,14 @@ environment as a whole section, with errors that say what to write instead."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from lmtier import TieredStore
 from lmtier.config import MetricsConfig, config_from_mapping, load_config
 from lmtier.errors import ConfigError
 
@@ -27,7 +29,9 @@ def test_a_yaml_file_sets_the_port_and_the_host(tmp_path: Path) -> None:
 
 def test_port_zero_and_the_default_host() -> None:
     config = config_from_mapping(base(metrics={"port": 0}), environ={})
-    assert config.metrics == MetricsConfig(port=0, host="0.0.0.0")
+    assert config.metrics == MetricsConfig(port=0, host="127.0.0.1")
+    every = config_from_mapping(base(metrics={"port": 0, "host": "0.0.0.0"}), environ={})
+    assert every.metrics == MetricsConfig(port=0, host="0.0.0.0")
     # a section without a port: histograms, and no server
     assert config_from_mapping(base(metrics={}), environ={}).metrics == MetricsConfig(port=None)
     assert config_from_mapping(base(metrics={"port": None}), environ={}).metrics == MetricsConfig()
@@ -55,6 +59,17 @@ def test_a_bad_section_is_a_clear_error(section: object, words: str) -> None:
     with pytest.raises(ConfigError, match="metrics") as error:
         config_from_mapping(base(metrics=section), environ={})
     assert words in str(error.value)
+
+
+async def test_the_server_binds_loopback_unless_the_host_says_otherwise() -> None:
+    config = config_from_mapping(base(metrics={"port": 0}), environ={})
+    async with TieredStore(config) as store:
+        assert store.metrics.address == ("127.0.0.1", store.metrics_port)
+        with socket.create_connection(("127.0.0.1", store.metrics_port or 0), timeout=30):
+            pass
+    wide = config_from_mapping(base(metrics={"port": 0, "host": "0.0.0.0"}), environ={})
+    async with TieredStore(wide) as store:
+        assert store.metrics.address == ("0.0.0.0", store.metrics_port)
 
 
 def test_the_environment_sets_the_whole_section() -> None:

@@ -41,7 +41,7 @@ from sglang.srt.mem_cache.hicache_storage import (
     HiCacheStorageExtraInfo,
 )
 
-from lmtier.config import StoreConfig
+from lmtier.config import DiskTierSpec, StoreConfig
 from lmtier.errors import ConfigError, LmtierError
 from lmtier.evictor import PutStatus
 from lmtier.integrations.blocking import BlockingStore
@@ -397,7 +397,7 @@ def _store_config(extra: Mapping[str, Any], config: HiCacheStorageConfig) -> Sto
     )
     tiers = tuple(
         dataclasses.replace(tier, path=os.path.join(tier.path, folder))
-        if tier.kind == "disk" and tier.path is not None
+        if isinstance(tier, DiskTierSpec)
         else tier
         for tier in parsed.tiers
     )

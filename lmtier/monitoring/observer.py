@@ -107,6 +107,11 @@ class StoreMetrics:
         """The port the HTTP server listens on (the one chosen for port 0), or None."""
         return None if self._server is None else self._server.port
 
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The address and port the HTTP server is bound to, or None."""
+        return None if self._server is None else (self._server.host, self._server.port)
+
     def serve(self) -> None:
         """On the store's loop as it opens: remember the loop, start the configured server."""
         self._home.record()

@@ -16,8 +16,9 @@ __all__ = ["MetricsServer"]
 class MetricsServer:
     """prometheus_client's threaded HTTP server over one registry, on ``host:port``.
 
-    Port 0 takes any free port; ``port`` tells which.  A port that cannot be had (in use, or
-    privileged) is a ``ConfigError`` naming it.
+    The config's ``host`` is loopback unless it names another address. Port 0 takes any free
+    port; ``port`` tells which, and ``host`` the address the socket is bound to. A port that
+    cannot be had (in use, or privileged) is a ``ConfigError`` naming it.
     """
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
@@ -32,7 +33,7 @@ class MetricsServer:
             raise ConfigError(f"{where}: {exc}") from exc
         self._server: Any = server
         self._thread: threading.Thread = thread
-        self.host = host
+        self.host: str = str(server.server_address[0])
         self.port: int = server.server_port
 
     def stop(self) -> None:

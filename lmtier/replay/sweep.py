@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lmtier.admission import ADMISSION_POLICIES
-from lmtier.config import StoreConfig, TierConfig, load_config
+from lmtier.config import DiskTierSpec, StoreConfig, TierConfig, load_config
 from lmtier.errors import ConfigError
 from lmtier.replay.capacity import plan_capacities
 from lmtier.replay.run import (
@@ -183,10 +183,9 @@ def _real_config(
     evictors = tier_policies(policy, len(specs))
     tiers = tuple(
         replace(
-            spec,
+            replace(spec, path=str(folder / spec.name)) if isinstance(spec, DiskTierSpec) else spec,
             max_size_bytes=capacity,
             evictor=evictor,
-            path=str(folder / spec.name) if spec.kind == "disk" else None,
             # A config's own admission stays unless the replay names one.
             admission=admitted if options.admission else spec.admission,
             admission_window=options.admission_window or spec.admission_window,

@@ -1,22 +1,47 @@
-"""Tiers built from their config, with the device checks a config file cannot make."""
+"""Tiers built from their specs through a registry of builders, one per kind of spec, with
+the device checks a config file cannot make."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 from lmtier.admission import make_admission
-from lmtier.config import StoreConfig, TierConfig
+from lmtier.config import DiskTierSpec, MemoryTierSpec, RedisTierSpec, StoreConfig, TierSpec
 from lmtier.errors import ConfigError, DeviceUnavailableError
 from lmtier.evictor import BaseEvictor, make_evictor
 from lmtier.tiers.base import Tier
 from lmtier.tiers.disk import DiskTier
 from lmtier.tiers.memory import MemoryTier
 
-__all__ = ["build_tier", "build_tiers"]
+__all__ = ["TierBuilder", "build_tier", "build_tiers", "register_tier_builder"]
 
 log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=TierSpec)
+
+TierBuilder = Callable[[S, BaseEvictor, str], Tier | None]
+"""Builds the tier of a spec, given its evictor and the store's namespace; ``None`` skips a
+tier this machine cannot hold."""
+
+_BUILDERS: dict[type[TierSpec], TierBuilder[Any]] = {}
+
+
+def register_tier_builder(spec_class: type[S], builder: TierBuilder[S]) -> None:
+    """Build the tiers of ``spec_class`` (and of its subclasses) with ``builder``."""
+    if spec_class in _BUILDERS:
+        raise ConfigError(f"a builder for {spec_class.__name__} is already registered")
+    _BUILDERS[spec_class] = builder
+
+
+def _builder(spec: TierSpec) -> TierBuilder[Any]:
+    for cls in type(spec).__mro__:
+        if cls in _BUILDERS:
+            return _BUILDERS[cls]
+    raise ConfigError(f"tier {spec.name!r}: no builder is registered for {type(spec).__name__}")
 
 
 def build_tiers(config: StoreConfig) -> list[Tier]:
@@ -29,21 +54,16 @@ def build_tiers(config: StoreConfig) -> list[Tier]:
     return tiers
 
 
-def build_tier(spec: TierConfig, namespace: str = "") -> Tier | None:
+def build_tier(spec: TierSpec, namespace: str = "") -> Tier | None:
     """One tier, or ``None`` for a CUDA tier on a machine without CUDA that is not required."""
-    tier = _build_backend(spec, namespace)
+    evictor = make_evictor(spec.evictor, spec.max_size_bytes)
+    tier = _builder(spec)(spec, evictor, namespace)
     if tier is not None:
         tier.admission = make_admission(spec.admission, spec.max_size_bytes, spec.admission_window)
     return tier
 
 
-def _build_backend(spec: TierConfig, namespace: str) -> Tier | None:
-    evictor = make_evictor(spec.evictor, spec.max_size_bytes)
-    if spec.kind == "redis":
-        return _redis_tier(spec, evictor, namespace)
-    if spec.kind == "disk":
-        assert spec.path is not None
-        return DiskTier(spec.name, evictor, spec.path, spec.durability, namespace)
+def _memory_tier(spec: MemoryTierSpec, evictor: BaseEvictor, namespace: str) -> Tier | None:
     device = torch.device(spec.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -61,7 +81,20 @@ def _build_backend(spec: TierConfig, namespace: str) -> Tier | None:
     return MemoryTier(spec.name, evictor, device, pinned=spec.pinned)
 
 
-def _redis_tier(spec: TierConfig, evictor: BaseEvictor, namespace: str) -> Tier:
+def _unsupported(spec: TierSpec, field: str) -> ConfigError:
+    # Refused, not ignored: a secret or a mode that silently did nothing would mislead.
+    return ConfigError(f"tier {spec.name!r}: this {spec.kind} tier does not support {field!r}")
+
+
+def _disk_tier(spec: DiskTierSpec, evictor: BaseEvictor, namespace: str) -> Tier:
+    if spec.auth_key is not None:
+        raise _unsupported(spec, "auth_key")
+    if spec.mode != DiskTierSpec.mode:
+        raise _unsupported(spec, "mode")
+    return DiskTier(spec.name, evictor, spec.path, spec.durability, namespace)
+
+
+def _redis_tier(spec: RedisTierSpec, evictor: BaseEvictor, namespace: str) -> Tier:
     # Imported here: redis-py is an optional extra, needed only when a redis tier is configured.
     try:
         from lmtier.tiers.remote import RemoteTier
@@ -70,7 +103,8 @@ def _redis_tier(spec: TierConfig, evictor: BaseEvictor, namespace: str) -> Tier:
             f"tier {spec.name!r} is a redis tier, which needs redis-py: "
             f"pip install 'lmtier[redis]' ({exc})"
         ) from exc
-    assert spec.url is not None
+    if spec.auth_key is not None:
+        raise _unsupported(spec, "auth_key")
     return RemoteTier(
         spec.name,
         evictor,
@@ -85,3 +119,8 @@ def _redis_tier(spec: TierConfig, evictor: BaseEvictor, namespace: str) -> Tier:
         reconnect_max_s=spec.reconnect_max_s,
         tls_files=(spec.tls_ca_file, spec.tls_cert_file, spec.tls_key_file),
     )
+
+
+register_tier_builder(MemoryTierSpec, _memory_tier)
+register_tier_builder(DiskTierSpec, _disk_tier)
+register_tier_builder(RedisTierSpec, _redis_tier)
