@@ -70,7 +70,7 @@ from lmtier.config import StoreConfig
 from lmtier.errors import StoreClosedError
 from lmtier.evictor import PutStatus
 from lmtier.integrations.blocking import BlockingStore
-from lmtier.integrations.engine_config import engine_config
+from lmtier.integrations.engine_config import engine_config, in_namespace
 from lmtier.keys import KeyLike
 from lmtier.monitoring import CATALOGUE
 from lmtier.store import TieredStore
@@ -255,7 +255,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         self._row_bytes = int(rows.shape[1])
         derived = kv_namespace(offloading_spec, self._row_bytes)
         namespace = f"{base.namespace}|{derived}" if base.namespace else derived
-        self.store_config: StoreConfig = dataclasses.replace(base, namespace=namespace)
+        self.store_config: StoreConfig = in_namespace(base, namespace)
         self.namespace = namespace
         self._batch = batch_blocks
 
