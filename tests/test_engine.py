@@ -118,6 +118,53 @@ async def test_a_pinned_chunk_survives_a_flood_and_a_released_one_does_not() -> 
         assert store.audit() == []
 
 
+async def flood(engine: KVCacheEngine, base: int, chunks: int = 20) -> None:
+    """Store ``chunks`` new chunks: every unpinned chunk of a small tier is evicted."""
+    for i in range(chunks):
+        await engine.store(list(range(base + 4 * i, base + 4 + 4 * i)), kv_for(4, 3))
+
+
+async def test_a_release_drops_only_the_pins_its_own_lookup_took() -> None:
+    async with memory_store(budget=8 * KIB) as store:  # room for 4 chunks of 2 KiB
+        engine = KVCacheEngine(store, SPEC)
+        tokens, kv = list(range(8)), kv_for(8, 1)
+        await engine.store(tokens[:4], kv[:, :, :4])
+        assert await engine.lookup(tokens) == 4  # request A: its first chunk only
+        await engine.store(tokens, kv)
+        assert await engine.lookup(tokens) == 8  # request B is promised both chunks
+        engine.release(tokens)  # request A lets go of what it pinned, and only that
+        await flood(engine, 1000)
+        hit, got = await engine.retrieve(tokens)  # request B
+        assert hit == 8 and got is not None and torch.equal(got, kv)
+        await flood(engine, 5000)  # every pin was released: nothing is left
+        assert [await store.contains(c.key) for c in engine.chunks(tokens)] == [None, None]
+        assert store.audit() == []
+
+
+async def test_a_chunk_two_lookups_pinned_stays_until_both_let_go() -> None:
+    async with memory_store(budget=8 * KIB) as store:
+        engine = KVCacheEngine(store, SPEC)
+        shared, kv = list(range(4)), kv_for(4, 1)
+        await engine.store(shared, kv)
+        first = await engine.lookup_pins(shared)
+        second = await engine.lookup_pins([*shared, 70, 71, 72, 73])  # a longer request
+        assert (first.tokens, second.tokens) == (4, 4) and first.keys == second.keys
+        engine.release(first)
+        engine.release(first)  # released already: nothing more
+        await flood(engine, 1000)
+        hit, got = await engine.retrieve(shared, pins=second)
+        assert hit == 4 and got is not None and torch.equal(got, kv)
+        await flood(engine, 5000)
+        assert await store.contains(first.keys[0]) is None
+        # A retrieve of the prefix a lookup found releases that lookup (the paged adapter's way).
+        await engine.store(shared, kv)
+        assert await engine.lookup([*shared, 90, 91, 92, 93]) == 4
+        await engine.retrieve(shared)
+        await flood(engine, 9000)
+        assert await store.contains(first.keys[0]) is None
+        assert store.stats()["pinned_entries"] == 0
+
+
 # ---------------------------------------------------------------------- the paged adapter
 def paged_buffers(layers: int = 2, blocks: int = 16, device: str = "cpu") -> list[torch.Tensor]:
     return [torch.zeros(2, blocks, 2, 2, 8, device=device) for _ in range(layers)]

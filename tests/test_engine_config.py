@@ -92,3 +92,27 @@ def test_each_integration_builds_its_config_through_engine_config(module: str) -
     }
     assert "engine_config" in called
     assert not called & {"load_config", "parse_config", "config_from_mapping", "read_config_file"}
+
+
+def test_in_namespace_puts_the_namespace_beneath_a_configured_key_prefix() -> None:
+    from lmtier.integrations.engine_config import in_namespace
+
+    redis = {"kind": "redis", "url": "redis://127.0.0.1:1", "max_size_mb": 64}
+    base = parse_config(
+        {
+            "namespace": "user",
+            "tiers": [
+                {"name": "a", **redis, "key_prefix": "team"},
+                {"name": "b", **redis},
+            ],
+        },
+        "c",
+    )
+    one, two = in_namespace(base, "user|model-a"), in_namespace(base, "user|model-b")
+    assert (one.namespace, two.namespace) == ("user|model-a", "user|model-b")
+    prefix_one, prefix_two = one.tiers[0].key_prefix, two.tiers[0].key_prefix
+    assert prefix_one is not None and prefix_two is not None
+    assert prefix_one.startswith("team:") and prefix_two.startswith("team:")
+    assert prefix_one != prefix_two
+    assert in_namespace(base, "user|model-a").tiers[0].key_prefix == prefix_one  # stable
+    assert one.tiers[1].key_prefix is None  # derived from the namespace by the tier itself

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,7 +16,7 @@ from lmtier.evictor import PutStatus
 from lmtier.keys import CacheEngineKey, KeyLike
 from lmtier.store import TieredStore
 
-__all__ = ["DEFAULT_PIN_LEASE_S", "KVCacheEngine", "Tokens"]
+__all__ = ["DEFAULT_PIN_LEASE_S", "KVCacheEngine", "PrefixLookup", "Tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,19 @@ DEFAULT_PIN_LEASE_S = 30.0
 Tokens = Sequence[int] | torch.Tensor
 
 
+@dataclass(eq=False)
+class PrefixLookup:
+    """What one ``lookup_pins`` found and pinned: ``tokens`` leading tokens, in the chunks
+    ``keys``.  Handed back to ``retrieve(..., pins=)`` or ``release``, it releases exactly
+    those pins, once."""
+
+    tokens: int
+    keys: tuple[CacheEngineKey, ...]
+    asked: CacheEngineKey | None = field(default=None, repr=False)  # last chunk of the tokens
+    lease: asyncio.TimerHandle | None = field(default=None, repr=False)
+    released: bool = field(default=False, repr=False)
+
+
 class KVCacheEngine:
     """Chunked prefix caching on a TieredStore.
 
@@ -34,6 +48,12 @@ class KVCacheEngine:
     ``spec.chunk_size`` tokens is one store entry.  ``lookup`` pins the chunks it counts so that
     they survive until ``retrieve`` or ``release``, or until ``pin_lease_s`` seconds have passed
     (None: no limit), so that a request the engine aborted never holds room for good.
+
+    Pins belong to the lookup that took them: a ``release`` or ``retrieve`` drops one lookup's
+    pins and no other's, so a chunk two lookups pinned stays pinned until both let go.  Given
+    tokens, it is the oldest live lookup of those tokens, else one whose pinned chunks are
+    exactly those tokens' chunks (a retrieve of the prefix a lookup found); given the
+    ``PrefixLookup`` that ``lookup_pins`` returned, that lookup.
     """
 
     def __init__(
@@ -49,9 +69,10 @@ class KVCacheEngine:
         self.spec = spec
         self.token_dim = token_dim
         self.pin_lease_s = pin_lease_s
-        # Each pin's lease timer (None without a lease), oldest first: a release ends the
-        # oldest, an expiry its own.
-        self._pins: dict[CacheEngineKey, deque[asyncio.TimerHandle | None]] = {}
+        # The live lookups that pinned something, oldest first: by the last chunk of the
+        # tokens they were asked, and by the last chunk they pinned.
+        self._by_asked: dict[CacheEngineKey, deque[PrefixLookup]] = {}
+        self._by_pinned: dict[CacheEngineKey, deque[PrefixLookup]] = {}
         self.pins_expired = 0
 
     def chunks(self, tokens: Tokens) -> list[ChunkKey]:
@@ -63,51 +84,88 @@ class KVCacheEngine:
         Counted in the store's ``metrics.engine``: the tokens asked about, and those found by
         the tier holding their chunk.
         """
+        return (await self.lookup_pins(tokens)).tokens
+
+    async def lookup_pins(self, tokens: Tokens) -> PrefixLookup:
+        """``lookup``, returning the lookup itself: its token count and the chunks it pinned,
+        for ``retrieve(..., pins=)`` or ``release`` to release exactly these pins."""
+        chunks = self.chunks(tokens)
+        keys: list[CacheEngineKey] = []
         hit = 0
         counters = self._store.metrics.engine
-        for chunk in self.chunks(tokens):
+        for chunk in chunks:
             tier = self._store.pin(chunk.key)
             if tier is None:
                 break
-            self._add_pin(chunk.key)
+            keys.append(chunk.key)
             counters.hit_tokens[tier] += chunk.end - chunk.start
             hit = chunk.end
         counters.lookups += 1
         counters.tokens += len(tokens)
-        return hit
+        found = PrefixLookup(hit, tuple(keys), asked=chunks[-1].key if chunks else None)
+        if keys:
+            self._record(found)
+        return found
 
-    def _add_pin(self, key: CacheEngineKey) -> None:
-        leases = self._pins.setdefault(key, deque())
-        if self.pin_lease_s is None:
-            leases.append(None)
-            return
-        lease: list[asyncio.TimerHandle] = []
-        loop = asyncio.get_running_loop()
-        lease.append(loop.call_later(self.pin_lease_s, self._expire, key, lease))
-        leases.append(lease[0])
+    def _record(self, found: PrefixLookup) -> None:
+        assert found.asked is not None
+        self._by_asked.setdefault(found.asked, deque()).append(found)
+        self._by_pinned.setdefault(found.keys[-1], deque()).append(found)
+        if self.pin_lease_s is not None:
+            loop = asyncio.get_running_loop()
+            found.lease = loop.call_later(self.pin_lease_s, self._expire, found)
 
-    def _expire(self, key: CacheEngineKey, lease: list[asyncio.TimerHandle]) -> None:
-        leases = self._pins.get(key)
-        if leases is None or lease[0] not in leases:
+    def _expire(self, found: PrefixLookup) -> None:
+        if found.released:
             return
-        leases.remove(lease[0])
-        if not leases:
-            del self._pins[key]
-        self._store.unpin(key)
-        self.pins_expired += 1
-        if self.pins_expired == 1 or self.pins_expired % 1000 == 0:
+        found.lease = None
+        self._release(found)
+        before, self.pins_expired = self.pins_expired, self.pins_expired + len(found.keys)
+        if before == 0 or before // 1000 != self.pins_expired // 1000:
             log.warning(
-                "a lookup's pin of %r expired after %.1f s without retrieve or release "
-                "(%d so far): was the request aborted?",
-                key,
+                "a lookup's pins of %d chunks expired after %.1f s without retrieve or release "
+                "(%d pins so far): was the request aborted?",
+                len(found.keys),
                 self.pin_lease_s,
                 self.pins_expired,
             )
 
-    def release(self, tokens: Tokens) -> None:
-        """Drop the pins a ``lookup`` of ``tokens`` took, without retrieving."""
-        for chunk in self.chunks(tokens):
-            self._unpin(chunk.key)
+    def release(self, lookup: Tokens | PrefixLookup) -> None:
+        """Drop one ``lookup``'s pins without retrieving: those of the ``PrefixLookup`` given,
+        or of a live lookup of these tokens (see the class docstring)."""
+        found = lookup if isinstance(lookup, PrefixLookup) else self._lookup_of(lookup)
+        if found is not None:
+            self._release(found)
+
+    def _lookup_of(self, tokens: Tokens) -> PrefixLookup | None:
+        """The live lookup a release of ``tokens`` ends: the oldest lookup of these tokens, else
+        one whose pinned chunks are exactly these tokens' chunks (it pinned them all)."""
+        chunks = self.chunks(tokens)
+        if not chunks:
+            return None
+        last = chunks[-1].key
+        for index in (self._by_asked, self._by_pinned):
+            waiting = index.get(last)
+            if waiting and (index is self._by_asked or len(waiting[0].keys) == len(chunks)):
+                return waiting[0]
+        return None
+
+    def _release(self, found: PrefixLookup) -> None:
+        if found.released or not found.keys:  # a lookup that pinned nothing is not recorded
+            found.released = True
+            return
+        found.released = True
+        if found.lease is not None:
+            found.lease.cancel()
+            found.lease = None
+        assert found.asked is not None
+        for index, key in ((self._by_asked, found.asked), (self._by_pinned, found.keys[-1])):
+            waiting = index[key]
+            waiting.remove(found)
+            if not waiting:
+                del index[key]
+        for key in found.keys:
+            self._store.unpin(key)
 
     async def store(self, tokens: Tokens, kv: torch.Tensor | Sequence[torch.Tensor]) -> int:
         """Store the chunks of ``tokens`` not cached yet; how many tokens the store now holds.
@@ -138,23 +196,29 @@ class KVCacheEngine:
         return held
 
     async def retrieve(
-        self, tokens: Tokens, device: str | torch.device | None = None
+        self,
+        tokens: Tokens,
+        device: str | torch.device | None = None,
+        *,
+        pins: PrefixLookup | None = None,
     ) -> tuple[int, torch.Tensor | None]:
         """The cached prefix of ``tokens``: its length and its KV on ``device``.
 
-        Releases the pins of a preceding ``lookup`` of these tokens.
+        Releases the pins of the preceding lookup: ``pins``, or a lookup of these tokens (as
+        ``release`` finds it).
         """
+        found = pins if pins is not None else self._lookup_of(tokens)
         chunks = self.chunks(tokens)
-        prefix_keys = []
-        for chunk in chunks:  # only the cached prefix: chunks after a gap are of no use
-            if await self._store.contains(chunk.key) is None:
-                break
-            prefix_keys.append(chunk.key)
         try:
+            prefix_keys = []
+            for chunk in chunks:  # only the cached prefix: chunks after a gap are of no use
+                if await self._store.contains(chunk.key) is None:
+                    break
+                prefix_keys.append(chunk.key)
             got = await self._store.get_many(prefix_keys, device)
         finally:
-            for chunk in chunks:
-                self._unpin(chunk.key)
+            if found is not None:
+                self._release(found)
         prefix: list[torch.Tensor] = []
         for piece in got:
             if piece is None:
@@ -186,14 +250,3 @@ class KVCacheEngine:
                     f"{piece.shape[self.token_dim]} tokens"
                 )
         return pieces[: len(chunks)]
-
-    def _unpin(self, key: CacheEngineKey) -> None:
-        leases = self._pins.get(key)
-        if not leases:
-            return
-        timer = leases.popleft()
-        if timer is not None:
-            timer.cancel()
-        if not leases:
-            del self._pins[key]
-        self._store.unpin(key)

@@ -53,12 +53,17 @@ class PagedKVAdapter:
 
     async def load(self, tokens: Tokens, block_ids: Sequence[int]) -> int:
         """Fill the request's leading blocks from lmtier; how many tokens were loaded."""
-        hit = await self.engine.lookup(tokens)
+        found = await self.engine.lookup_pins(tokens)
+        hit = found.tokens
         if not hit:
             return 0
-        self._check_blocks(hit, block_ids)
+        try:
+            self._check_blocks(hit, block_ids)
+        except InvalidValueError:
+            self.engine.release(found)
+            raise
         device = self.kv_caches[0].device
-        loaded, kv = await self.engine.retrieve(_prefix(tokens, hit), device)
+        loaded, kv = await self.engine.retrieve(_prefix(tokens, hit), device, pins=found)
         if kv is None:
             return 0
         for start in range(0, loaded, self.engine.spec.chunk_size):

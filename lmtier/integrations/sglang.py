@@ -17,7 +17,9 @@ content inline); with neither, ``$LMTIER_CONFIG``.  ``rank_dirs`` (default true)
 its own sub-folder of every disk tier's path, since a disk folder belongs to one store.
 
 Keys carry the model and rank suffixes of SGLang's own file backend (``HiCacheFile``), so another
-model, or another shard of the same model, never hits.  Pages are stored in the host pool's page
+model, or another shard of the same model, never hits.  Instances share through a redis tier:
+``batch_exists`` asks it for the pages no index here holds, and ``clear`` deletes what is under
+the store's key prefix there.  Pages are stored in the host pool's page
 shape; a page stored under another layout has another shape and reads as a miss.
 """
 
@@ -249,7 +251,10 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ the rest
     def clear(self) -> bool:
-        """Delete this backend's entries (this model's and rank's keys) from every tier."""
+        """Delete this backend's entries (this model's and rank's keys) from every tier, and
+        every value on a shared (redis) tier under the store's key prefix: all the entries of
+        this lmtier namespace there, whichever model, rank or instance stored them (give each
+        model its own ``namespace`` or ``key_prefix`` to keep a clear to one model)."""
         suffixes = (self.config_suffix, self.tp_config_suffix)
         try:
             removed = self._store.call(lambda store: _delete_suffixed(store, suffixes))
@@ -341,10 +346,22 @@ async def _put_one(store: TieredStore, key: str, page: torch.Tensor) -> bool:
 
 
 async def _leading_hits(store: TieredStore, keys: list[str]) -> int:
-    for count, key in enumerate(keys):
-        if await store.contains(key) is None:
-            return count
-    return len(keys)
+    held = [await store.contains(key) is not None for key in keys]
+    count = held.index(False) if False in held else len(keys)
+    if count == len(keys) or not any(tier.shared for tier in store.tiers):
+        return count
+    # What no index holds may be on the shared tier, stored by another instance: one get_many
+    # asks the server for all of it in one round trip (the tier batches the commands of one
+    # turn).  A page found is indexed here (and promoted), so the prefetch that follows reads
+    # it without asking again.
+    asked = [key for key, here in zip(keys[count:], held[count:], strict=True) if not here]
+    got = await store.get_many(asked, "cpu")
+    found = {key for key, data in zip(asked, got, strict=True) if data is not None}
+    for key, here in zip(keys[count:], held[count:], strict=True):
+        if not (here or key in found):
+            break
+        count += 1
+    return count
 
 
 async def _delete_suffixed(store: TieredStore, suffixes: tuple[str, ...]) -> int:
@@ -354,8 +371,17 @@ async def _delete_suffixed(store: TieredStore, suffixes: tuple[str, ...]) -> int
         for key in list(tier.cache_dict)
         if isinstance(key, str) and key.endswith(suffixes)
     }
-    removed = await asyncio.gather(*(store.delete(key) for key in keys))
-    return sum(removed)
+    removed = sum(await asyncio.gather(*(store.delete(key) for key in keys)))
+    # A shared tier's server names a value by a digest of its key: what other instances
+    # stored there is found by the namespace's key prefix alone, every model's and rank's.
+    shared = [tier for tier in store.tiers if tier.shared]
+    if shared:
+        from lmtier.tiers.remote import RemoteTier  # a shared tier: redis is installed
+
+        for tier in shared:
+            if isinstance(tier, RemoteTier):
+                removed += await tier.clear_prefix()
+    return removed
 
 
 def _key_suffixes(config: HiCacheStorageConfig) -> tuple[str, str]:

@@ -22,6 +22,8 @@ Everything here runs in vLLM's scheduler process and must never stall it:
   reported through ``get_finished_jobs``.  A store reads the primary tier's rows in place and a
   load writes them in place (``get(out=row)``): no staging copy.  A load reports exactly the
   keys that arrived intact; a missing or corrupt entry is a failed key, never wrong bytes.
+  A load job pins each of its blocks until that block is read, so the promotions of its first
+  blocks never evict a block it has still to read.
 * ``get_stats`` reports this tier's block counters and, under ``vllm:kv_offload_lmtier_*``
   names with a ``lmtier_tier`` label, the counters and gauges of the store's own tiers: a job on
   the store's thread reads them at most once per ``STORE_STATS_INTERVAL_S`` and a later call
@@ -68,7 +70,7 @@ from lmtier.config import StoreConfig
 from lmtier.errors import StoreClosedError
 from lmtier.evictor import PutStatus
 from lmtier.integrations.blocking import BlockingStore
-from lmtier.integrations.engine_config import engine_config
+from lmtier.integrations.engine_config import engine_config, in_namespace
 from lmtier.keys import KeyLike
 from lmtier.monitoring import CATALOGUE
 from lmtier.store import TieredStore
@@ -253,7 +255,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         self._row_bytes = int(rows.shape[1])
         derived = kv_namespace(offloading_spec, self._row_bytes)
         namespace = f"{base.namespace}|{derived}" if base.namespace else derived
-        self.store_config: StoreConfig = dataclasses.replace(base, namespace=namespace)
+        self.store_config: StoreConfig = in_namespace(base, namespace)
         self.namespace = namespace
         self._batch = batch_blocks
 
@@ -541,18 +543,29 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
 
         started = time.monotonic()
         loaded: list[OffloadKey] = []
+        texts = [offload_key_text(key) for key, _ in pairs]
+        # Every block of the job is pinned until its own read ends: the promotions of its
+        # first blocks may then evict anything but the blocks it has still to read.
+        pinned = [False] * len(texts)
+
+        async def read(index: int, slot: int) -> torch.Tensor | None:
+            try:
+                return await self.store.get(texts[index], out=self._row(slot))
+            finally:
+                if pinned[index]:
+                    pinned[index] = False
+                    self.store.unpin(texts[index])
+
         try:
+            for index, text in enumerate(texts):
+                pinned[index] = self.store.pin(text) is not None
             for first in range(0, len(pairs), self._batch):
                 batch = pairs[first : first + self._batch]
-                texts = [offload_key_text(key) for key, _ in batch]
                 got = await asyncio.gather(
-                    *(
-                        self.store.get(text, out=self._row(slot))
-                        for text, (_, slot) in zip(texts, batch, strict=True)
-                    ),
+                    *(read(first + i, slot) for i, (_, slot) in enumerate(batch)),
                     return_exceptions=True,
                 )
-                for text, (key, _), value in zip(texts, batch, got, strict=True):
+                for text, (key, _), value in zip(texts[first:], batch, got, strict=False):
                     if isinstance(value, torch.Tensor):
                         loaded.append(key)
                         continue
@@ -562,6 +575,10 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
                     self._index.discard(text)
         except Exception:
             log.exception("lmtier load job %d failed", job_id)
+        finally:
+            for text, held in zip(texts, pinned, strict=True):
+                if held:  # the reads that never ran (a failed or cancelled job)
+                    self.store.unpin(text)
         self._counters.loaded += len(loaded)
         self._counters.load_failed += len(pairs) - len(loaded)
         success = len(loaded) == len(pairs)

@@ -346,6 +346,57 @@ def test_another_model_never_hits_and_a_restart_keeps_pages(tmp_path: Path) -> N
         again.close()
 
 
+# ---------------------------------------------------------------------------- shared redis tier
+def redis_config(url: str) -> dict[str, Any]:
+    """A redis tier alone: every page a backend stores is on the shared server."""
+    return {"tiers": [{"name": "remote", "kind": "redis", "url": url, "max_size_mb": 4}]}
+
+
+def round_trips(backend: Any) -> int:
+    return int(inner(backend).lmtier_stats()["tiers"]["remote"]["round_trips"])
+
+
+def test_pages_another_instance_stored_on_redis_are_counted_and_cleared(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    keys = [f"r{i}" for i in range(8)]
+    config = redis_config(redis_server.url)
+
+    def instance() -> Any:
+        return build(storage_config(tmp_path, config=config))
+
+    writer = instance()
+    try:
+        assert writer.batch_set(keys, [page_for(k) for k in keys])
+    finally:
+        writer.close()
+    reader = instance()
+    try:
+        before = round_trips(reader)
+        # SGLang's prefetch counts its hits here: the shared pages must count, asked for in
+        # one round trip (not one per page); a page nobody stored ends the count.
+        assert reader.batch_exists([*keys, "nobody", keys[0]]) == len(keys)
+        assert round_trips(reader) - before == 1
+        assert reader.batch_exists(keys) == len(keys)  # now indexed: no round trip at all
+        assert round_trips(reader) - before == 1
+        targets = [torch.zeros(PAGE_NUMEL, dtype=DTYPE) for _ in keys]
+        reader.batch_get(keys, targets)
+        assert all(torch.equal(t, page_for(k)) for k, t in zip(keys, targets, strict=True))
+    finally:
+        reader.close()
+    cleaner = instance()  # indexes none of the pages
+    try:
+        assert cleaner.clear()
+    finally:
+        cleaner.close()
+    after = instance()
+    try:
+        assert after.batch_exists(keys) == 0
+        assert after.batch_get(keys, [torch.zeros(PAGE_NUMEL, dtype=DTYPE)] * 8) == [None] * 8
+    finally:
+        after.close()
+
+
 # ---------------------------------------------------------------------------- threads
 def test_prefetch_and_backup_threads_share_the_backend(backend: Any) -> None:
     keys = [f"c{i}" for i in range(48)]

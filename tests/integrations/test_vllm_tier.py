@@ -355,3 +355,74 @@ def test_the_stores_tier_stats_are_reported_through_vllm(
     assert read is not None
     read.result(10)
     assert tier.get_stats() is None
+
+
+def test_a_load_job_never_evicts_its_own_blocks(tmp_path: Path, engines: Any) -> None:
+    """A quiet, full cpu(8) -> disk(40) store; one job loads the 40 blocks on disk, all HIT:
+    its own promotions into the cpu tier must not push out the blocks it has still to read."""
+    row_gb = ROW / 2**30
+    config = {
+        "tiers": [
+            {"name": "cpu", "kind": "memory", "device": "cpu", "max_size_gb": 8 * row_gb},
+            {"name": "disk", "kind": "disk", "path": str(tmp_path), "max_size_gb": 40 * row_gb},
+        ]
+    }
+    engine = engines(config, cpu_rows=48)
+    req = engine.ctx("r1")
+    tier = engine.tier
+    blocks = keys("job", 48)
+    for slot, key in enumerate(blocks):
+        engine.rows[slot][:] = payload(key, engine.row_bytes)
+    tier.submit_store(transfer_job(1, blocks, range(48), promotion=False, req=req))
+    tier.drain_jobs()
+    assert [r.success for r in tier.get_finished_jobs()] == [True]
+    assert all(tier.lookup(key, req) is LookupResult.HIT for key in blocks)
+    on_disk = [k for k in blocks if tier.blocking.contains(offload_key_text(k)) == "disk"]
+    assert len(on_disk) == 40  # the disk tier is full, the cpu tier holds the other 8
+
+    engine.rows[:] = 0
+    tier.submit_load(transfer_job(2, on_disk, range(40), promotion=True, req=req))
+    tier.drain_jobs()
+    (result,) = tier.get_finished_jobs()
+    assert result.success, f"loaded {len(result.successful_keys or ())} of 40"
+    for slot, key in enumerate(on_disk):
+        assert as_bytes(engine.rows[slot]) == as_bytes(payload(key, engine.row_bytes))
+    assert tier.stats()["load_failed"] == 0
+    assert tier.blocking.audit() == []
+    # The job's pins ended with it.
+    tiers = tier.blocking.stats()["tiers"]
+    assert [tiers[name]["pinned_entries"] for name in ("cpu", "disk")] == [0, 0]
+
+
+def test_two_models_under_one_key_prefix_keep_their_own_redis_values(
+    engines: Any, redis_server: Any
+) -> None:
+    """A configured key_prefix still keeps each model's namespace apart on the server."""
+    config = {
+        "tiers": [
+            {"name": "remote", "kind": "redis", "url": redis_server.url,
+             "max_size_gb": 8 * MB, "key_prefix": "team-cache"},
+        ]
+    }  # fmt: skip
+    model_a = engines(config, cpu_rows=8, model="model-a")
+    model_b = engines(config, cpu_rows=8, model="model-b")
+    blocks = keys("same-tokens", 8)  # vLLM's block hashes do not name the model
+    fill(model_a, "same-tokens", 8, model_a.ctx("a"))
+    other = [np.bitwise_not(payload(k, model_b.row_bytes)) for k in blocks]  # model B's KV
+    model_b.store(blocks, other, model_b.ctx("b"))
+    model_b.settle()
+
+    tier = model_a.tier
+    req = model_a.ctx("a2")
+    assert all(tier.lookup(key, req) is LookupResult.HIT for key in blocks)
+    model_a.rows[:] = 0
+    tier.submit_load(transfer_job(3, blocks, range(8), promotion=True, req=req))
+    tier.drain_jobs()
+    (result,) = tier.get_finished_jobs()
+    assert result.success, f"model A loaded {len(result.successful_keys or ())} of 8"
+    for slot, key in enumerate(blocks):
+        assert as_bytes(model_a.rows[slot]) == as_bytes(payload(key, model_a.row_bytes))
+    assert tier.blocking.stats()["corrupt"] == 0
+    # Each model's entries live beneath the configured prefix, apart from the other's.
+    prefixes = {engine.tier.store.tiers[0].key_prefix for engine in (model_a, model_b)}
+    assert len(prefixes) == 2 and all(p.startswith("team-cache:") for p in prefixes)
