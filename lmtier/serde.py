@@ -441,7 +441,9 @@ def _header_from(header: object, rest: str, length: int) -> EntryHeader:
     if type(namespace) is not str:
         raise CorruptEntryError(f"namespace {namespace!r} is not a string")
     if type(checksum) is not str or _CHECKSUM.fullmatch(checksum) is None:
-        raise CorruptEntryError(f"checksum {checksum!r} is not {CHECKSUM_CHARS} hex digits")
+        raise CorruptEntryError(
+            f"checksum {checksum!r} is not {CHECKSUM_CHARS} or {KEYED_CHECKSUM_CHARS} hex digits"
+        )
     key = _key_from(meta["key_type"], meta["key"])
     dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     dtype = _FROM_SAFETENSORS.get(dtype_name) if type(dtype_name) is str else None

@@ -104,6 +104,9 @@ def test_each_kind_refuses_the_other() -> None:
         serde.UNKEYED.check_kind(serde.decode_header(forged), "entry")
     # With no secret the format is today's: a 16-digit xxh3 checksum.
     assert not unkeyed_header.keyed and len(unkeyed_header.checksum) == serde.CHECKSUM_CHARS
+    for digits in (15, 24, 33):  # a checksum of neither length is no entry's
+        with pytest.raises(CorruptEntryError, match="hex digits"):
+            serde.decode_header(planted("k", tensor, checksum="a" * digits))
 
 
 def test_a_bad_secret_gets_a_clear_error_without_its_value() -> None:
