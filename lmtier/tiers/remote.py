@@ -148,7 +148,6 @@ class RemoteTier(Tier):
         # "/" where an unkeyed prefix has ":": no tier's SCAN pattern matches another's names.
         base = key_prefix or default_key_prefix(namespace)
         self.key_prefix = base if tag is None else f"{base}/{tag}"
-
         self.cluster = cluster
         self.connect_timeout_s = connect_timeout_s
         self.op_timeout_s = op_timeout_s
