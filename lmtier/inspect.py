@@ -84,7 +84,7 @@ def _inspect_folder(folder: Path, repair: bool, progress: bool) -> FolderReport:
         try:
             scan = scan_folder(folder, None, verify=True, on_file=lambda: bar.update())
             # The folder's name is its namespace's hash: entries of any other are foreign.
-            own = {e.namespace for e in scan.entries if _folder_of(e.namespace) == folder.name}
+            own = {e.namespace for e in scan.entries if _names(e.namespace, folder)}
             report.namespaces = own
             report.foreign = [e for e in scan.entries if e.namespace not in own]
             scan.entries = [e for e in scan.entries if e.namespace in own]
@@ -101,8 +101,10 @@ def _inspect_folder(folder: Path, repair: bool, progress: bool) -> FolderReport:
     return report
 
 
-def _folder_of(namespace: str) -> str:
-    return namespace_folder(Path(), namespace).name
+def _names(namespace: str, folder: Path) -> bool:
+    """Whether ``folder`` is ``namespace``'s, without a secret's tag or with one."""
+    name = namespace_folder(Path(), namespace).name
+    return folder.name == name or folder.name.startswith(name + "-")
 
 
 def _lock(folder: Path) -> int:

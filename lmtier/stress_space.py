@@ -13,6 +13,7 @@ import secrets
 import shutil
 from pathlib import Path
 
+from lmtier import serde
 from lmtier.config import DiskTierSpec, RedisTierSpec, StoreConfig, TierConfig
 from lmtier.errors import LmtierError
 from lmtier.tiers.disk_files import namespace_folder
@@ -34,9 +35,13 @@ class StressSpace:
                 spec = dataclasses.replace(spec, key_prefix=f"{spec.key_prefix}:stress-{token}")
             tiers.append(spec)
         self.config = dataclasses.replace(config, namespace=self.namespace, tiers=tuple(tiers))
-        disk_roots = [_root(spec) for spec in tiers if isinstance(spec, DiskTierSpec)]
+        disks = [spec for spec in tiers if isinstance(spec, DiskTierSpec)]
+        disk_roots = [_root(spec) for spec in disks]
         #: Each disk tier's sub-folder for this run.
-        self.folders = [namespace_folder(root, self.namespace) for root in disk_roots]
+        self.folders = [
+            namespace_folder(_root(spec), self.namespace, _tag(spec, self.namespace))
+            for spec in disks
+        ]
         # Configured folders that the run's store will create: removed too, if left empty.
         self._new_folders = sorted(
             {folder for root in disk_roots for folder in _missing(root)},
@@ -93,3 +98,9 @@ def _missing(folder: Path) -> list[Path]:
         missing.append(folder)
         folder = folder.parent
     return missing
+
+
+def _tag(spec: DiskTierSpec, namespace: str) -> str | None:
+    """The secret's tag in the folder's name, as the tier derives it."""
+    secret = None if spec.auth_key is None else spec.auth_key.reveal()
+    return serde.EntryChecksums(secret).name_tag(namespace)

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from lmtier import PutStatus, TieredStore
 from lmtier.config import DiskTierSpec, RedisTierSpec, config_from_mapping, load_config
 from lmtier.errors import ConfigError
 from lmtier.secret import Secret
@@ -90,7 +92,7 @@ def test_no_secret_reaches_a_log(tmp_path: Path, caplog: pytest.LogCaptureFixtur
             logging.getLogger("lmtier").info("built %r from %s", spec, spec)
             try:
                 build_tier(spec)
-            except ConfigError as exc:  # the disk tier refuses the key: the text says nothing
+            except ConfigError as exc:  # a refusal's text says nothing secret either
                 logging.getLogger("lmtier").warning("%s", exc)
     assert caplog.records
     for secret in (PASSWORD, "field-secret", KEY):
@@ -233,15 +235,26 @@ def test_mode_is_for_disk_tiers() -> None:
         config_from_mapping(data, environ={})
 
 
-def test_the_builders_refuse_what_their_tiers_cannot_honour(tmp_path: Path) -> None:
-    """A secret or mode that a tier would silently ignore is refused when it is built."""
-    key = _key_file(tmp_path)
-    disk = {"path": str(tmp_path / "d"), "auth_key_file": str(key)}
-    config = config_from_mapping(_config({"auth_key_env": "K"}, disk), environ={"K": KEY})
-    for spec in config.tiers[1:]:
-        with pytest.raises(ConfigError, match="does not support 'auth_key'") as raised:
-            build_tier(spec)
-        assert KEY not in str(raised.value)
+async def test_a_configured_auth_key_keys_the_disk_tier(tmp_path: Path) -> None:
+    """The secret reaches the tier: entries written under one key are misses under another."""
+    value = torch.arange(64, dtype=torch.float32)
+
+    def store(secret: str) -> TieredStore:
+        disk = {"name": "disk", "kind": "disk", "path": str(tmp_path / "d"), "max_size_mb": 8}
+        data = {"tiers": [{**disk, "auth_key_env": "K"}]}
+        return TieredStore(config_from_mapping(data, environ={"K": secret}))
+
+    async with store(KEY) as first:
+        assert await first.put("k", value) is PutStatus.LEGAL
+    async with store("another secret") as other:
+        assert await other.get("k") is None
+    async with store(KEY) as same:
+        got = await same.get("k")
+        assert got is not None and torch.equal(got, value)
+
+
+def test_the_builders_refuse_a_mode_their_tiers_cannot_honour(tmp_path: Path) -> None:
+    """A mode that a tier would silently ignore is refused when it is built."""
     wider = config_from_mapping(_config(disk={"mode": 0o640}), environ={}).tiers[1]
     with pytest.raises(ConfigError, match="does not support 'mode'"):
         build_tier(wider)

@@ -19,7 +19,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from lmtier.config import StoreConfig, config_from_mapping, parse_config, read_config_file
+from lmtier.config import (
+    RedisTierSpec,
+    StoreConfig,
+    config_from_mapping,
+    parse_config,
+    read_config_file,
+)
 
 __all__ = ["ENGINE_EVICTOR", "engine_config", "in_namespace", "with_engine_evictor"]
 
@@ -68,7 +74,7 @@ def in_namespace(config: StoreConfig, namespace: str) -> StoreConfig:
     digest = hashlib.blake2b(namespace.encode("utf-8", "surrogatepass"), digest_size=8)
     tiers = tuple(
         dataclasses.replace(tier, key_prefix=f"{tier.key_prefix}:{digest.hexdigest()}")
-        if tier.key_prefix is not None
+        if isinstance(tier, RedisTierSpec) and tier.key_prefix is not None
         else tier
         for tier in config.tiers
     )

@@ -51,10 +51,13 @@ PIECEWISE_ABOVE_BYTES = 4 * 1024 * 1024
 _HEX = frozenset(string.hexdigits.lower())
 
 
-def namespace_folder(root: Path, namespace: str) -> Path:
-    """The folder under ``root`` that holds one namespace's entries."""
+def namespace_folder(root: Path, namespace: str, tag: str | None = None) -> Path:
+    """The folder under ``root`` that holds one namespace's entries; ``tag`` (a keyed hash,
+    see ``serde.EntryChecksums.name_tag``) gives each secret a folder of its own, so a tier
+    opened with another secret neither serves nor drops this one's entries."""
     digest = hashlib.blake2b(namespace.encode("utf-8", "surrogatepass"), digest_size=8)
-    return root / f"ns-{digest.hexdigest()}"
+    suffix = "" if tag is None else f"-{tag}"
+    return root / f"ns-{digest.hexdigest()}{suffix}"
 
 
 def key_digest(key: KeyLike) -> str:
@@ -146,10 +149,14 @@ def _read_whole_header(read: Callable[[int], bytes]) -> tuple[serde.EntryHeader,
     return serde.decode_header(head), head
 
 
-def read_entry(path: str, verify: bool = True) -> tuple[serde.EntryHeader, int, int]:
+def read_entry(
+    path: str, verify: bool = True, checksums: serde.EntryChecksums | None = serde.UNKEYED
+) -> tuple[serde.EntryHeader, int, int]:
     """Check a file's header (and with ``verify`` its payload); its header, size and mtime.
 
-    Raises ``CorruptEntryError`` for a file that is not a complete, intact entry.
+    Raises ``CorruptEntryError`` for a file that is not a complete, intact entry.  With
+    ``checksums`` None, entries of either kind pass, and a keyed one's payload is not
+    verified (that needs the secret).
     """
     # Plain descriptors: a restart reads 100k headers, and file objects cost a third more.
     fd, stat = open_regular_stat(path, os.O_RDONLY)
@@ -159,9 +166,13 @@ def read_entry(path: str, verify: bool = True) -> tuple[serde.EntryHeader, int, 
             raise CorruptEntryError(
                 f"{path}: {stat.st_size} bytes, the header promises {header.file_size}"
             )
-        if verify:
-            payload = head[header.payload_offset :] + os.pread(fd, header.nbytes, len(head))
-            serde.check_checksum(header, serde.payload_digest(payload), path)
+        if checksums is None and not header.keyed:
+            checksums = serde.UNKEYED
+        if checksums is not None:
+            checksums.check_kind(header, path)
+            if verify:
+                payload = head[header.payload_offset :] + os.pread(fd, header.nbytes, len(head))
+                checksums.check(header, checksums.payload_digest(payload), path)
     finally:
         os.close(fd)
     return header, stat.st_size, stat.st_mtime_ns
@@ -205,7 +216,9 @@ def scan_folder(
 
     Entries of another namespace are left alone, unless ``namespace`` is None.  Links are
     never followed, and only regular files are opened.  ``on_file`` is called once per
-    file looked at (for progress bars).
+    file looked at (for progress bars).  A keyed entry (written with a secret) is verified
+    only as far as its header: with ``verify`` it is left alone, as its checksum needs the
+    secret, and a tier's reads check it with the tier's own.
     """
     scan = FolderScan()
     if not folder.is_dir():
@@ -253,7 +266,7 @@ def _not_regular(item: os.DirEntry[str]) -> str:
 
 def _scan_file(path: str, name: str, namespace: str | None, verify: bool, scan: FolderScan) -> None:
     try:
-        header, size, mtime_ns = read_entry(path, verify)
+        header, size, mtime_ns = read_entry(path, verify, checksums=None)
     except FileNotFoundError:
         return  # removed while we looked
     except CorruptEntryError as exc:
@@ -261,6 +274,9 @@ def _scan_file(path: str, name: str, namespace: str | None, verify: bool, scan: 
         return
     except OSError as exc:  # no evidence against the bytes (EMFILE, EACCES, EIO...)
         scan.left_alone.append((Path(path), f"cannot read it: {exc.strerror}"))
+        return
+    if verify and header.keyed:
+        scan.left_alone.append((Path(path), "a keyed entry: its checksum needs the secret"))
         return
     if namespace is not None and header.namespace != namespace:
         why = f"namespace {header.namespace!r}, not {namespace!r}"
@@ -290,12 +306,14 @@ def tensor_from(
     f: BinaryIO,
     path: str,
     out: torch.Tensor | None = None,
+    checksums: serde.EntryChecksums = serde.UNKEYED,
 ) -> torch.Tensor:
     """Read the payload that follows a header into ``out`` (contiguous host memory of the
-    entry's shape) or a new tensor, and verify its checksum."""
+    entry's shape) or a new tensor, and verify its checksum with ``checksums``."""
+    checksums.check_kind(header, path)  # before reading a payload that cannot verify
     tensor = torch.empty(header.shape, dtype=header.dtype) if out is None else out
     payload = serde.payload_view(tensor)
-    hasher = serde.payload_hasher()
+    hasher = checksums.payload_hasher()
     filled = min(len(start), header.nbytes)
     payload[:filled] = start[:filled]
     hashed = 0
@@ -310,5 +328,5 @@ def tensor_from(
         hasher.update(payload[hashed:filled])
         hashed = filled
     hasher.update(payload[hashed:])
-    serde.check_checksum(header, hasher.intdigest(), path)
+    checksums.check(header, hasher.finish(), path)
     return tensor

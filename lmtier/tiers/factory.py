@@ -87,11 +87,11 @@ def _unsupported(spec: TierSpec, field: str) -> ConfigError:
 
 
 def _disk_tier(spec: DiskTierSpec, evictor: BaseEvictor, namespace: str) -> Tier:
-    if spec.auth_key is not None:
-        raise _unsupported(spec, "auth_key")
     if spec.mode != DiskTierSpec.mode:
         raise _unsupported(spec, "mode")
-    return DiskTier(spec.name, evictor, spec.path, spec.durability, namespace)
+    return DiskTier(
+        spec.name, evictor, spec.path, spec.durability, namespace, auth_key=_revealed(spec)
+    )
 
 
 def _redis_tier(spec: RedisTierSpec, evictor: BaseEvictor, namespace: str) -> Tier:
@@ -103,8 +103,6 @@ def _redis_tier(spec: RedisTierSpec, evictor: BaseEvictor, namespace: str) -> Ti
             f"tier {spec.name!r} is a redis tier, which needs redis-py: "
             f"pip install 'lmtier[redis]' ({exc})"
         ) from exc
-    if spec.auth_key is not None:
-        raise _unsupported(spec, "auth_key")
     return RemoteTier(
         spec.name,
         evictor,
@@ -118,7 +116,12 @@ def _redis_tier(spec: RedisTierSpec, evictor: BaseEvictor, namespace: str) -> Ti
         op_timeout_s=spec.op_timeout_s,
         reconnect_max_s=spec.reconnect_max_s,
         tls_files=(spec.tls_ca_file, spec.tls_cert_file, spec.tls_key_file),
+        auth_key=_revealed(spec),
     )
+
+
+def _revealed(spec: DiskTierSpec | RedisTierSpec) -> bytes | None:
+    return None if spec.auth_key is None else spec.auth_key.reveal()
 
 
 register_tier_builder(MemoryTierSpec, _memory_tier)
