@@ -192,7 +192,7 @@ async def run_stress(
     clock = 0  # a logical time: drops after a key's last put explain a miss
     dropped_at: dict[KeyLike, int] = {}
     expected: dict[str, tuple[int, int, int] | None] = {}  # key -> (version, tokens, put time)
-    store._on_drop = lambda key: dropped_at.__setitem__(key, clock)
+    store.on_drop = lambda key: dropped_at.__setitem__(key, clock)
     per_task = split_evenly(options.ops, options.tasks)
     deadline = None if options.duration_s is None else time.perf_counter() + options.duration_s
 
@@ -299,7 +299,7 @@ async def run_shared_stress(
     calls: dict[str, list[_Call]] = {key: [_Call(None, 0, 0)] for key in keys}
     started_puts: dict[str, dict[int, tuple[int, int]]] = {key: {} for key in keys}
     audit_messages: set[str] = set()
-    store._on_drop = lambda key: dropped_at.__setitem__(key, clock)
+    store.on_drop = lambda key: dropped_at.__setitem__(key, clock)
     deadline = None if options.duration_s is None else time.perf_counter() + options.duration_s
 
     def storage_failures() -> int:
@@ -445,11 +445,7 @@ async def run_shared_stress(
 
     async def settle() -> None:
         """Wait for the store to go quiet, read every key, resettle the model on the reads."""
-        while store._tasks or store._active:
-            if store._tasks:
-                await asyncio.gather(*list(store._tasks), return_exceptions=True)
-            else:
-                await asyncio.sleep(0.001)
+        await store.settle()
         audit()
         for key in keys:
             since = tick()
