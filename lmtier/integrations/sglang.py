@@ -80,7 +80,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         )
         log.info(
             "lmtier HiCache storage: tiers %s, keys suffixed %r",
-            [tier.name for tier in self._store.store.tiers],
+            [info.name for info in self._store.store.tier_infos()],
             self.config_suffix,
         )
         # The built-in constructors' shape, (storage_config, mem_pool_host), works too.
@@ -348,12 +348,8 @@ async def _leading_hits(store: TieredStore, keys: list[str]) -> int:
 
 
 async def _delete_suffixed(store: TieredStore, suffixes: tuple[str, ...]) -> int:
-    keys = {
-        key
-        for tier in store.tiers
-        for key in list(tier.cache_dict)
-        if isinstance(key, str) and key.endswith(suffixes)
-    }
+    held = store.keys()  # the index's keys: no I/O
+    keys = {key for key in held if isinstance(key, str) and key.endswith(suffixes)}
     removed = await asyncio.gather(*(store.delete(key) for key in keys))
     return sum(removed)
 

@@ -355,7 +355,7 @@ class TieredStore:
                 shared=tier.shared,
                 admission=tier.admission.name,
                 available=tier.available,
-                counters=tier.counters.as_dict(),
+                counters=dict(vars(tier.counters)),
             )
             for tier in self.tiers
         ]
