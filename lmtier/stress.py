@@ -155,7 +155,9 @@ def with_policy(
 
 def unreached_tiers(store: TieredStore) -> list[str]:
     """The tiers into which no entry was ever put or demoted since the store opened."""
-    return [t.name for t in store.tiers if t.counters.puts + t.counters.demotions_in == 0]
+    return [
+        t.name for t in store.tier_infos() if t.counters["puts"] + t.counters["demotions_in"] == 0
+    ]
 
 
 def split_evenly(total: int, parts: int) -> list[int]:
@@ -192,7 +194,7 @@ async def run_stress(
     clock = 0  # a logical time: drops after a key's last put explain a miss
     dropped_at: dict[KeyLike, int] = {}
     expected: dict[str, tuple[int, int, int] | None] = {}  # key -> (version, tokens, put time)
-    store._on_drop = lambda key: dropped_at.__setitem__(key, clock)
+    store.on_drop = lambda key: dropped_at.__setitem__(key, clock)
     per_task = split_evenly(options.ops, options.tasks)
     deadline = None if options.duration_s is None else time.perf_counter() + options.duration_s
 
@@ -238,7 +240,7 @@ async def run_stress(
                 report.put_latencies.append(time.perf_counter() - started)
                 if status is PutStatus.LEGAL:
                     expected[key] = (op, tokens, put_time)
-            for tier in store.tiers:
+            for tier in store.tier_infos():
                 if tier.resident_bytes > tier.budget:
                     report.problems.append(
                         f"tier {tier.name}: {tier.resident_bytes} bytes over budget {tier.budget}"
@@ -299,11 +301,11 @@ async def run_shared_stress(
     calls: dict[str, list[_Call]] = {key: [_Call(None, 0, 0)] for key in keys}
     started_puts: dict[str, dict[int, tuple[int, int]]] = {key: {} for key in keys}
     audit_messages: set[str] = set()
-    store._on_drop = lambda key: dropped_at.__setitem__(key, clock)
+    store.on_drop = lambda key: dropped_at.__setitem__(key, clock)
     deadline = None if options.duration_s is None else time.perf_counter() + options.duration_s
 
     def storage_failures() -> int:
-        return sum(t.counters.unavailable + t.counters.errors for t in store.tiers)
+        return sum(t.counters["unavailable"] + t.counters["errors"] for t in store.tier_infos())
 
     def tick() -> int:
         nonlocal clock
@@ -344,11 +346,11 @@ async def run_shared_stress(
             if dropped_at.get(key, -1) >= oldest:
                 report.dropped += 1
                 return True
-            holder = next((t for t in store.tiers if t.lookup(key) is not None), None)
-            if holder is not None and not holder.stats().get("available", True):
+            holder = store.holder(key)
+            if holder in {t.name for t in store.tier_infos() if not t.available}:
                 report.unavailable_misses += 1  # held by a tier whose server is down
                 return True
-            where = "no tier" if holder is None else f"tier {holder.name}"
+            where = "no tier" if holder is None else f"tier {holder}"
             report.problems.append(
                 f"{key}: lost (no delete or drop explains a miss; {where} holds it"
                 f"{', quiet' if quiet else ''})"
@@ -432,7 +434,7 @@ async def run_shared_stress(
                 report.raw_exceptions += 1
                 if report.raw_exceptions <= 20:
                     report.problems.append(f"{key}: raw {type(exc).__name__}: {exc}")
-            for tier in store.tiers:
+            for tier in store.tier_infos():
                 if tier.resident_bytes > tier.budget:
                     report.budget_breaches += 1
                     report.problems.append(
@@ -445,11 +447,7 @@ async def run_shared_stress(
 
     async def settle() -> None:
         """Wait for the store to go quiet, read every key, resettle the model on the reads."""
-        while store._tasks or store._active:
-            if store._tasks:
-                await asyncio.gather(*list(store._tasks), return_exceptions=True)
-            else:
-                await asyncio.sleep(0.001)
+        await store.settle()
         audit()
         for key in keys:
             since = tick()

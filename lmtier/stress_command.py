@@ -150,7 +150,7 @@ async def _run_planned(
 ) -> None:
     plan = plan_stress(
         options,
-        [(tier.name, tier.budget) for tier in store.tiers],
+        [(tier.name, tier.budget) for tier in store.tier_infos()],
         args.max_bytes,
         ops_given=args.ops is not None,
         keys_given=args.keys_per_task is not None,
@@ -160,7 +160,7 @@ async def _run_planned(
     options = plan.options
     print(
         "stress: "
-        + " -> ".join(f"{t.name} ({t.budget / 2**20:g} MiB)" for t in store.tiers)
+        + " -> ".join(f"{t.name} ({t.budget / 2**20:g} MiB)" for t in store.tier_infos())
         + (f"; evictor {args.policy}" if args.policy else "")
         + (f"; admission {args.admission} below the first tier" if args.admission else "")
         + f"; {options.tasks} tasks, {options.ops} ops"

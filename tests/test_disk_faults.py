@@ -46,7 +46,7 @@ async def test_a_full_disk_drops_victims_and_the_store_keeps_serving(
 ) -> None:
     dropped: list[object] = []
     store = cpu_then_disk(tmp_path)
-    store._on_drop = dropped.append
+    store.on_drop = dropped.append
     async with store:
         await store.put("a", tensor_for("a"))
         await store.put("b", tensor_for("b"))

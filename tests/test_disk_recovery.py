@@ -110,7 +110,7 @@ async def test_the_index_reads_headers_only_and_reads_verify_payloads(tmp_path: 
         f.write(b"\xaa")
     dropped: list[object] = []
     async with disk_only(tmp_path) as store:
-        store._on_drop = dropped.append
+        store.on_drop = dropped.append
         tier = disk_of(store)
         assert tier.recovery.indexed == 2
         results = {key: await store.get(key) for key in ("a", "b")}

@@ -319,7 +319,7 @@ async def test_a_put_that_evicts_its_own_older_value_reports_no_drop() -> None:
         assert dropped == []
         got = await store.get("a")
         assert got is not None and torch.equal(got, tensor_for("b"))
-        assert store._positions["a"] == 3
+        assert store._ledger.positions["a"] == 3
         await store.put("c", tensor_for("c"))  # evicts "b", the least recent: a real drop
         assert dropped == ["b"]
         assert store.audit() == []

@@ -33,7 +33,7 @@ async def test_many_tasks_keep_every_invariant(tmp_path: Path) -> None:
         drop_seq[key] = seq
 
     store, _ = make_store(tmp_path, top=6 * KIB, middle=12 * KIB, disk=24 * KIB)
-    store._on_drop = on_drop
+    store.on_drop = on_drop
     wrong: list[str] = []
     refused: list[str] = []
     budget_breaches: list[str] = []

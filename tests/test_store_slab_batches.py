@@ -28,8 +28,8 @@ ALL = frozenset({"cuda", "cpu"})
 
 def batching(config: StoreConfig) -> TieredStore:
     store = TieredStore(config)
-    store._stage_from = ALL
-    store._batch_to = ALL
+    store._mover.stage_from = ALL
+    store._reader.batch_to = ALL
     return store
 
 
@@ -215,8 +215,8 @@ async def test_a_cancelled_put_many_still_lands_and_leaks_no_range(tmp_path: Pat
         await asyncio.sleep(0)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        while store._tasks:  # the puts finish in the background
-            await asyncio.gather(*list(store._tasks), return_exceptions=True)
+        while store.background.tasks:  # the puts finish in the background
+            await asyncio.gather(*list(store.background.tasks), return_exceptions=True)
         for key, tensor in items:
             got = await store.get(key)
             assert got is not None and torch.equal(got, tensor), key

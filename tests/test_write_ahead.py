@@ -73,7 +73,7 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
 
 async def settle(store: TieredStore) -> None:
     """Wait for the copies in flight (background tasks) to end."""
-    while store._writing_ahead:
+    while store._ledger.writing_ahead:
         await asyncio.sleep(0.001)
 
 

@@ -275,7 +275,7 @@ class _Runner:
         self.abandoned = True
         releasing = asyncio.run_coroutine_threadsafe(self._cancel_and_release(), self.loop)
         # The cancels, then each tier's release and the metrics server's, each bounded.
-        releases = 1 + (0 if self.store is None else len(self.store.tiers))
+        releases = 1 + (0 if self.store is None else len(self.store.tier_infos()))
         try:
             cancelled = releasing.result(_CANCEL_GRACE_S * (1 + releases) + 1)
         except Exception:  # a TimeoutError included: the thread join after it is bounded too
@@ -309,9 +309,7 @@ class _Runner:
                 break  # tasks that will not end: the loop's wind-down cancels them once more
         store = self.store
         if store is not None:
-            for tier in store.tiers:
-                await _released(tier.close(), f"tier {tier.name!r}")
-            await _released(store.metrics.stop(), "the metrics server")
+            await store.release_now(_CANCEL_GRACE_S)
         cancelled = [f"{len(calls)} call(s): {', '.join(calls)}"] if calls else []
         if others:
             cancelled.append(f"{others} task(s) of the store (moves, removals, the close)")
@@ -378,13 +376,6 @@ def _label(fn: Callable[..., Any]) -> str:
     """A submitted function in words: the method it came from (``BlockingStore.put``)."""
     name = getattr(fn, "__qualname__", None) or repr(fn)
     return name.split(".<locals>", 1)[0] if ".<lambda>" in name else name
-
-
-async def _released(closing: Awaitable[None], what: str) -> None:
-    try:
-        await asyncio.wait_for(closing, _CANCEL_GRACE_S)
-    except Exception:  # TimeoutError included: the next release still runs
-        log.exception("lmtier store: releasing %s after an expired close failed", what)
 
 
 def _as_config(config: StoreConfig | str | os.PathLike[str] | Mapping[str, Any]) -> StoreConfig:

@@ -82,7 +82,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         )
         log.info(
             "lmtier HiCache storage: tiers %s, keys suffixed %r",
-            [tier.name for tier in self._store.store.tiers],
+            [info.name for info in self._store.store.tier_infos()],
             self.config_suffix,
         )
         # The built-in constructors' shape, (storage_config, mem_pool_host), works too.
@@ -348,7 +348,7 @@ async def _put_one(store: TieredStore, key: str, page: torch.Tensor) -> bool:
 async def _leading_hits(store: TieredStore, keys: list[str]) -> int:
     held = [await store.contains(key) is not None for key in keys]
     count = held.index(False) if False in held else len(keys)
-    if count == len(keys) or not any(tier.shared for tier in store.tiers):
+    if count == len(keys) or not any(info.shared for info in store.tier_infos()):
         return count
     # What no index holds may be on the shared tier, stored by another instance: one get_many
     # asks the server for all of it in one round trip (the tier batches the commands of one
@@ -365,23 +365,12 @@ async def _leading_hits(store: TieredStore, keys: list[str]) -> int:
 
 
 async def _delete_suffixed(store: TieredStore, suffixes: tuple[str, ...]) -> int:
-    keys = {
-        key
-        for tier in store.tiers
-        for key in list(tier.cache_dict)
-        if isinstance(key, str) and key.endswith(suffixes)
-    }
+    held = store.keys()  # the index's keys: no I/O
+    keys = {key for key in held if isinstance(key, str) and key.endswith(suffixes)}
     removed = sum(await asyncio.gather(*(store.delete(key) for key in keys)))
     # A shared tier's server names a value by a digest of its key: what other instances
     # stored there is found by the namespace's key prefix alone, every model's and rank's.
-    shared = [tier for tier in store.tiers if tier.shared]
-    if shared:
-        from lmtier.tiers.remote import RemoteTier  # a shared tier: redis is installed
-
-        for tier in shared:
-            if isinstance(tier, RemoteTier):
-                removed += await tier.clear_prefix()
-    return removed
+    return removed + await store.clear_shared()
 
 
 def _key_suffixes(config: HiCacheStorageConfig) -> tuple[str, str]:

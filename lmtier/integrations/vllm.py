@@ -74,7 +74,6 @@ from lmtier.integrations.engine_config import engine_config, in_namespace
 from lmtier.keys import KeyLike
 from lmtier.monitoring import CATALOGUE
 from lmtier.store import TieredStore
-from lmtier.tiers.base import cascade_stats
 
 __all__ = ["LmtierSecondaryTier", "kv_namespace", "offload_key_text"]
 
@@ -278,7 +277,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             self.store_config, on_drop=self._on_drop, thread_name=f"lmtier-{tier_type}"
         )
         try:
-            self._shared = any(tier.shared for tier in self._blocking.store.tiers)
+            self._shared = any(info.shared for info in self._blocking.store.tier_infos())
             self._probe_shared = probe_shared and self._shared
             # Entries that persistent tiers already hold (a restart) are hits at once.
             self._index.add_all(self._blocking.call(_held_keys))
@@ -289,7 +288,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             "lmtier secondary tier %r: namespace %r, tiers %s, %d entries held",
             tier_type,
             namespace,
-            [tier.name for tier in self._blocking.store.tiers],
+            [info.name for info in self._blocking.store.tier_infos()],
             len(self._index),
         )
 
@@ -616,20 +615,18 @@ def _result(job_id: int, success: bool, **extra: Any) -> JobResult:
 
 
 def _held(store: TieredStore, key: str) -> bool:
-    return any(tier.lookup(key) is not None for tier in store.tiers)
+    return store.holder(key) is not None
 
 
 async def _tier_stats(store: TieredStore) -> dict[str, dict[str, Any]]:
-    return cascade_stats(store.tiers)
+    return store.tier_stats()
 
 
 async def _held_keys(store: TieredStore) -> list[str]:
-    return [key for tier in store.tiers for key in tier.cache_dict if isinstance(key, str)]
+    held = store.keys()  # the index's keys: no I/O
+    return [key for key in held if isinstance(key, str)]
 
 
 async def _touch(store: TieredStore, keys: list[str]) -> None:
     for key in keys:
-        for tier in store.tiers:
-            if tier.lookup(key) is not None:
-                tier.touch(key)
-                break
+        store.touch(key)

@@ -191,9 +191,10 @@ async def replay_real(
     ``into`` as in ``replay_sizes_only``; the store's counters are in the result however the
     replay ends.
     """
-    names = [tier.name for tier in store.tiers]
-    result = ReplayResult(policy, fraction, names, [t.budget for t in store.tiers], block_bytes)
-    result.admission = admission_label(names, [t.admission.name for t in store.tiers])
+    infos = store.tier_infos()
+    names = [tier.name for tier in infos]
+    result = ReplayResult(policy, fraction, names, [t.budget for t in infos], block_bytes)
+    result.admission = admission_label(names, [t.admission for t in infos])
     if into is not None:
         into.append(result)
     started = time.perf_counter()

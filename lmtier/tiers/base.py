@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import enum
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +17,21 @@ from lmtier.keys import KeyLike
 from lmtier.metrics import TierCounters
 from lmtier.tiers.copies import copy_into
 
-__all__ = ["Tier", "cascade_stats"]
+__all__ = ["Arrival", "Tier", "cascade_stats"]
+
+
+class Arrival(enum.Enum):
+    """How an entry came into a tier; its value names the tier counter it increments."""
+
+    PUT = "puts"
+    DEMOTION = "demotions_in"
+    PROMOTION = "promotions_in"
+    WRITE_AHEAD = "written_ahead"
+
+    @property
+    def keeps_source(self) -> bool:
+        """Whether the move leaves its source in place (the copy is clean)."""
+        return self is Arrival.PROMOTION or self is Arrival.WRITE_AHEAD
 
 
 class Tier(abc.ABC):
@@ -256,14 +271,90 @@ class Tier(abc.ABC):
         storage held it.  Called by a delete, so that no other store finds the entry again."""
         return False
 
+    async def clear_prefix(self) -> int:
+        """Delete every value under this tier's names in shared storage, whoever wrote it; how
+        many.  Only shared tiers hold values beyond their index."""
+        return 0
+
     # ------------------------------------------------------------------ reads and removal
     def lookup(self, key: KeyLike) -> Any:
         return self.cache_dict.get(key)
+
+    def keys(self) -> list[KeyLike]:
+        """The keys the tier indexes, leaving ones included, in the index's order."""
+        return list(self.cache_dict)
+
+    def size_of(self, obj: Any) -> int:
+        """The bytes a stored object is charged for."""
+        return self.evictor.get_size(obj)
+
+    def entry_sizes(self) -> list[tuple[KeyLike, int]]:
+        """Each indexed key with its charged bytes."""
+        size = self.evictor.get_size
+        return [(key, size(obj)) for key, obj in self.cache_dict.items()]
+
+    def next_victims(self, nbytes: int) -> list[KeyLike]:
+        """The keys that puts of ``nbytes`` more bytes would evict next, where the evictor can
+        name them (``BaseEvictor.next_victims``)."""
+        return list(self.evictor.next_victims(self.cache_dict, nbytes))
 
     def touch(self, key: KeyLike) -> None:
         """Record a hit on ``key``."""
         self.counters.hits += 1
         self.evictor.update_on_get(key, self.cache_dict)
+
+    # ------------------------------------------------------------------ counted events
+    # The store reports what happened to the tier's entries; only these methods count.
+    def record_hit(self, key: KeyLike, obj: Any) -> int:
+        """A read served from ``key``'s entry ``obj``: a hit, its bytes out; the bytes."""
+        self.touch(key)
+        size = self.evictor.get_size(obj)
+        self.counters.bytes_out += size
+        return size
+
+    def record_miss(self) -> None:
+        self.counters.misses += 1
+
+    def record_fetch(self, nbytes: int) -> None:
+        """A value found in shared storage beyond the index."""
+        self.counters.fetched += 1
+        self.counters.bytes_out += nbytes
+
+    def record_arrival(self, arrival: Arrival) -> None:
+        self.counters.count(arrival.value)
+
+    def record_error(self) -> int:
+        """A read or write that failed for the environment; the tier's error count so far."""
+        self.counters.errors += 1
+        return self.counters.errors
+
+    def record_room_timeout(self) -> None:
+        self.counters.room_timeouts += 1
+
+    def record_unservable(self, corrupt: bool) -> None:
+        """An entry dropped because its bytes are wrong (``corrupt``) or vanished."""
+        self.counters.count("corrupt" if corrupt else "errors")
+
+    def record_demoted(self, obj: Any) -> None:
+        """A victim written into a tier below."""
+        self.counters.demotions_out += 1
+        self.counters.bytes_out += self.evictor.get_size(obj)
+
+    def record_handed_over(self) -> None:
+        """A victim whose clean copy below took over: a demotion that wrote nothing."""
+        self.counters.demotions_out += 1
+        self.counters.unwritten_demotions += 1
+
+    def record_copy_evicted(self) -> None:
+        """A victim that was a clean copy of a key held higher: gone without a move."""
+        self.counters.copies_evicted += 1
+
+    def record_drop(self) -> None:
+        """A victim no tier below took: the key is gone."""
+        self.counters.drops += 1
+
+    def record_promoted(self) -> None:
+        self.counters.promotions_out += 1
 
     def pin(self, key: KeyLike) -> None:
         """Keep ``key`` from being chosen as a victim (a read, or an engine's lookup)."""
@@ -309,6 +400,11 @@ class Tier(abc.ABC):
     def resident_bytes(self) -> int:
         """Bytes held or being written: committed entries plus reservations."""
         return self._committed + self._reserved
+
+    @property
+    def available(self) -> bool:
+        """Whether the tier's storage answers (False while a server is known to be down)."""
+        return True
 
     @property
     def reachable(self) -> bool:

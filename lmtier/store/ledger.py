@@ -1,0 +1,155 @@
+"""Per-key state of the work in flight: put tickets, moves, held drops, copies written ahead,
+and every removal of a key's older bytes, which the key's next put or delete waits for."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from lmtier.keys import KeyLike
+from lmtier.tiers.base import Tier
+
+__all__ = ["MAX_DISCARDS_BEHIND", "KeyLedger"]
+
+log = logging.getLogger("lmtier.store")
+
+#: Evicted entries whose storage is being released in the background at most (beyond it an
+#: eviction waits for its own release): what a folder may hold over its budget meanwhile.
+MAX_DISCARDS_BEHIND = 32
+
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
+
+
+class KeyLedger:
+    """What is in flight for each key, and the removals of its older bytes.
+
+    ``spawn`` starts background work (a release of evicted storage); ``is_held`` says whether
+    a tier holds a key (a drop held back for a put is reported only if the key is gone);
+    ``on_drop`` hears of each key that left the store for good.
+    """
+
+    def __init__(
+        self,
+        spawn: Spawn,
+        is_held: Callable[[KeyLike], bool],
+        on_drop: Callable[[KeyLike], None] | None = None,
+    ) -> None:
+        self._spawn = spawn
+        self._is_held = is_held
+        self.on_drop = on_drop
+        self.positions: dict[KeyLike, int] = {}  # chunk index in its prefix, for evictors
+        # Keys with a put in flight, and those of them whose older value was dropped meanwhile:
+        # the drop is reported only if the put fails, since otherwise the key was never gone.
+        self.putting: Counter[KeyLike] = Counter()
+        self.drops_held: set[KeyLike] = set()
+        # Puts are numbered as they are called; while puts of a key are in flight, the number
+        # of the newest one that committed: an older put (e.g. one whose caller was cancelled
+        # and which finished in the background) never replaces a newer value.
+        self.tickets = 0
+        self.newest_put: dict[KeyLike, int] = {}
+        # Keys with a demotion or promotion in flight: a shared tier's value of such a key may
+        # be a move's write that a delete or put has made stale, so it is never adopted.
+        self.moving: Counter[KeyLike] = Counter()
+        # Keys being copied down ahead of their eviction (``write_ahead``): what their
+        # demotion waits for, so that it hands over to the copy instead of writing again.
+        self.writing_ahead: dict[KeyLike, asyncio.Future[None]] = {}
+        # Removed entries whose storage a tier releases in the background: a put or delete
+        # of the key waits for them, so no older value outlives its return.
+        self.discarding: dict[KeyLike, set[asyncio.Task[None]]] = {}
+        self.deletes = 0  # deletes so far: a fetch that overlapped one adopts nothing
+
+    # ------------------------------------------------------------------ puts
+    def begin_put(self, key: KeyLike) -> int:
+        """Count a put of ``key`` in flight; its ticket (puts are numbered as called)."""
+        self.putting[key] += 1
+        self.tickets += 1
+        return self.tickets
+
+    def superseded(self, key: KeyLike, ticket: int) -> bool:
+        """Whether a put called after the one with ``ticket`` has committed already."""
+        return self.newest_put.get(key, 0) > ticket
+
+    def committed(self, key: KeyLike, ticket: int) -> None:
+        self.newest_put[key] = ticket
+
+    def end_put(self, key: KeyLike) -> None:
+        self.putting[key] -= 1
+        if not self.putting[key]:
+            del self.putting[key]
+            self.newest_put.pop(key, None)
+            if key in self.drops_held:
+                self.drops_held.discard(key)
+                if not self._is_held(key):
+                    self.notify_drop(key)
+
+    def notify_drop(self, key: KeyLike) -> None:
+        """``key`` left the store, unless a put of it is landing (then: held until it ends)."""
+        if key in self.putting:  # a new value is landing: the key may not be gone at all
+            self.drops_held.add(key)
+            return
+        self.positions.pop(key, None)
+        if self.on_drop is not None:
+            try:
+                self.on_drop(key)
+            except Exception:
+                log.exception("on_drop callback failed for %r", key)
+
+    def begin_delete(self) -> None:
+        self.deletes += 1
+
+    # ------------------------------------------------------------------ moves
+    @contextmanager
+    def move(self, key: KeyLike) -> Iterator[None]:
+        """Mark ``key`` as moving for the duration."""
+        self.moving[key] += 1
+        try:
+            yield
+        finally:
+            self.moving[key] -= 1
+            if not self.moving[key]:
+                del self.moving[key]
+
+    def start_copy(self, key: KeyLike) -> asyncio.Future[None]:
+        """Register a copy of ``key`` written ahead of its eviction; resolved by ``end_copy``."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.writing_ahead[key] = done
+        return done
+
+    def end_copy(self, key: KeyLike) -> None:
+        self.writing_ahead.pop(key).set_result(None)
+
+    # ------------------------------------------------------------------ removals
+    async def discard(self, tier: Tier, obj: Any) -> None:
+        """Remove a replaced or deleted entry's storage before returning."""
+        await tier.discard(obj)
+
+    async def release(self, tier: Tier, key: KeyLike, obj: Any) -> None:
+        """Release an evicted entry's storage: at once, or in the background where the tier
+        allows (``Tier.discards_behind``), and then the key's next put or delete waits."""
+        behind = sum(map(len, self.discarding.values()))  # at most MAX_DISCARDS_BEHIND
+        if not tier.discards_behind or behind >= MAX_DISCARDS_BEHIND:
+            await tier.discard(obj)
+            return
+        self.discard_behind(tier, key, obj)
+
+    def discard_behind(self, tier: Tier, key: KeyLike, obj: Any) -> None:
+        """Remove an entry's storage in the background; the key's next put or delete waits."""
+        task = self._spawn(tier.discard(obj))
+        self.discarding.setdefault(key, set()).add(task)
+        task.add_done_callback(functools.partial(self._forget_discard, key))
+
+    def _forget_discard(self, key: KeyLike, task: asyncio.Task[None]) -> None:
+        pending = self.discarding[key]
+        pending.discard(task)
+        if not pending:
+            del self.discarding[key]
+
+    async def discarded(self, key: KeyLike) -> None:
+        """Wait until no released storage of ``key`` is still being removed."""
+        while key in self.discarding:
+            await asyncio.wait(self.discarding[key])

@@ -1,0 +1,215 @@
+"""Placement: write an entry into the first candidate tier that takes it, and commit it there."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmtier.config import StoreConfig
+from lmtier.errors import TierUnavailableError
+from lmtier.keys import KeyLike
+from lmtier.store.cascade import Cascade, Hit
+from lmtier.store.ledger import KeyLedger
+from lmtier.tiers.base import Arrival, Tier
+
+__all__ = ["Outcome", "Placement"]
+
+log = logging.getLogger("lmtier.store")
+
+#: Moves the victims of an admitted write out of its tier and reserves the write's bytes.
+MakeRoom = Callable[[Tier, list[tuple[KeyLike, Any]], int], Coroutine[Any, Any, None]]
+
+
+class Outcome(enum.Enum):
+    PLACED = enum.auto()
+    REFUSED = enum.auto()  # no candidate tier took it
+    FAILED = enum.auto()  # a tier took it but could not write it (and no later tier did)
+    STALE = enum.auto()  # the moved entry was deleted or replaced meanwhile
+
+
+@dataclass
+class _Attempt:
+    """One pass over the candidate tiers: its outcome, the tiers that had no room for now
+    (worth waiting for) and those whose write failed (skipped for the rest of the placement)."""
+
+    outcome: Outcome
+    full: list[Tier] = field(default_factory=list)
+    failed: list[Tier] = field(default_factory=list)
+
+    def fail(self, tier: Tier) -> None:
+        self.outcome = Outcome.FAILED
+        self.failed.append(tier)
+
+
+class Placement:
+    """Puts and moves: each is written into one tier and committed there, or not at all.
+
+    ``make_room`` demotes a write's victims and reserves its bytes; ``committed`` hears of
+    each commit (the tier and the bytes), to write ahead.
+    """
+
+    def __init__(
+        self,
+        config: StoreConfig,
+        cascade: Cascade,
+        ledger: KeyLedger,
+        make_room: MakeRoom,
+        committed: Callable[[Tier, int], None],
+    ) -> None:
+        self._config = config
+        self._cascade = cascade
+        self._ledger = ledger
+        self._make_room = make_room
+        self._committed = committed
+
+    async def place(
+        self,
+        key: KeyLike,
+        data: torch.Tensor,
+        candidates: Sequence[Tier],
+        source: Hit | None,
+        arrival: Arrival = Arrival.PUT,
+        wait: bool = True,
+        ticket: int = 0,
+    ) -> Outcome:
+        """Write ``data`` into the first candidate that takes it and commit it there.
+
+        With a ``source`` this is a move: it commits only if the source still holds that
+        object, and removes it in the same step.  Without one it is a put, replacing ``key``
+        wherever it is.  When every candidate refuses only because its entries are in use or
+        in flight, it waits (``wait``) for one of them to change, up to the room timeout.
+        A tier's admission policy is asked once per call, when the search first reaches it;
+        its refusal is final and never waited out.
+        """
+        size = data.nbytes
+        could_fit = [tier for tier in candidates if size <= tier.budget]
+        admitted: dict[Tier, bool] = {}
+        failed: set[Tier] = set()  # tiers whose write failed: not retried by this placement
+        waited = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.room_timeout_s
+        while True:
+            if source is not None and not self._cascade.still_current(key, source):
+                return Outcome.STALE
+            tiers = [tier for tier in could_fit if tier not in failed and tier.reachable]
+            seen = {tier: tier.changes for tier in tiers}
+            attempt = await self._place_once(
+                key, data, size, tiers, source, arrival, admitted, ticket
+            )
+            if attempt.outcome is not Outcome.REFUSED and attempt.outcome is not Outcome.FAILED:
+                return attempt.outcome
+            failed.update(attempt.failed)
+            # Only a refusal because entries are in use or in flight is worth waiting out; a
+            # tier that failed or is unreachable is skipped, never the reason to give up.
+            remaining = deadline - loop.time()
+            if not wait or not attempt.full or remaining <= 0:
+                if waited and attempt.full:
+                    self.note_room_timeout(key, size, attempt.full)
+                return attempt.outcome
+            # A tier that changed while this pass awaited a later one is tried again at once.
+            if all(tier.changes == seen[tier] for tier in attempt.full):
+                changes = [tier.changed() for tier in attempt.full]
+                await asyncio.wait(changes, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                waited = True
+
+    async def _place_once(
+        self,
+        key: KeyLike,
+        data: torch.Tensor,
+        size: int,
+        candidates: Sequence[Tier],
+        source: Hit | None,
+        arrival: Arrival,
+        admitted: dict[Tier, bool],
+        ticket: int,
+    ) -> _Attempt:
+        ledger, cascade = self._ledger, self._cascade
+        attempt = _Attempt(Outcome.REFUSED)
+        for tier in candidates:
+            if tier not in admitted:  # asking records the offer, so only once per placement
+                admitted[tier] = tier.admits(key, size)
+            if not admitted[tier]:
+                continue
+            if source is None:
+                if ledger.superseded(key, ticket):
+                    return _Attempt(Outcome.PLACED)  # a later put's value is in already
+                replaced_here = tier.make_way(key, size)
+                if replaced_here is not None:
+                    ledger.notify_drop(key)  # reported only if this put then fails
+                    await ledger.discard(tier, replaced_here)
+            victims = tier.admit(key, size, ledger.positions.get(key))
+            if victims is None:
+                attempt.full.append(tier)
+                continue
+            try:
+                await self._make_room(tier, victims, size)
+            except TimeoutError:
+                tier.cancel(key, size)
+                attempt.full.append(tier)
+                self.note_room_timeout(key, size, [tier])
+                continue
+            try:
+                obj = await tier.write(key, data)
+            except Exception as exc:
+                tier.unreserve(key, size)
+                self._count_failure(tier, f"could not write {key!r}", exc)
+                attempt.fail(tier)
+                continue
+            # From the currency check to the commit nothing awaits: a delete or put of the key
+            # comes wholly before (the move goes stale) or wholly after.
+            if source is not None and not cascade.still_current(key, source, tier):
+                tier.unreserve(key, size)
+                await tier.discard(obj)
+                return _Attempt(Outcome.STALE)
+            if source is None and ledger.superseded(key, ticket):
+                tier.unreserve(key, size)  # a later put's value is in: this one came before it
+                await tier.discard(obj)
+                return _Attempt(Outcome.PLACED)
+            try:
+                tier.publish(obj)
+            except OSError as exc:
+                tier.unreserve(key, size)
+                self._count_failure(tier, f"could not publish {key!r}", exc)
+                await tier.discard(obj)
+                attempt.fail(tier)
+                continue
+            replaced: list[tuple[Tier, Any]] = []
+            if source is None:
+                replaced = cascade.remove_everywhere(key)
+                ledger.committed(key, ticket)
+            elif not arrival.keeps_source or not self._config.clean_copies:
+                source.tier.remove(key)
+                replaced = [(source.tier, source.obj)]
+            tier.commit(key, obj, size)
+            tier.record_arrival(arrival)
+            self._committed(tier, size)
+            for old_tier, old_obj in replaced:  # (a promotion's source stays: a clean copy)
+                await ledger.discard(old_tier, old_obj)
+            await tier.make_durable(obj)
+            return _Attempt(Outcome.PLACED)
+        return attempt
+
+    def _count_failure(self, tier: Tier, what: str, exc: Exception) -> None:
+        errors = tier.record_error()
+        # The tier logged an outage once; a full disk fails every write: log the 1st, 2nd,
+        # 4th, 8th... failure, with the count.
+        if not isinstance(exc, TierUnavailableError) and errors & (errors - 1) == 0:
+            log.warning("tier %r %s: %s (its error %d)", tier.name, what, exc, errors)
+
+    def note_room_timeout(self, key: KeyLike, size: int, full: Sequence[Tier]) -> None:
+        """A put or move waited ``room_timeout_s`` for room in vain: count it, say what held it."""
+        for tier in full:
+            tier.record_room_timeout()
+        log.warning(
+            "%r (%d bytes) found no room within %.1f s: %s",
+            key,
+            size,
+            self._config.room_timeout_s,
+            "; ".join(tier.describe_room() for tier in full),
+        )
