@@ -104,9 +104,9 @@ def try_lock(folder: Path, mode: int = 0o600, folder_fd: int | None = None) -> i
 
 
 def _check_lock_file(fd: int, path: Path, mode: int) -> None:
-    """Refuse a lock file that is not the user's own regular file; take away read or write
-    rights beyond ``mode`` (lock files of older versions were 0644, and any reader can hold
-    an flock)."""
+    """Refuse a lock file that is not the user's own regular file; give it ``mode`` exactly
+    (lock files of older versions were 0644, and any reader can hold an flock; a umask may
+    take bits that ``mode`` asks for)."""
     found = os.fstat(fd)
     if not stat_module.S_ISREG(found.st_mode):
         raise StorageError(errno.EPERM, f"{path} is not a regular file: remove it")
@@ -117,9 +117,8 @@ def _check_lock_file(fd: int, path: Path, mode: int) -> None:
             f"{path} is owned by uid {found.st_uid}, not you (uid {uid}): another user could "
             "hold it; remove it or choose another path",
         )
-    extra = stat_module.S_IMODE(found.st_mode) & 0o077 & ~mode
-    if extra:
-        os.fchmod(fd, stat_module.S_IMODE(found.st_mode) & ~extra)
+    if stat_module.S_IMODE(found.st_mode) != mode:
+        os.fchmod(fd, mode)
 
 
 def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> int:

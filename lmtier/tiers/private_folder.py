@@ -134,13 +134,21 @@ def _open_folder(parent_fd: int, name: str, where: Path) -> int:
     try:
         return os.open(name, _SEARCH, dir_fd=parent_fd)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        # Linux answers ENOTDIR for a link opened with O_DIRECTORY | O_NOFOLLOW, others ELOOP.
+        if exc.errno == errno.ELOOP or (exc.errno == errno.ENOTDIR and _is_link(parent_fd, name)):
             raise StorageError(
                 exc.errno,
                 f"{where} is a symbolic link: lmtier does not follow it; remove it or choose "
                 "another path",
             ) from exc
         raise
+
+
+def _is_link(parent_fd: int, name: str) -> bool:
+    try:
+        return stat_module.S_ISLNK(os.lstat(name, dir_fd=parent_fd).st_mode)
+    except OSError:
+        return False
 
 
 def _make_folder(parent_fd: int, name: str, where: Path, wanted: int) -> tuple[int, bool]:
