@@ -32,7 +32,6 @@ from conftest import tensor_for
 from tier_contract import lru, store_in
 
 NOBODY = 65534
-SECOND_USER_TIMEOUT_S = 60.0
 
 as_second_user = pytest.mark.skipif(
     os.geteuid() != 0,
