@@ -163,13 +163,15 @@ async def test_another_user_reads_no_entry_lists_no_folder_holds_no_lock(shared:
 
 
 @as_second_user
-async def test_a_folder_another_user_made_first_is_refused(shared: Path) -> None:
-    """The other user makes the tier's path (as if waiting for the victim), open to all."""
-    path = shared / "cache"
-    assert as_nobody(lambda: os.mkdir(path, 0o777)) is None
-    with pytest.raises(StorageError, match=r"owned by uid 65534, not you \(uid 0\)"):
-        await reopen(path)
-    assert os.listdir(path) == []  # nothing of the victim's was made in it
+@pytest.mark.parametrize("below", ["", "made/by/lmtier"])
+async def test_a_folder_another_user_made_first_is_refused(shared: Path, below: str) -> None:
+    """The other user makes the tier's path, or a folder lmtier would make the path in, first
+    (as if waiting for the victim), open to all."""
+    theirs = shared / "cache"
+    assert as_nobody(lambda: os.mkdir(theirs, 0o777)) is None
+    with pytest.raises(StorageError, match=rf"{theirs.name} is owned by uid 65534, not you"):
+        await reopen(theirs / below)
+    assert os.listdir(theirs) == []  # nothing of the victim's was made in it
 
 
 @as_second_user
@@ -231,6 +233,7 @@ async def test_a_symlink_another_user_planted_as_the_path_is_refused(
 
 @as_second_user
 async def test_a_shard_folder_of_another_user_is_refused(tmp_path: Path) -> None:
+    """Only a folder open to others (refused now) could have let another user make one."""
     tier = await tier_with(tmp_path / "cache", "a")
     shard = Path(tier.lookup("a").path).parent
     await tier.close()
