@@ -320,10 +320,12 @@ class DiskTier(Tier):
             raise
         else:
             if self.mode != DEFAULT_MODE:  # a umask may take bits that ``mode`` asks for
-                os.chmod(temp.parent, self._folder_mode)  # in the tier's private folder
+                # By path: no one else can put a link in the tier's own folder.
+                os.chmod(temp.parent, self._folder_mode)
         return self._create_file(temp)
 
     def _create_file(self, temp: Path) -> int:
+        """A new file of the tier's ``mode``; ``FileNotFoundError`` when its shard is missing."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(temp, flags, self.mode)
         if self.mode != DEFAULT_MODE:  # a umask may take bits that ``mode`` asks for
