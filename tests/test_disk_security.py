@@ -384,6 +384,15 @@ async def test_a_symlink_as_lock_is_refused_and_its_target_never_made(
         assert mode_of(target) == 0o644  # not taken for a lock file and tightened
 
 
+async def test_a_fifo_as_lock_is_refused_not_waited_on(tmp_path: Path) -> None:
+    tier = await tier_with(tmp_path / "cache", "a")
+    await tier.close()
+    (tier.root / LOCK_NAME).unlink()
+    os.mkfifo(tier.root / LOCK_NAME, 0o600)
+    with pytest.raises(StorageError, match=r"LOCK is not a regular file: remove it"):
+        await reopen(tmp_path / "cache")
+
+
 async def test_a_symlinked_namespace_folder_is_refused(tmp_path: Path) -> None:
     tier = await tier_with(tmp_path / "cache", "a")
     await tier.close()
