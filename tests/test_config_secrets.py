@@ -253,8 +253,11 @@ async def test_a_configured_auth_key_keys_the_disk_tier(tmp_path: Path) -> None:
         assert got is not None and torch.equal(got, value)
 
 
-def test_the_builders_refuse_a_mode_their_tiers_cannot_honour(tmp_path: Path) -> None:
-    """A mode that a tier would silently ignore is refused when it is built."""
-    wider = config_from_mapping(_config(disk={"mode": 0o640}), environ={}).tiers[1]
-    with pytest.raises(ConfigError, match="does not support 'mode'"):
-        build_tier(wider)
+async def test_a_configured_mode_reaches_the_files(tmp_path: Path) -> None:
+    disk = {"name": "disk", "kind": "disk", "path": str(tmp_path / "d"), "max_size_mb": 8}
+    config = config_from_mapping({"tiers": [{**disk, "mode": "0640"}]}, environ={})
+    async with TieredStore(config) as store:
+        assert await store.put("k", torch.ones(8)) is PutStatus.LEGAL
+    files = [p for p in (tmp_path / "d").rglob("*.safetensors")]
+    assert len(files) == 1 and files[0].stat().st_mode & 0o777 == 0o640
+    assert files[0].parent.stat().st_mode & 0o777 == 0o750

@@ -38,6 +38,14 @@ from lmtier.tiers.disk_files import (
     tensor_from,
     try_lock,
 )
+from lmtier.tiers.private_folder import (
+    DEFAULT_MODE,
+    check_links,
+    check_mode,
+    folder_mode,
+    open_tier_folder,
+    secure_shards,
+)
 
 __all__ = ["DiskTier", "Recovery"]
 
@@ -80,7 +88,9 @@ class DiskTier(Tier):
     file, released on close or when the process dies).  Opening rebuilds the index from the
     files' headers.  The folder is the tier's alone: no link is followed out of it, only
     regular files are opened or deleted, and a folder removed or replaced behind the store's
-    back is never recreated (writes fail instead, and the put goes elsewhere).
+    back is never recreated (writes fail instead, and the put goes elsewhere).  It is private:
+    files get ``mode`` (0o600 unless given) and folders ``mode`` with an execute bit per read
+    bit, whatever the umask; a folder another user owns or can write in is refused.
 
     With ``auth_key`` (a secret), every entry's checksum is keyed (``serde.EntryChecksums``):
     a file that someone without the secret wrote or altered fails its check when read, and is
@@ -97,6 +107,7 @@ class DiskTier(Tier):
         root: str | os.PathLike[str],
         durability: str = "none",
         namespace: str = "",
+        mode: int = DEFAULT_MODE,
         *,
         auth_key: bytes | None = None,
     ) -> None:
@@ -105,6 +116,9 @@ class DiskTier(Tier):
         if durability not in ("none", "fsync"):
             raise ValueError(f"durability must be 'none' or 'fsync', got {durability!r}")
         self.namespace = namespace
+        self.mode = check_mode(mode, name)
+        self._folder_mode = folder_mode(mode)
+        self._given_path = Path(os.path.abspath(Path(root).expanduser()))  # links unresolved
         tag = self._checksums.name_tag(namespace)
         self.root = namespace_folder(Path(root).expanduser().resolve(), namespace, tag)
         self.fsync = durability == "fsync"
@@ -128,8 +142,11 @@ class DiskTier(Tier):
     def _open_folder(self) -> None:
         started = time.perf_counter()
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = try_lock(self.root)
+            self._lock_fd = self._lock_private_folder()
+        except StorageError as exc:
+            raise StorageError(
+                exc.errno, f"disk tier {self.name!r} refuses {self.root}: {exc.strerror or exc}"
+            ) from exc
         except OSError as exc:
             raise StorageError(
                 exc.errno, f"disk tier {self.name!r} cannot write to {self.root}: {exc.strerror}"
@@ -165,6 +182,22 @@ class DiskTier(Tier):
             )
         if self.recovery.indexed or self.recovery.unreadable or self.recovery.temp_removed:
             log.info("disk tier %r reopened %s: %s", self.name, self.root, asdict(self.recovery))
+
+    def _lock_private_folder(self) -> int | None:
+        """Make or check the tier's folder, its parents and shards; its lock, or None if held."""
+        check_links(self._given_path)
+        folder_fd = open_tier_folder(self.root.parent, self.root, self.mode)
+        try:
+            lock_fd = try_lock(self.root, self.mode, folder_fd)
+            if lock_fd is not None:
+                try:
+                    secure_shards(folder_fd, self.root, self.mode)
+                except BaseException:
+                    os.close(lock_fd)
+                    raise
+            return lock_fd
+        finally:
+            os.close(folder_fd)
 
     def _recover(self) -> None:
         """Index the entries on disk, newest kept within the budget; clear interrupted writes."""
@@ -273,7 +306,7 @@ class DiskTier(Tier):
         """
         if self._lost is None:
             try:
-                found: tuple[int, int] | None = _file_id(os.stat(self.root / LOCK_NAME))
+                found: tuple[int, int] | None = _file_id(os.lstat(self.root / LOCK_NAME))
             except FileNotFoundError:
                 found = None
             if found is not None and found == self._lock_id:
@@ -287,19 +320,34 @@ class DiskTier(Tier):
 
     def _create(self, temp: Path) -> int:
         """A new temporary file; its shard is made if missing, never the tier's folder itself."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            return os.open(temp, flags, 0o644)
+            return self._create_file(temp)
         except FileNotFoundError:
             pass
         try:
-            os.mkdir(temp.parent)
+            os.mkdir(temp.parent, self._folder_mode)
         except FileExistsError:
             pass
         except FileNotFoundError:
             self._check_folder()  # the folder went away since the last check
             raise
-        return os.open(temp, flags, 0o644)
+        else:
+            if self.mode != DEFAULT_MODE:  # a umask may take bits that ``mode`` asks for
+                # By path: no one else can put a link in the tier's own folder.
+                os.chmod(temp.parent, self._folder_mode)
+        return self._create_file(temp)
+
+    def _create_file(self, temp: Path) -> int:
+        """A new file of the tier's ``mode``; ``FileNotFoundError`` when its shard is missing."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temp, flags, self.mode)
+        if self.mode != DEFAULT_MODE:  # a umask may take bits that ``mode`` asks for
+            try:
+                os.fchmod(fd, self.mode)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
 
     async def load(self, obj: Any) -> torch.Tensor | None:
         assert isinstance(obj, DiskCacheMetadata)
@@ -426,7 +474,7 @@ def _file_id(stat: os.stat_result) -> tuple[int, int]:
 
 
 def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

@@ -19,7 +19,7 @@ from typing import BinaryIO, NamedTuple
 import torch
 
 from lmtier import serde
-from lmtier.errors import CorruptEntryError
+from lmtier.errors import CorruptEntryError, StorageError
 from lmtier.keys import CacheEngineKey, KeyLike, key_to_text
 from lmtier.metadata import DiskCacheMetadata
 
@@ -29,6 +29,7 @@ __all__ = [
     "TEMP_PREFIX",
     "FolderScan",
     "FoundEntry",
+    "is_shard",
     "key_digest",
     "namespace_folder",
     "open_regular",
@@ -71,19 +72,56 @@ def key_digest(key: KeyLike) -> str:
     return hashlib.blake2b(text, digest_size=16).hexdigest()
 
 
-def try_lock(folder: Path) -> int | None:
+def try_lock(folder: Path, mode: int = 0o600, folder_fd: int | None = None) -> int | None:
     """Take ``folder``'s lock file: its descriptor (close it to release), or None if held.
 
-    The kernel releases an flock when its holder dies, so a crashed store never locks out
-    the next one.
+    The lock file is made with ``mode`` if missing; a link in its place is never followed
+    and, like a lock file that is not the user's own regular file, refused with
+    ``StorageError``.  ``folder_fd``, an open descriptor of ``folder``, is where it is looked
+    up when given.  The kernel releases an flock when its holder dies, so a crashed store
+    never locks out the next one.
     """
-    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    path = folder / LOCK_NAME
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
+        if folder_fd is None:
+            fd = os.open(path, flags, mode)
+        else:
+            fd = os.open(LOCK_NAME, flags, mode, dir_fd=folder_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StorageError(
+                exc.errno, f"{path} is a symbolic link, not followed: remove it"
+            ) from exc
+        raise
+    try:
+        _check_lock_file(fd, path, mode)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
+
+
+def _check_lock_file(fd: int, path: Path, mode: int) -> None:
+    """Refuse a lock file that is not the user's own regular file; give it ``mode`` exactly
+    (lock files of older versions were 0644, and any reader can hold an flock; a umask may
+    take bits that ``mode`` asks for)."""
+    found = os.fstat(fd)
+    if not stat_module.S_ISREG(found.st_mode):
+        raise StorageError(errno.EPERM, f"{path} is not a regular file: remove it")
+    uid = os.geteuid()
+    if found.st_uid != uid:
+        raise StorageError(
+            errno.EPERM,
+            f"{path} is owned by uid {found.st_uid}, not you (uid {uid}): another user could "
+            "hold it; remove it or choose another path",
+        )
+    if stat_module.S_IMODE(found.st_mode) != mode:
+        os.fchmod(fd, mode)
 
 
 def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> int:
@@ -228,7 +266,7 @@ def scan_folder(
         for item in top:
             if item.name.startswith(TEMP_PREFIX):
                 _found_temp(item, scan)
-            elif _is_shard(item.name):
+            elif is_shard(item.name):
                 if item.is_dir(follow_symlinks=False):
                     shards.append(item.path)
                 elif item.is_symlink():
@@ -296,7 +334,8 @@ def _reason(exc: CorruptEntryError, path: str) -> str:
     return str(exc).removeprefix(f"{path}: ")
 
 
-def _is_shard(name: str) -> bool:
+def is_shard(name: str) -> bool:
+    """Whether a name in a tier's folder is a shard folder's (two hex digits)."""
     return len(name) == 2 and set(name) <= _HEX
 
 

@@ -81,16 +81,15 @@ def _memory_tier(spec: MemoryTierSpec, evictor: BaseEvictor, namespace: str) -> 
     return MemoryTier(spec.name, evictor, device, pinned=spec.pinned)
 
 
-def _unsupported(spec: TierSpec, field: str) -> ConfigError:
-    # Refused, not ignored: a secret or a mode that silently did nothing would mislead.
-    return ConfigError(f"tier {spec.name!r}: this {spec.kind} tier does not support {field!r}")
-
-
 def _disk_tier(spec: DiskTierSpec, evictor: BaseEvictor, namespace: str) -> Tier:
-    if spec.mode != DiskTierSpec.mode:
-        raise _unsupported(spec, "mode")
     return DiskTier(
-        spec.name, evictor, spec.path, spec.durability, namespace, auth_key=_revealed(spec)
+        spec.name,
+        evictor,
+        spec.path,
+        spec.durability,
+        namespace,
+        spec.mode,
+        auth_key=_revealed(spec),
     )
 
 
