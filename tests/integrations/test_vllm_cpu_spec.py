@@ -29,6 +29,7 @@ from vllm.v1.kv_offload.base import (  # noqa: E402
 from vllm.v1.kv_offload.cpu.common import CPULoadStoreSpec  # noqa: E402
 
 from lmtier.errors import ConfigError  # noqa: E402
+from lmtier.integrations import vllm_cpu  # noqa: E402
 from lmtier.integrations.vllm_cpu import CPUBackendTieringSpec, TorchCopyWorker  # noqa: E402
 
 BLOCKS = 16  # KV blocks of the engine
@@ -227,7 +228,7 @@ def test_a_copy_that_raises_is_a_failed_job(monkeypatch: pytest.MonkeyPatch) -> 
         def broken(*args: object, **kwargs: object) -> None:
             raise RuntimeError("injected copy failure")
 
-        monkeypatch.setattr(torch.Tensor, "index_copy_", broken)
+        monkeypatch.setattr(vllm_cpu, "_move", broken)
         assert worker.submit_load(1, CPULoadStoreSpec([0]), gpu_spec([0], [1], [0]))
         assert finish(worker, 1).success is False
         monkeypatch.undo()
@@ -241,15 +242,15 @@ def test_jobs_run_off_the_submitting_thread_and_wait_returns_when_they_finish(
     kv = kv_tensors()
     original = [p.clone() for p in pages(kv)]
     gate, entered = threading.Event(), threading.Event()
-    select = torch.Tensor.index_select
+    move = vllm_cpu._move
 
-    def gated(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def gated(*args: Any) -> None:
         entered.set()
         assert gate.wait(60)
-        return select(self, *args, **kwargs)
+        move(*args)
 
     with spec_worker(kv) as (worker, read_rows):
-        monkeypatch.setattr(torch.Tensor, "index_select", gated)
+        monkeypatch.setattr(vllm_cpu, "_move", gated)
         assert worker.submit_store(1, gpu_spec([6], [1], [0]), CPULoadStoreSpec([4]))
         assert entered.wait(60)  # submit returned while the copy is held
         assert worker.get_finished() == []
