@@ -1,9 +1,9 @@
 """One vLLM engine (CPU build) run for test_vllm_engine_e2e: ``python vllm_e2e_runner.py ARGS``.
 
-ARGS is a JSON file: model folder, prompts (token ids), and optionally the lmtier config file
-and the primary tier's size.  Prints one JSON line: per prompt the cached-token count and the
-greedy output tokens, plus the lmtier tier's counters.  The engine core runs in this process
-(VLLM_ENABLE_V1_MULTIPROCESSING=0) so the tier object can be read after the run.
+ARGS is a JSON file: model folder, prompts (token ids), and optionally the engine's
+``--kv-transfer-config`` as a JSON mapping.  Prints one JSON line: per prompt the cached-token
+count and the greedy output tokens, plus the lmtier tier's counters.  The engine core runs in
+this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the tier object can be read after the run.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import sys
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # vllm_torch_spec
 
 
 def main(path: str) -> None:
@@ -35,23 +34,8 @@ def main(path: str) -> None:
     with open(path) as file:
         args = json.load(file)
     kwargs = {}
-    if args.get("lmtier_config"):
-        kwargs["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="OffloadingConnector",
-            kv_role="kv_both",
-            kv_connector_extra_config={
-                "spec_name": "TorchCopyTieringSpec",
-                "spec_module_path": "vllm_torch_spec",
-                "cpu_bytes_to_use": args["cpu_bytes"],
-                "secondary_tiers": [
-                    {
-                        "type": "LmtierSecondaryTier",
-                        "module_path": "lmtier.integrations.vllm",
-                        "config_path": args["lmtier_config"],
-                    }
-                ],
-            },
-        )
+    if args.get("kv_transfer_config"):
+        kwargs["kv_transfer_config"] = KVTransferConfig(**args["kv_transfer_config"])
     llm = LLM(
         model=args["model"],
         skip_tokenizer_init=True,
@@ -74,7 +58,8 @@ def main(path: str) -> None:
     stats = None
     if tiers:
         stats = {k: v for k, v in tiers[-1].stats().items() if k != "store"}
-    print("RESULT " + json.dumps({"runs": runs, "tier": stats}), flush=True)
+    result = {"runs": runs, "tier": stats, "lmtier": integration.__file__}
+    print("RESULT " + json.dumps(result), flush=True)
     del llm
 
 
