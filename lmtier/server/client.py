@@ -33,6 +33,7 @@ from lmtier.errors import InvalidValueError, LmtierError, TierUnavailableError
 from lmtier.evictor import PutStatus
 from lmtier.keys import KeyLike, check_key
 from lmtier.server import protocol as p
+from lmtier.server.nogil import Receiver, send_now
 from lmtier.server.paths import check_folder, default_socket_path
 from lmtier.server.regions import SharedRegion
 
@@ -91,6 +92,7 @@ class ServerClient:
         self._lock = threading.RLock()
         self._sock: socket.socket | None = None
         self._frames = p.FrameReader()
+        self._receive = Receiver()
         self._ids = itertools.count(1)
         self._region_numbers = itertools.count(1)
         self._regions: dict[int, SharedRegion] = {}
@@ -457,7 +459,10 @@ class ServerClient:
                         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, "little"))]
                         sent += sock.sendmsg([frame], rights)
                     else:
-                        sent += sock.send(frame[sent:])
+                        done = send_now(sock.fileno(), bytes(frame[sent:]))
+                        if not done:
+                            raise BlockingIOError
+                        sent += done
                 except (BlockingIOError, InterruptedError):
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -475,11 +480,11 @@ class ServerClient:
         sock = self._sock
         while sock is not None:
             try:
-                data = sock.recv(1 << 16)
-            except (BlockingIOError, InterruptedError):
-                return
+                data = self._receive(sock.fileno())
             except OSError as exc:
                 self._disconnect(f"lost the lmtier server at {self.path}: {exc}")
+                return
+            if data is None:
                 return
             if not data:
                 self._disconnect(f"the lmtier server at {self.path} closed the connection")
