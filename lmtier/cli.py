@@ -24,6 +24,7 @@ from lmtier.replay.sweep import ReplayOptions, SweepResult, run_sweep
 from lmtier.replay.synthetic import SYNTHETIC_PREFIX, SyntheticSpec, parse_synthetic
 from lmtier.replay.traces import FORMATS, WINDOWS, parse_part, trace_stats
 from lmtier.replay.workloads import load_trace
+from lmtier.serve_command import add_serve_parser
 from lmtier.stress_command import INTERRUPTED, add_stress
 
 __all__ = ["build_parser", "main", "package_version"]
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(commands)
     _add_bench(commands)
     add_plan_parser(commands)
+    add_serve_parser(commands)
     for command in commands.choices.values():
         # SUPPRESS: a command that was not given -v keeps what came before it.
         command.add_argument(

@@ -1,0 +1,592 @@
+"""``ServerClient``: an engine's handle on an lmtier server.
+
+The engine's thread only encodes a job and sends it (``submit_load``, ``submit_store``), and
+later reads whatever replies have come (``poll``, which never blocks): the block bytes move
+between the store and the client's shared-memory regions inside the server's process.
+
+A server that is down or goes away never yields wrong bytes: its unfinished loads complete as
+misses and its other calls fail with ``TierUnavailableError``; the next call reconnects (and
+maps the client's regions again) once a server answers on the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import torch
+
+from lmtier import errors
+from lmtier.errors import InvalidValueError, LmtierError, TierUnavailableError
+from lmtier.evictor import PutStatus
+from lmtier.keys import KeyLike, check_key
+from lmtier.server import protocol as p
+from lmtier.server.nogil import Receiver, send_now
+from lmtier.server.paths import check_folder, default_socket_path
+from lmtier.server.regions import SharedRegion
+
+__all__ = ["LoadResult", "ServerClient", "StoreResult"]
+
+log = logging.getLogger(__name__)
+
+# After a failed connect, calls fail at once for this long instead of trying again each time.
+_RECONNECT_BACKOFF_S = 0.05
+# Where blocks start in a region the client lays out itself: no dtype is misaligned there.
+_ALIGN = 64
+# The room a get gives an entry whose size it has not seen yet; a larger one is read again.
+_FIRST_SLOT_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """A finished load: ``found[i]`` describes key i's hit (None: a miss); its bytes are in
+    the region at the offset the job gave, if ``found[i].copied``.  ``error`` says why the
+    whole job failed (every key then a miss)."""
+
+    job_id: int
+    found: list[p.Found | None]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """A finished store: ``placed[i]`` is True when key i was stored."""
+
+    job_id: int
+    placed: list[bool]
+    error: str | None = None
+
+
+JobResult = LoadResult | StoreResult
+
+
+class ServerClient:
+    """A connection to ``lmtier serve`` on ``socket_path`` (default: this user's default).
+
+    Thread-safe.  ``send_timeout`` bounds how long a call waits for a server that does not
+    read its requests; ``timeout`` how long the blocking and async calls wait for a reply.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = 60.0,
+        send_timeout: float = 10.0,
+    ) -> None:
+        self.path = Path(socket_path) if socket_path is not None else default_socket_path()
+        self.timeout = timeout
+        self.send_timeout = send_timeout
+        self._lock = threading.RLock()
+        self._sock: socket.socket | None = None
+        self._frames = p.FrameReader()
+        self._receive = Receiver()
+        self._ids = itertools.count(1)
+        self._region_numbers = itertools.count(1)
+        self._regions: dict[int, SharedRegion] = {}
+        self._pending: set[int] = set()  # sent, not answered
+        self._done: dict[int, p.Reply | LmtierError] = {}
+        self._claimed: set[int] = set()  # finished calls a blocking or async caller takes
+        self._jobs: dict[int, tuple[type[JobResult], int]] = {}  # what a failed job reports
+        self._discard: set[int] = set()  # requests whose reply nobody waits for
+        self._async_waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        self._reader_fd: dict[asyncio.AbstractEventLoop, int] = {}
+        self._retry_at = 0.0
+        self._down_reason = ""
+        self._slot_hint = _FIRST_SLOT_BYTES
+        self.closed = False
+
+    # -------------------------------------------------------------- regions
+    def map_region(self, size: int) -> SharedRegion:
+        """A new shared region of ``size`` bytes, mapped by the server (now, or at the next
+        connection if the server is down)."""
+        region = SharedRegion(size, next(self._region_numbers))
+        with self._lock:
+            self._regions[region.number] = region
+            if self._sock is not None:
+                # A server that is gone maps it again at the next connection.
+                with contextlib.suppress(TierUnavailableError):
+                    self._send_map(region)
+        return region
+
+    def unmap_region(self, region: SharedRegion) -> None:
+        """Stop sharing ``region`` and close it; jobs already sent finish first (server side)."""
+        with self._lock:
+            if self._regions.pop(region.number, None) is None:
+                return
+            if self._sock is not None:
+                # A server that is gone dropped the mapping with the connection.
+                with contextlib.suppress(TierUnavailableError):
+                    self._send_unclaimed(p.UnmapRegion(next(self._ids), region.number))
+        region.close()
+
+    # -------------------------------------------------------------- the engine's calls
+    def submit_load(
+        self,
+        keys: Sequence[KeyLike],
+        region: SharedRegion,
+        offsets: Sequence[int],
+        sizes: Sequence[int],
+    ) -> int:
+        """Ask the server to copy each key's entry into ``region`` at ``offsets[i]`` (at most
+        ``sizes[i]`` bytes); the job's id, at once.  ``poll`` returns its ``LoadResult``."""
+        request = p.Load(
+            self._new_id(), _wire_keys(keys), self._number(region), list(offsets), list(sizes)
+        )
+        return self._submit(request, LoadResult, len(request.keys))
+
+    def submit_store(
+        self,
+        keys: Sequence[KeyLike],
+        region: SharedRegion,
+        offsets: Sequence[int],
+        sizes: Sequence[int],
+        *,
+        dtypes: Sequence[torch.dtype] | None = None,
+        shapes: Sequence[Sequence[int]] | None = None,
+    ) -> int:
+        """Ask the server to store the block at ``offsets[i]`` (``sizes[i]`` bytes) under
+        ``keys[i]``, as a tensor of ``dtypes[i]`` and ``shapes[i]`` (default: uint8 bytes);
+        the job's id, at once.  The region's bytes must stay put until the job is polled."""
+        count = len(keys)
+        names = ["uint8"] * count if dtypes is None else [_dtype_name(d) for d in dtypes]
+        dims = [[size] for size in sizes] if shapes is None else [list(s) for s in shapes]
+        request = p.Store(
+            self._new_id(),
+            _wire_keys(keys),
+            self._number(region),
+            list(offsets),
+            list(sizes),
+            names,
+            dims,
+        )
+        return self._submit(request, StoreResult, count)
+
+    def poll(self) -> list[JobResult]:
+        """The jobs that finished since the last poll; never blocks."""
+        with self._lock:
+            self._pump()
+            ready = [job for job in self._done if job not in self._claimed]
+            return [self._result(job, self._done.pop(job)) for job in ready]
+
+    def wait(self, job_id: int, timeout: float | None = None) -> JobResult:
+        """Block until job ``job_id`` finishes (at most ``timeout`` s, default the client's)
+        and return its result; poll will not return it again."""
+        with self._lock:
+            self._claimed.add(job_id)
+        try:
+            outcome = self._wait_reply(job_id, self.timeout if timeout is None else timeout)
+        finally:
+            with self._lock:
+                self._claimed.discard(job_id)
+        return self._result(job_id, outcome)
+
+    def ping(self, timeout: float | None = None) -> int:
+        """The server's pid; TierUnavailableError if none answers."""
+        reply = self._call(p.Ping(self._new_id()), timeout)
+        assert isinstance(reply, p.Pong)
+        return reply.pid
+
+    def server_stats(self, timeout: float | None = None) -> dict[str, Any]:
+        """The store's ``stats()`` under "store", the server's own counters under "server"."""
+        reply = self._call(p.Stats(self._new_id()), timeout)
+        assert isinstance(reply, p.StatsReply)
+        return reply.stats
+
+    def close(self) -> None:
+        """Close the connection and every region this client made."""
+        with self._lock:
+            self.closed = True
+            self._disconnect("the client was closed")
+            for region in self._regions.values():
+                region.close()
+            self._regions.clear()
+
+    def __enter__(self) -> ServerClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- the Python API (async)
+    async def put(self, key: KeyLike, tensor: torch.Tensor) -> PutStatus:
+        return (await self.put_many([(key, tensor)]))[0]
+
+    async def put_many(self, items: Iterable[tuple[KeyLike, torch.Tensor]]) -> list[PutStatus]:
+        """Store each tensor under its key; TierUnavailableError if the server is down."""
+        batch = [(check_key(key), _as_bytes(tensor)) for key, tensor in items]
+        if not batch:
+            return []
+        offsets, total = _layout(block.numel() for _, (block, _) in batch)
+        region = self.map_region(total)
+        try:
+            for offset, (_, (block, _)) in zip(offsets, batch, strict=True):
+                region.view(offset, block.numel()).copy_(block)
+            job = self.submit_store(
+                [key for key, _ in batch],
+                region,
+                offsets,
+                [block.numel() for _, (block, _) in batch],
+                dtypes=[tensor.dtype for _, (_, tensor) in batch],
+                shapes=[tensor.shape for _, (_, tensor) in batch],
+            )
+            outcome = await self._await_reply(job)
+        finally:
+            self.unmap_region(region)
+        self._jobs.pop(job, None)
+        reply = _checked(outcome)
+        assert isinstance(reply, p.Stored)
+        return [PutStatus.LEGAL if placed else PutStatus.ILLEGAL for placed in reply.placed]
+
+    async def get(self, key: KeyLike) -> torch.Tensor | None:
+        return (await self.get_many([key]))[0]
+
+    async def get_many(self, keys: Sequence[KeyLike]) -> list[torch.Tensor | None]:
+        """A CPU copy of each key's entry, or None (a miss, or the server unreachable)."""
+        keys = [check_key(key) for key in keys]
+        results: list[torch.Tensor | None] = [None] * len(keys)
+        wanted = {i: self._slot_hint for i in range(len(keys))}
+        while wanted:  # a second round for the entries larger than the room first given
+            indexes = list(wanted)
+            offsets, total = _layout(wanted[i] for i in indexes)
+            region = self.map_region(max(total, 1))
+            try:
+                job = self.submit_load(
+                    [keys[i] for i in indexes], region, offsets, [wanted[i] for i in indexes]
+                )
+                result = self._result(job, await self._await_reply(job))
+                assert isinstance(result, LoadResult)
+                wanted = {}
+                for i, offset, found in zip(indexes, offsets, result.found, strict=True):
+                    if found is None:
+                        continue
+                    self._slot_hint = max(self._slot_hint, found.nbytes)
+                    if not found.copied:
+                        wanted[i] = found.nbytes
+                        continue
+                    data = region.view(offset, found.nbytes).clone()
+                    results[i] = data.view(_dtype(found.dtype)).reshape(found.shape)
+            finally:
+                self.unmap_region(region)
+        return results
+
+    async def delete(self, key: KeyLike) -> bool:
+        reply = await self._acall(p.Delete(self._new_id(), p.key_to_wire(check_key(key))))
+        assert isinstance(reply, p.Deleted)
+        return reply.existed
+
+    async def contains(self, key: KeyLike) -> str | None:
+        reply = await self._acall(p.Contains(self._new_id(), p.key_to_wire(check_key(key))))
+        assert isinstance(reply, p.Contained)
+        return reply.tier
+
+    async def stats(self) -> dict[str, Any]:
+        reply = await self._acall(p.Stats(self._new_id()))
+        assert isinstance(reply, p.StatsReply)
+        return reply.stats
+
+    # -------------------------------------------------------------- calls and replies
+    def _new_id(self) -> int:
+        with self._lock:
+            return next(self._ids)
+
+    def _number(self, region: SharedRegion) -> int:
+        if self._regions.get(region.number) is not region:
+            raise InvalidValueError(f"{region!r} is not a region of this client (map_region)")
+        return region.number
+
+    def _submit(self, request: p.Load | p.Store, kind: type[JobResult], keys: int) -> int:
+        with self._lock:
+            self._pending.add(request.id)
+            self._jobs[request.id] = (kind, keys)
+            try:
+                self._send(request)
+            except TierUnavailableError as exc:
+                self._pending.discard(request.id)
+                self._done[request.id] = exc  # finishes as misses (failed) at the next poll
+        return request.id
+
+    def _call(self, request: p.Request, timeout: float | None) -> p.Reply:
+        with self._lock:
+            self._pending.add(request.id)
+            self._claimed.add(request.id)
+            try:
+                self._send(request)
+            except TierUnavailableError:
+                self._pending.discard(request.id)
+                self._claimed.discard(request.id)
+                raise
+        try:
+            outcome = self._wait_reply(request.id, self.timeout if timeout is None else timeout)
+        finally:
+            with self._lock:
+                self._claimed.discard(request.id)
+        return _checked(outcome)
+
+    async def _acall(self, request: p.Request) -> p.Reply:
+        with self._lock:
+            self._pending.add(request.id)
+            self._send(request)
+        return _checked(await self._await_reply(request.id))
+
+    async def _await_reply(self, job_id: int) -> p.Reply | LmtierError:
+        """The reply to ``job_id``, awaited without blocking the loop: the socket's readiness
+        wakes every waiter of this loop, and each one reads what came."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        with self._lock:
+            self._claimed.add(job_id)
+        try:
+            while True:
+                with self._lock:
+                    self._pump()
+                    if job_id in self._done:
+                        return self._done.pop(job_id)
+                    ready: asyncio.Future[None] = loop.create_future()
+                    self._async_waiters.setdefault(loop, []).append(ready)
+                    if self._sock is not None and loop not in self._reader_fd:
+                        fd = self._sock.fileno()
+                        loop.add_reader(fd, self._wake_loop, loop)
+                        self._reader_fd[loop] = fd
+                try:
+                    await asyncio.wait_for(ready, max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    return self._give_up(job_id)
+                finally:
+                    with self._lock:
+                        waiters = self._async_waiters.get(loop, [])
+                        if ready in waiters:
+                            waiters.remove(ready)
+        finally:
+            with self._lock:
+                self._claimed.discard(job_id)
+
+    def _wait_reply(self, job_id: int, timeout: float) -> p.Reply | LmtierError:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._pump()
+                if job_id in self._done:
+                    return self._done.pop(job_id)
+                sock = self._sock
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return self._give_up(job_id)
+            if sock is None or job_id not in self._pending:
+                return self._give_up(job_id)  # a disconnect has finished every pending call
+            # In short slices: another thread's poll may read this reply while we wait here.
+            # A socket closed by another thread meanwhile: the next pump finds out.
+            with contextlib.suppress(OSError, ValueError):
+                select.select([sock], [], [], min(left, 0.05))
+
+    def _give_up(self, job_id: int) -> p.Reply | LmtierError:
+        with self._lock:
+            if job_id in self._done:  # it came after all
+                return self._done.pop(job_id)
+            self._pending.discard(job_id)
+            self._discard.add(job_id)
+        return TierUnavailableError(
+            f"the lmtier server at {self.path} did not answer within {self.timeout}s"
+        )
+
+    def _result(self, job_id: int, outcome: p.Reply | LmtierError) -> JobResult:
+        kind, keys = self._jobs.pop(job_id, (LoadResult, 0))
+        if isinstance(outcome, p.Loaded):
+            return LoadResult(job_id, outcome.found)
+        if isinstance(outcome, p.Stored):
+            return StoreResult(job_id, outcome.placed)
+        error = _error_text(outcome)
+        if kind is LoadResult:
+            return LoadResult(job_id, [None] * keys, error)
+        return StoreResult(job_id, [False] * keys, error)
+
+    # -------------------------------------------------------------- the socket
+    def _connected(self) -> socket.socket:
+        """The connection, made (and the regions mapped again) if there is none."""
+        if self._sock is not None:
+            return self._sock
+        if self.closed:
+            raise errors.StoreClosedError("the ServerClient is closed")
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise TierUnavailableError(self._down_reason)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            # A socket in a folder another user controls could be anyone's: never trust it.
+            check_folder(self.path.parent)
+            sock.settimeout(self.send_timeout)
+            sock.connect(str(self.path))
+        except (OSError, LmtierError) as exc:
+            sock.close()
+            self._retry_at = now + _RECONNECT_BACKOFF_S
+            self._down_reason = f"no lmtier server answers at {self.path}: {exc}"
+            raise TierUnavailableError(self._down_reason) from None
+        sock.setblocking(False)
+        self._sock = sock
+        self._frames = p.FrameReader()
+        for region in self._regions.values():
+            self._send_map(region)
+        return sock
+
+    def _send_map(self, region: SharedRegion) -> None:
+        self._send_unclaimed(p.MapRegion(next(self._ids), region.number, region.size), region.fd)
+
+    def _send_unclaimed(self, request: p.Request, fd: int | None = None) -> None:
+        self._discard.add(request.id)
+        self._send(request, fd)
+
+    def _send(self, request: p.Request, fd: int | None = None) -> None:
+        sock = self._connected()
+        frame = memoryview(p.encode_frame(request))
+        deadline = time.monotonic() + self.send_timeout
+        sent = 0
+        try:
+            while sent < len(frame):
+                try:
+                    if fd is not None and sent == 0:
+                        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, "little"))]
+                        sent += sock.sendmsg([frame], rights)
+                    else:
+                        done = send_now(sock.fileno(), bytes(frame[sent:]))
+                        if not done:
+                            raise BlockingIOError
+                        sent += done
+                except (BlockingIOError, InterruptedError):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(
+                            f"the server read nothing for {self.send_timeout}s"
+                        ) from None
+                    select.select([], [sock], [], left)
+        except OSError as exc:  # a half-sent frame: the stream is lost either way
+            reason = f"lost the lmtier server at {self.path}: {exc}"
+            self._disconnect(reason)
+            raise TierUnavailableError(reason) from None
+
+    def _pump(self) -> None:
+        """Read every reply that has come, without blocking."""
+        sock = self._sock
+        while sock is not None:
+            try:
+                data = self._receive(sock.fileno())
+            except OSError as exc:
+                self._disconnect(f"lost the lmtier server at {self.path}: {exc}")
+                return
+            if data is None:
+                return
+            if not data:
+                self._disconnect(f"the lmtier server at {self.path} closed the connection")
+                return
+            try:
+                replies = [p.decode_reply(body) for body in self._frames.feed(data)]
+            except (p.FrameError, msgspec.DecodeError) as exc:
+                self._disconnect(f"the lmtier server at {self.path} sent a bad reply: {exc}")
+                return
+            for reply in replies:
+                self._file(reply)
+
+    def _file(self, reply: p.Reply) -> None:
+        if reply.id in self._discard:
+            self._discard.discard(reply.id)
+            if isinstance(reply, p.Error):
+                log.warning("lmtier server: %s: %s", reply.kind, reply.message)
+        elif reply.id in self._pending:
+            self._pending.discard(reply.id)
+            self._done[reply.id] = reply
+            self._wake_all()
+        elif isinstance(reply, p.Error):
+            self._down_reason = f"{reply.kind}: {reply.message}"
+            log.warning("lmtier server: %s", self._down_reason)
+
+    def _disconnect(self, reason: str) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        sock.close()
+        log.info("%s", reason)
+        for job_id in self._pending:
+            self._done[job_id] = TierUnavailableError(reason)
+        self._pending.clear()
+        self._discard.clear()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        for loop in list(self._async_waiters):
+            try:
+                loop.call_soon_threadsafe(self._wake_loop, loop)
+            except RuntimeError:  # a closed loop has no waiters left
+                self._async_waiters.pop(loop, None)
+
+    def _wake_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``'s thread: drop its reader, wake its waiters (each one re-reads)."""
+        with self._lock:
+            fd = self._reader_fd.pop(loop, None)
+            waiters = self._async_waiters.pop(loop, [])
+        if fd is not None:
+            loop.remove_reader(fd)
+        for ready in waiters:
+            if not ready.done():
+                ready.set_result(None)
+
+
+def _wire_keys(keys: Sequence[KeyLike]) -> list[p.WireKey]:
+    return [p.key_to_wire(check_key(key)) for key in keys]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidValueError(f"the server named an unknown dtype {name!r}")
+    return dtype
+
+
+def _as_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensor's bytes as a flat uint8 CPU tensor, and the tensor."""
+    if not isinstance(tensor, torch.Tensor):
+        raise errors.LmtierTypeError(f"a value must be a torch.Tensor, got {type(tensor).__name__}")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8), tensor
+
+
+def _layout(sizes: Iterable[int]) -> tuple[list[int], int]:
+    """Offsets for blocks of ``sizes`` placed one after another, each aligned; the total."""
+    offsets: list[int] = []
+    end = 0
+    for size in sizes:
+        offsets.append(end)
+        end += -(-size // _ALIGN) * _ALIGN
+    return offsets, end
+
+
+def _error_text(outcome: p.Reply | LmtierError) -> str:
+    if isinstance(outcome, p.Error):
+        return f"{outcome.kind}: {outcome.message}"
+    return str(outcome)
+
+
+def _checked(outcome: p.Reply | LmtierError) -> p.Reply:
+    """The reply, or the error it carries raised as the class the server named."""
+    if isinstance(outcome, LmtierError):
+        raise outcome
+    if isinstance(outcome, p.Error):
+        error_class = getattr(errors, outcome.kind, None)
+        if isinstance(error_class, type) and issubclass(error_class, LmtierError):
+            raise error_class(outcome.message)
+        raise LmtierError(f"{outcome.kind}: {outcome.message}")
+    return outcome
