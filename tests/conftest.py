@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # contract suites are importable helpers
+sys.path.insert(0, str(Path(__file__).parent))  # helpers (store_helpers, ...) import by name
+
+from lmtier.testing.values import tensor_for as tensor_for  # the tests import it from here
 
 from redis_helpers import RedisProcess, need_redis
 
@@ -21,12 +23,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
-
-
-def tensor_for(key: str, version: int = 0, numel: int = 256) -> torch.Tensor:
-    """Content derived from the key and version, so a wrong or stale read is always visible."""
-    seed = (sum(key.encode()) * 1_000_003 + version * 7_919) % 2**31
-    return (torch.arange(numel, dtype=torch.int64) * 2_654_435_761 + seed).to(torch.int32)
 
 
 @pytest.fixture

@@ -25,11 +25,11 @@ import torch
 
 from lmtier.errors import ConfigError, StorageError
 from lmtier.inspect import inspect_path
+from lmtier.testing import lru, store_in
 from lmtier.tiers import DiskTier
 from lmtier.tiers.disk_files import LOCK_NAME, namespace_folder
 
 from conftest import tensor_for
-from tier_contract import lru, store_in
 
 NOBODY = 65534
 

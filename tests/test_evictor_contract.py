@@ -14,8 +14,7 @@ from lmtier.evictor import (
     evictor_names,
     make_evictor,
 )
-
-from evictor_contract import lru_victims, run_contract, run_shared_key_contract
+from lmtier.testing.evictor import lru_victims, run_contract, run_shared_key_contract
 
 KNOWN_ORDER = {"lru": lru_victims}
 

@@ -21,12 +21,12 @@ import lmtier.store as store_module
 from lmtier import StoreConfig, TierConfig, TieredStore, serde
 from lmtier.errors import ConfigError, CorruptEntryError, LmtierTypeError
 from lmtier.keys import KeyLike
+from lmtier.testing.tier import lru
 from lmtier.tiers import Tier
 from lmtier.tiers.disk import DiskTier
 
 from conftest import tensor_for
 from redis_helpers import RedisProcess
-from tier_contract import lru
 
 SECRET = b"test secret: 0123456789abcdef0123456789abcdef"
 OTHER_SECRET = b"another secret: fedcba9876543210fedcba9876543210"

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lmtier import CacheEngineKey, PutStatus, StoreConfig, TierConfig, TieredStore, serde
+from lmtier.testing.tier import TierContract, lru, store_in
 from lmtier.tiers import Tier
 
 from conftest import tensor_for
@@ -28,7 +29,6 @@ from redis_helpers import (
     start_cluster,
 )
 from store_helpers import ROOM_TIMEOUT_S, reshaped_entry
-from tier_contract import TierContract, lru, store_in
 
 try:
     import redis.asyncio as aioredis

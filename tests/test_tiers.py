@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 from lmtier.errors import CorruptEntryError, StorageError
 from lmtier.keys import CacheEngineKey
+from lmtier.testing.tier import TierContract, lru, store_in
 from lmtier.tiers import DiskTier, MemoryTier, Tier
 
 from conftest import tensor_for
-from tier_contract import TierContract, lru, store_in
 
 
 class TestCpuMemoryTier(TierContract):

@@ -1,7 +1,9 @@
 """The contract every evictor passes: random put/get/remove/pin/unpin sequences against a model.
 
-Run a new policy through it by registering it (``register_evictor``): ``test_evictor_contract``
-parametrizes over the registry.  ``run_contract(factory, capacity)`` runs one directly.
+A policy of this package is registered (``register_evictor``) and ``tests/test_evictor_contract``
+runs it through both machines below.  A policy of another package subclasses
+``EvictorContract`` in its own tests; ``run_contract(factory, capacity)`` and
+``run_shared_key_contract(factory, capacity)`` run one machine directly.  Needs hypothesis.
 """
 
 from __future__ import annotations
@@ -14,19 +16,26 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from lmtier.evictor import BaseEvictor, PutStatus
+from lmtier.keys import KeyLike
 
 KEYS = st.sampled_from([f"k{i}" for i in range(12)])
-VictimModel = Callable[["OrderedDict[str, bytes]", set[str], int, int, int], list[str] | None]
+VictimModel = Callable[
+    ["OrderedDict[KeyLike, bytes]", set[KeyLike], int, int, int], list[KeyLike] | None
+]
 
 
 def lru_victims(
-    cache: OrderedDict[str, bytes], pinned: set[str], charged: int, capacity: int, size: int
-) -> list[str] | None:
+    cache: OrderedDict[KeyLike, bytes],
+    pinned: set[KeyLike],
+    charged: int,
+    capacity: int,
+    size: int,
+) -> list[KeyLike] | None:
     """LRU's exact answer: unpinned keys from the least-recent end until ``size`` fits."""
     if size > capacity:
         return None
     need = charged + size - capacity
-    victims: list[str] = []
+    victims: list[KeyLike] = []
     for key, value in cache.items():
         if need <= 0:
             break
@@ -45,15 +54,15 @@ def run_contract(
 ) -> None:
     """Drive ``factory(capacity)`` through random sequences, checking the contract each step."""
 
-    class EvictorContract(RuleBasedStateMachine):
+    class EvictorMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
             self.evictor = factory(capacity)
             self.bounded = self.evictor.capacity_bytes is not None
-            self.cache: OrderedDict[str, bytes] = OrderedDict()
+            self.cache: OrderedDict[KeyLike, bytes] = OrderedDict()
             self.pins: dict[str, int] = {}
 
-        def _put(self, key: str, size: int) -> tuple[list[str], PutStatus]:
+        def _put(self, key: str, size: int) -> tuple[list[KeyLike], PutStatus]:
             before = list(self.cache.items())
             charged_before = self.evictor.charged_bytes
             expected = (
@@ -136,8 +145,8 @@ def run_contract(
             if self.bounded:
                 assert self.evictor.charged_bytes <= capacity
 
-    run_state_machine_as_test(
-        EvictorContract,
+    run_state_machine_as_test(  # type: ignore[no-untyped-call]  # hypothesis leaves it bare
+        EvictorMachine,
         settings=settings(max_examples=max_examples, stateful_step_count=40, deadline=None),
     )
 
@@ -162,14 +171,14 @@ def run_shared_key_contract(
     that entry is a victim on its way out.
     """
 
-    class SharedKeyContract(RuleBasedStateMachine):
+    class SharedKeyMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
             self.evictor = factory(capacity)
             self.bounded = self.evictor.capacity_bytes is not None
-            self.cache: OrderedDict[str, bytes] = OrderedDict()
+            self.cache: OrderedDict[KeyLike, bytes] = OrderedDict()
             self.in_flight: list[tuple[str, int]] = []  # admitted puts, in admission order
-            self.leaving: set[str] = set()  # victims still in cache_dict while they move
+            self.leaving: set[KeyLike] = set()  # victims still in cache_dict while they move
             self.pins: dict[str, int] = {}
 
         def _model_charge(self) -> int:
@@ -269,7 +278,44 @@ def run_shared_key_contract(
             if self.bounded:
                 assert self.evictor.charged_bytes <= capacity
 
-    run_state_machine_as_test(
-        SharedKeyContract,
+    run_state_machine_as_test(  # type: ignore[no-untyped-call]  # hypothesis leaves it bare
+        SharedKeyMachine,
         settings=settings(max_examples=max_examples, stateful_step_count=50, deadline=None),
     )
+
+
+class EvictorContract:
+    """The evictor contract as a pytest class: subclass it in a test module.
+
+    Override ``make_evictor(capacity)``: a fresh evictor whose budget is ``capacity`` bytes
+    (a policy without a budget, like ``DummyEvictor``, ignores it).  Optionally override
+    ``victim_model()`` to return a function giving the exact victims the policy must choose
+    (``lru_victims`` for an LRU), and set ``capacities`` or ``max_examples``.
+
+    Two tests are inherited: random put / get / remove / pin / unpin sequences checked against
+    a model after every step (the charge equals the sum of ``get_size``, the budget holds, no
+    pinned entry is a victim, ``update_on_put`` never mutates ``cache_dict``, a refusal only
+    when nothing unpinned can make room), and overlapping puts of a few shared keys that commit
+    or are abandoned in any order, as a tier drives its evictor.
+    """
+
+    capacities: tuple[int, ...] = (64, 1000)
+    max_examples: int = 150
+
+    def make_evictor(self, capacity: int) -> BaseEvictor:
+        """A new evictor with a budget of ``capacity`` bytes."""
+        raise NotImplementedError(f"{type(self).__name__} must define make_evictor(capacity)")
+
+    def victim_model(self) -> VictimModel | None:
+        """The exact victims the policy picks, if it promises an order; None checks no order."""
+        return None
+
+    def test_random_sequences_keep_the_contract(self) -> None:
+        for capacity in self.capacities:
+            run_contract(self.make_evictor, capacity, self.victim_model(), self.max_examples)
+
+    def test_overlapping_puts_of_shared_keys_keep_the_charge_exact(self) -> None:
+        for capacity in self.capacities:
+            run_shared_key_contract(
+                self.make_evictor, capacity, self.victim_model(), self.max_examples
+            )

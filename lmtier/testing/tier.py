@@ -1,4 +1,8 @@
-"""The contract every Tier backend keeps; a subclass of TierContract supplies ``make_tier``."""
+"""The contract every Tier backend keeps; a subclass of TierContract supplies ``make_tier``.
+
+``store_in`` writes one entry into a tier through the steps the store takes; a backend's own
+tests use it to fill a tier without a store.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,8 @@ import pytest
 import torch
 
 from lmtier.evictor import LRUEvictor
+from lmtier.testing.values import tensor_for
 from lmtier.tiers.base import Tier
-
-from conftest import tensor_for
 
 
 async def store_in(tier: Tier, key: str, tensor: torch.Tensor) -> list[tuple[Any, Any]]:
@@ -29,10 +32,23 @@ async def store_in(tier: Tier, key: str, tensor: torch.Tensor) -> list[tuple[Any
 
 
 class TierContract:
-    """Subclasses define ``make_tier(budget) -> Tier`` (already opened)."""
+    """The tier contract as a pytest class: subclass it in a test module.
+
+    Override ``async make_tier(budget)``: a new, opened tier of your backend whose evictor is
+    ``lru(budget)`` (the tests expect LRU's victims) and whose budget is ``budget`` bytes; an
+    autouse fixture of the subclass may prepare what it needs (a folder, a server) and close
+    the tiers afterwards.  The tests are coroutines: run them with pytest-asyncio in auto mode.
+
+    Inherited tests: bit-exact round trips of several dtypes and a strided tensor, loads into
+    a preallocated buffer, a stored copy independent of the caller's tensor, accounting through
+    puts, victims and removals, victims readable until removed and never chosen twice,
+    ``reserve`` waiting for leaving bytes and timing out, pinned entries never victims, and an
+    entry larger than the budget refused.
+    """
 
     async def make_tier(self, budget: int) -> Tier:
-        raise NotImplementedError
+        """A new, opened tier of ``budget`` bytes over ``lru(budget)``."""
+        raise NotImplementedError(f"{type(self).__name__} must define make_tier(budget)")
 
     async def test_round_trip_is_bit_exact(self) -> None:
         tier = await self.make_tier(1 << 20)
@@ -139,4 +155,5 @@ class TierContract:
 
 
 def lru(budget: int) -> LRUEvictor:
+    """The evictor ``make_tier`` gives its tier: LRU over ``budget`` bytes."""
     return LRUEvictor(max_cache_bytes=budget)
