@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,15 +75,45 @@ def reshaped_entry(value: bytes, **changes: object) -> bytes:
     return serde.encode_header(**fields) + value[header.payload_offset :]  # type: ignore[arg-type]
 
 
-def kill_midway(target: Callable[..., None], args: tuple[object, ...], delay: float) -> None:
-    """Run ``target(*args)`` in a forked child and SIGKILL it after ``delay`` seconds."""
-    child = multiprocessing.get_context("fork").Process(target=target, args=args)
+#: How long a crash test's child may take to report that it did its share of work: far beyond
+#: what a loaded machine needs, so that only a child that hung or died reaches it.
+REPORT_TIMEOUT_S = 120.0
+
+
+def kill_after_report(target: Callable[..., None], args: tuple[object, ...]) -> None:
+    """Run ``target(*args, report)`` in a forked child and SIGKILL it as soon as it reports.
+
+    ``report`` is the write end of a pipe: the child writes a byte to it once it has done what
+    the round needs, and goes on working; the kill then lands wherever the work is, however
+    fast or slow the machine runs.
+    """
+    reader, writer = os.pipe()
+    child = multiprocessing.get_context("fork").Process(target=target, args=(*args, writer))
     child.start()  # forked: no second torch import per round
-    time.sleep(delay)
-    assert child.pid is not None and child.is_alive(), "the child died on its own"
-    os.kill(child.pid, signal.SIGKILL)
+    os.close(writer)
+    try:
+        ready, _, _ = select.select([reader], [], [], REPORT_TIMEOUT_S)
+        reported = os.read(reader, 1) if ready else b""
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        os.close(reader)
     child.join(10)
+    assert reported, "the child died or hung before it reported"
     assert child.exitcode == -signal.SIGKILL
+
+
+def report_once(report: int) -> Callable[[], None]:
+    """For a child of ``kill_after_report``: a function that reports, the first time only."""
+    done = False
+
+    def once() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            os.write(report, b"!")
+
+    return once
 
 
 def count_waits(monkeypatch: pytest.MonkeyPatch) -> list[object]:

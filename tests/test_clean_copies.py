@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from lmtier.store import TieredStore
 from lmtier.tiers import DiskTier
 
 from conftest import tensor_for
-from store_helpers import KIB, DropLog
+from store_helpers import KIB, ROOM_TIMEOUT_S, DropLog
 
 # tensor_for(...) is 1 KiB: cpu holds 4 entries.
 
@@ -211,4 +212,52 @@ async def test_a_clean_copy_whose_file_vanished_is_dropped_and_reported(tmp_path
         assert store.stats()["tiers"]["cpu"]["unwritten_demotions"] == 1
         assert await store.get("k0") is None
         assert "k0" in drops.keys and await store.contains("k0") is None
+        assert store.audit() == []
+
+
+async def test_a_victim_whose_copy_below_is_leaving_too_is_written_down_not_dropped(
+    tmp_path: Path,
+) -> None:
+    """cpu (2 entries) -> disk (2 entries): ``a`` lives in cpu with a clean copy on disk.  The
+    disk evicts that copy (its move held by a gate) while the cpu evicts ``a``: ``a`` waits
+    for the copy to leave and is written down in its place; only one key of five is dropped."""
+    config = StoreConfig(
+        tiers=(
+            TierConfig("cpu", "memory", 2 * KIB),
+            TierConfig("disk", "disk", 2 * KIB, path=str(tmp_path / "disk")),
+        ),
+        room_timeout_s=ROOM_TIMEOUT_S,
+    )
+    drops = DropLog()
+    async with TieredStore(config, on_drop=drops) as store:
+        disk = store.tiers[1]
+        for key in ("a", "b", "c"):  # a goes down to disk
+            await store.put(key, tensor_for(key))
+        assert await store.get("a") is not None  # promoted: b goes down, a's copy stays
+        await store.settle()
+        assert (store.holder("a"), disk.lookup("a") is not None) == ("cpu", True)
+        held, release = asyncio.Event(), asyncio.Event()
+        mover = store._mover
+        demote_one = mover._demote_one
+
+        async def gated(tier: Any, below: Any, key: Any, obj: Any, staged: Any = None) -> None:
+            if tier is disk and key == "a":
+                held.set()
+                await release.wait()
+            await demote_one(tier, below, key, obj, staged)
+
+        mover._demote_one = gated  # type: ignore[method-assign]
+        # c goes down: the disk evicts a's copy, held leaving.
+        spill = asyncio.ensure_future(store.put("x", tensor_for("x")))
+        await asyncio.wait_for(held.wait(), ROOM_TIMEOUT_S)
+        # a goes down while its copy below is leaving.
+        evict_a = asyncio.ensure_future(store.put("y", tensor_for("y")))
+        await asyncio.wait([evict_a], timeout=0.3)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(spill, evict_a), ROOM_TIMEOUT_S)
+        await store.settle()
+        assert "a" not in drops.keys, "a was dropped though the disk could take it"
+        assert len(drops.keys) == 1  # five keys, room for four
+        got = await store.get("a")
+        assert got is not None and torch.equal(got, tensor_for("a"))
         assert store.audit() == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from lmtier import StoreConfig, TierConfig, TieredStore
 from lmtier.tiers import DiskTier
 from lmtier.tiers.disk_files import TEMP_PREFIX
 
-from store_helpers import kill_midway
+from store_helpers import kill_after_report, report_once
 
 KIB = 1024
 ROUNDS = 24
@@ -28,14 +29,18 @@ def disk_store(root: Path) -> TieredStore:
     return TieredStore(StoreConfig(tiers))
 
 
-def writer(root: Path, seed: int) -> None:
-    """Overwrite, delete and spill entries as fast as possible until killed."""
+def writer(root: Path, seed: int, calls: int, report: int) -> None:
+    """Overwrite, delete and spill entries as fast as possible until killed; report once
+    ``calls`` calls have returned."""
     torch.set_num_threads(1)
+    reported = report_once(report)
 
     async def run() -> None:
         rng = random.Random(seed)
         async with disk_store(root) as store:
-            while True:
+            for done in itertools.count():
+                if done == calls:
+                    reported()
                 key = f"k{rng.randrange(40)}"
                 if rng.random() < 0.1:
                     await store.delete(key)
@@ -66,7 +71,7 @@ def test_sigkill_at_random_moments_never_serves_wrong_bytes(tmp_path: Path) -> N
     rng = random.Random(1234)
     served_total = 0
     for round_ in range(ROUNDS):
-        kill_midway(writer, (tmp_path, round_), rng.uniform(0.05, 0.4))
+        kill_after_report(writer, (tmp_path, round_, rng.randrange(5, 120)))
         served, _corrupt = asyncio.run(reopen_and_check(tmp_path))
         served_total += served
     assert served_total > ROUNDS, "the writer never got anything to disk"

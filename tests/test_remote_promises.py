@@ -128,3 +128,35 @@ async def test_a_store_never_fetches_back_its_own_leftover_value(
         got = await store.get("k")
         assert got is not None and torch.equal(got, tensor_for("k", 2))
         assert store.audit() == []
+
+
+async def test_a_get_overlapping_a_put_to_redis_never_deletes_the_put(
+    redis_server: RedisProcess, raw: aioredis.Redis
+) -> None:
+    """A get misses every index and asks the server; its GET is answered only after a put of
+    the key has landed and committed: the value it finds is the put's, which stays."""
+    config = StoreConfig((remote_spec(redis_server.url, 64 * KIB),))
+    async with TieredStore(config) as store:
+        remote = store.tiers[0]
+        assert isinstance(remote, RemoteTier)
+        name = remote.name_for("k")
+        asked, answer = asyncio.Event(), asyncio.Event()
+        command = remote._command
+
+        async def gated_command(verb: str, *args: Any) -> Any:
+            if verb == "GET" and args[0] == name:
+                asked.set()
+                await answer.wait()  # sent only once the put has landed
+            return await command(verb, *args)
+
+        remote._command = gated_command  # type: ignore[method-assign]
+        get = asyncio.ensure_future(store.get("k"))
+        await asyncio.wait_for(asked.wait(), ROOM_TIMEOUT_S)
+        assert await store.put("k", tensor_for("k", 1)) is PutStatus.LEGAL
+        answer.set()
+        got = await asyncio.wait_for(get, ROOM_TIMEOUT_S)
+        assert got is None or torch.equal(got, tensor_for("k", 1))
+        assert await raw.get(name) is not None, "the get deleted the value the put wrote"
+        got = await store.get("k")
+        assert got is not None and torch.equal(got, tensor_for("k", 1))
+        assert store.audit() == []

@@ -272,7 +272,7 @@ class TieredStore:
             removed = self._cascade.remove_everywhere(key)
             ledger.positions.pop(key, None)
             for tier, obj in removed:
-                await ledger.discard(tier, obj)
+                await ledger.discard(tier, key, obj)
             await ledger.discarded(key)
             holders = [tier for tier, _ in removed]
             forgotten = [

@@ -58,9 +58,10 @@ class KeyLedger:
         # Keys being copied down ahead of their eviction (``write_ahead``): what their
         # demotion waits for, so that it hands over to the copy instead of writing again.
         self.writing_ahead: dict[KeyLike, asyncio.Future[None]] = {}
-        # Removed entries whose storage a tier releases in the background: a put or delete
-        # of the key waits for them, so no older value outlives its return.
+        # Removals of each key's stored bytes still running (see ``_remove``): a put or
+        # delete of the key waits for them, so no older value outlives its return.
         self.discarding: dict[KeyLike, set[asyncio.Task[None]]] = {}
+        self.behind = 0  # of those, evictions' removals that no caller awaits
         self.deletes = 0  # deletes so far: a fetch that overlapped one adopts nothing
 
     # ------------------------------------------------------------------ puts
@@ -124,24 +125,37 @@ class KeyLedger:
         self.writing_ahead.pop(key).set_result(None)
 
     # ------------------------------------------------------------------ removals
-    async def discard(self, tier: Tier, obj: Any) -> None:
-        """Remove a replaced or deleted entry's storage before returning."""
-        await tier.discard(obj)
+    # Every removal of a key's stored bytes starts here, as a task registered under the key
+    # (``discarding``) that the key's next put or delete waits for, however the removal came
+    # about: a replaced or deleted value, a move's source, an abandoned write, an eviction.
+    # As a task, a removal also runs to its end when whoever awaits it is cancelled.
+    def _remove(self, tier: Tier, key: KeyLike, obj: Any) -> asyncio.Task[None]:
+        task = self._spawn(tier.discard(obj))
+        self.discarding.setdefault(key, set()).add(task)
+        task.add_done_callback(functools.partial(self._forget_discard, key))
+        return task
+
+    async def discard(self, tier: Tier, key: KeyLike, obj: Any) -> None:
+        """Remove ``key``'s entry ``obj`` from ``tier`` (replaced, deleted, moved, or a write
+        abandoned) before returning; the key's next put or delete waits for it too."""
+        await asyncio.wait([self._remove(tier, key, obj)])
 
     async def release(self, tier: Tier, key: KeyLike, obj: Any) -> None:
-        """Release an evicted entry's storage: at once, or in the background where the tier
-        allows (``Tier.discards_behind``), and then the key's next put or delete waits."""
-        behind = sum(map(len, self.discarding.values()))  # at most MAX_DISCARDS_BEHIND
-        if not tier.discards_behind or behind >= MAX_DISCARDS_BEHIND:
-            await tier.discard(obj)
+        """Release an evicted entry's storage: in the background where the tier allows
+        (``Tier.discards_behind``) and fewer than ``MAX_DISCARDS_BEHIND`` are, else before
+        returning; either way the key's next put or delete waits for it."""
+        if not tier.discards_behind or self.behind >= MAX_DISCARDS_BEHIND:
+            await self.discard(tier, key, obj)
             return
         self.discard_behind(tier, key, obj)
 
     def discard_behind(self, tier: Tier, key: KeyLike, obj: Any) -> None:
         """Remove an entry's storage in the background; the key's next put or delete waits."""
-        task = self._spawn(tier.discard(obj))
-        self.discarding.setdefault(key, set()).add(task)
-        task.add_done_callback(functools.partial(self._forget_discard, key))
+        self.behind += 1
+        self._remove(tier, key, obj).add_done_callback(self._behind_done)
+
+    def _behind_done(self, _task: asyncio.Task[None]) -> None:
+        self.behind -= 1
 
     def _forget_discard(self, key: KeyLike, task: asyncio.Task[None]) -> None:
         pending = self.discarding[key]
@@ -150,6 +164,6 @@ class KeyLedger:
             del self.discarding[key]
 
     async def discarded(self, key: KeyLike) -> None:
-        """Wait until no released storage of ``key`` is still being removed."""
+        """Wait until no removal of ``key``'s stored bytes is still running."""
         while key in self.discarding:
             await asyncio.wait(self.discarding[key])

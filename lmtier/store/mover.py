@@ -204,7 +204,11 @@ class Mover:
             await ledger.release(tier, key, obj)
             return
         outcome = Outcome.REFUSED
-        # A tier whose copy is leaving too cannot take the key again: its own move settles it.
+        # A tier whose copy of the key is leaving too takes the key once that copy is gone (a
+        # copy leaves without a move); dropping the victim instead would lose the key.
+        await self._leaving_copies_gone(key, below)
+        if tier.lookup(key) is not obj:
+            return  # deleted or replaced meanwhile
         candidates = [each for each in below if each.lookup(key) is None]
         if candidates:
             data = staged if staged is not None else await self._loader.load_or_drop(tier, key, obj)
@@ -229,6 +233,19 @@ class Mover:
             if holder is None:  # else the copy leaving below reports its own drop
                 ledger.notify_drop(key)
         await ledger.release(tier, key, obj)
+
+    async def _leaving_copies_gone(self, key: KeyLike, below: Sequence[Tier]) -> None:
+        """Wait, up to the room timeout, until no tier below holds a copy of ``key`` that is
+        itself a victim leaving."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.room_timeout_s
+        while True:
+            leaving = [t for t in below if t.lookup(key) is not None and t.is_leaving(key)]
+            remaining = deadline - loop.time()
+            if not leaving or remaining <= 0:
+                return
+            changes = [t.changed() for t in leaving]
+            await asyncio.wait(changes, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
 
     # ------------------------------------------------------------------ promotion
     async def promote(self, key: KeyLike, source: Hit, data: torch.Tensor) -> None:

@@ -142,7 +142,7 @@ class Placement:
                 replaced_here = tier.make_way(key, size)
                 if replaced_here is not None:
                     ledger.notify_drop(key)  # reported only if this put then fails
-                    await ledger.discard(tier, replaced_here)
+                    await ledger.discard(tier, key, replaced_here)
             victims = tier.admit(key, size, ledger.positions.get(key))
             if victims is None:
                 attempt.full.append(tier)
@@ -165,18 +165,18 @@ class Placement:
             # comes wholly before (the move goes stale) or wholly after.
             if source is not None and not cascade.still_current(key, source, tier):
                 tier.unreserve(key, size)
-                await tier.discard(obj)
+                await ledger.discard(tier, key, obj)
                 return _Attempt(Outcome.STALE)
             if source is None and ledger.superseded(key, ticket):
                 tier.unreserve(key, size)  # a later put's value is in: this one came before it
-                await tier.discard(obj)
+                await ledger.discard(tier, key, obj)
                 return _Attempt(Outcome.PLACED)
             try:
                 tier.publish(obj)
             except OSError as exc:
                 tier.unreserve(key, size)
                 self._count_failure(tier, f"could not publish {key!r}", exc)
-                await tier.discard(obj)
+                await ledger.discard(tier, key, obj)
                 attempt.fail(tier)
                 continue
             replaced: list[tuple[Tier, Any]] = []
@@ -190,7 +190,7 @@ class Placement:
             tier.record_arrival(arrival)
             self._committed(tier, size)
             for old_tier, old_obj in replaced:  # (a promotion's source stays: a clean copy)
-                await ledger.discard(old_tier, old_obj)
+                await ledger.discard(old_tier, key, old_obj)
             await tier.make_durable(obj)
             return _Attempt(Outcome.PLACED)
         return attempt

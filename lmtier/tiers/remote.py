@@ -353,9 +353,12 @@ class RemoteTier(Tier):
                 return None
             header = self._check_header(value, key)
             if self._wrote.get(key) == header.checksum:
-                # This store's own write, which its index no longer holds: a value it
-                # removed, or a stale move's, whose DEL did not reach the server.
-                await self._in_order(key, "DEL", self.name_for(key))
+                # This store's own write.  Indexed or being written again, it is the key's
+                # current value (a put that landed while the GET was on its way): left alone.
+                # Else a value it removed, or a stale move's, whose DEL did not reach the
+                # server; the DEL is ordered before any SET of the key issued after this check.
+                if key not in self.cache_dict and key not in self._writing:
+                    await self._in_order(key, "DEL", self.name_for(key))
                 return None
             tensor = await self._decode(value, header, None)
         except CorruptEntryError as exc:
