@@ -25,9 +25,12 @@ Everything here runs in vLLM's scheduler process and must never stall it:
   A load job pins each of its blocks until that block is read, so the promotions of its first
   blocks never evict a block it has still to read.
 * ``get_stats`` reports this tier's block counters and, under ``vllm:kv_offload_lmtier_*``
-  names with a ``lmtier_tier`` label, the counters and gauges of the store's own tiers: a job on
-  the store's thread reads them at most once per ``STORE_STATS_INTERVAL_S`` and a later call
-  reports what changed, so the scheduler never waits for the store.
+  names with a ``lmtier_tier`` label, the counters and gauges of the store's own tiers, read on
+  the store's thread when its last running job ends (before the job's result is queued, so the
+  scheduler step that collects it reports it: an idle engine shows current values) and at most
+  once per ``STORE_STATS_INTERVAL_S`` between; the scheduler never waits for the store.
+* Every ``report_interval_s`` of the lmtier config (60 s by default) an INFO line counts the
+  lookups, hits, blocks stored and loaded and each tier's bytes (``lmtier.integrations.activity``).
 
 Keys are the offload key's block hash and group index; the store's namespace holds what makes
 KV incompatible (model, dtype, block geometry, parallel layout, row size), combined with the
@@ -69,6 +72,7 @@ from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager
 from lmtier.config import StoreConfig
 from lmtier.errors import StoreClosedError
 from lmtier.evictor import PutStatus
+from lmtier.integrations.activity import Activity, ActivityReporter
 from lmtier.integrations.blocking import BlockingStore
 from lmtier.integrations.engine_config import engine_config, in_namespace
 from lmtier.keys import KeyLike
@@ -204,6 +208,8 @@ class _Probe:
 
 @dataclass
 class _Counters:
+    lookups: int = 0  # settled answers (HIT or MISS) to the scheduler's lookups
+    hits: int = 0
     stored: int = 0
     store_failed: int = 0
     loaded: int = 0
@@ -267,11 +273,15 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         self._probes_lock = threading.Lock()  # the count is changed from both threads
         self._counters = _Counters()
         self._reported = _Counters()
-        # The store's tier stats: the read in flight on its thread, when the next is due, and
-        # the values reported so far by (stat, lmtier tier).
-        self._store_read: concurrent.futures.Future[dict[str, dict[str, Any]]] | None = None
+        # The store's tier stats: the latest reading (taken on the store's thread when a job
+        # ends and between, see _store_changes) and its number, the number last reported, the
+        # read in flight, when the next is due, and the values reported by (stat, lmtier tier).
+        self._store_reading: tuple[int, dict[str, dict[str, Any]]] = (0, {})
+        self._store_reading_reported = 0
+        self._store_read: concurrent.futures.Future[None] | None = None
         self._store_read_due = 0.0
         self._store_reported: dict[tuple[str, str], float] = {}
+        self._jobs_running = 0  # on the store's thread only
         self._closed = False
         self._blocking = BlockingStore(
             self.store_config, on_drop=self._on_drop, thread_name=f"lmtier-{tier_type}"
@@ -291,6 +301,13 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             [info.name for info in self._blocking.store.tier_infos()],
             len(self._index),
         )
+        if self.store_config.report_interval_s > 0:
+            reporter = ActivityReporter(
+                f"lmtier vLLM tier {tier_type!r}",
+                self._activity,
+                self.store_config.report_interval_s,
+            )
+            reporter.start(self._blocking)
 
     # ------------------------------------------------------------------ scheduler side
     @property
@@ -304,9 +321,13 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         text = offload_key_text(key)
+        counters = self._counters
         if text in self._index:
+            counters.lookups += 1
+            counters.hits += 1
             return LookupResult.HIT
         if not self._probe_shared or self._closed:
+            counters.lookups += 1
             return LookupResult.MISS
         probe = self._probes.get(text)
         if probe is None:
@@ -319,7 +340,11 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             self._request_probes.setdefault(req_context.req_id, set()).add(text)
         if probe.found is None:
             return LookupResult.RETRY
-        return LookupResult.HIT if probe.found and text in self._index else LookupResult.MISS
+        counters.lookups += 1
+        if probe.found and text in self._index:
+            counters.hits += 1
+            return LookupResult.HIT
+        return LookupResult.MISS
 
     def submit_store(self, job_metadata: Any) -> None:
         slots = _job_slots(job_metadata)
@@ -446,19 +471,51 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
 
     def _store_changes(self) -> list[tuple[str, str, str, float]]:
         """What changed in the store's tier stats since they were last reported, as (vLLM
-        name, kind, lmtier tier, counter increase or gauge value); starts the next read."""
+        name, kind, lmtier tier, counter increase or gauge value); starts the next read.
+
+        The latest reading is taken when the store's last running job ends, before its result
+        is queued: the get_stats of the scheduler step that collects that result reports it,
+        so an engine that goes idle after it shows current values.  What changes outside the
+        jobs (moves finishing in the background) is read at most once per
+        ``STORE_STATS_INTERVAL_S`` while the engine steps."""
         changes: list[tuple[str, str, str, float]] = []
+        number, tiers = self._store_reading
+        if number != self._store_reading_reported:
+            self._store_reading_reported = number
+            changes = self._changes_since_reported(tiers)
         read = self._store_read
         if read is not None and read.done():
             self._store_read = None
-            if not read.cancelled() and read.exception() is None:
-                changes = self._changes_since_reported(read.result())
         clock = time.monotonic()
         if self._store_read is None and clock >= self._store_read_due and not self._closed:
             self._store_read_due = clock + STORE_STATS_INTERVAL_S
             with contextlib.suppress(StoreClosedError):
-                self._store_read = self._blocking.submit(_tier_stats)
+                self._store_read = self._blocking.submit(self._read_store_stats)
         return changes
+
+    async def _read_store_stats(self, store: TieredStore) -> None:
+        self._take_store_reading(store)
+
+    def _take_store_reading(self, store: TieredStore) -> None:
+        # On the store's thread; one tuple assignment, so the scheduler reads a whole reading.
+        self._store_reading = (self._store_reading[0] + 1, store.tier_stats())
+
+    def _activity(self) -> Activity:
+        counters = self._counters
+        return Activity(
+            lookups=counters.lookups,
+            hits=counters.hits,
+            stored=counters.stored,
+            store_failed=counters.store_failed,
+            loaded=counters.loaded,
+            load_failed=counters.load_failed,
+        )
+
+    def _job_ended(self) -> None:
+        """On the store's thread, before a job's result is queued."""
+        self._jobs_running -= 1
+        if self._jobs_running == 0:
+            self._take_store_reading(self.store)
 
     def _changes_since_reported(
         self, tiers: dict[str, dict[str, Any]]
@@ -510,6 +567,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
 
         started = time.monotonic()
         stored = 0
+        self._jobs_running += 1
         try:
             for first in range(0, len(todo), self._batch):
                 batch = todo[first : first + self._batch]
@@ -519,6 +577,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             log.exception("lmtier store job %d failed", job_id)
         self._counters.stored += stored
         self._counters.store_failed += len(todo) - stored
+        self._job_ended()
         self._finished.append(
             _result(
                 job_id,
@@ -541,6 +600,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         import asyncio
 
         started = time.monotonic()
+        self._jobs_running += 1
         loaded: list[OffloadKey] = []
         texts = [offload_key_text(key) for key, _ in pairs]
         # Every block of the job is pinned until its own read ends: the promotions of its
@@ -580,6 +640,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
                     self.store.unpin(text)
         self._counters.loaded += len(loaded)
         self._counters.load_failed += len(pairs) - len(loaded)
+        self._job_ended()
         success = len(loaded) == len(pairs)
         self._finished.append(
             _result(
@@ -616,10 +677,6 @@ def _result(job_id: int, success: bool, **extra: Any) -> JobResult:
 
 def _held(store: TieredStore, key: str) -> bool:
     return store.holder(key) is not None
-
-
-async def _tier_stats(store: TieredStore) -> dict[str, dict[str, Any]]:
-    return store.tier_stats()
 
 
 async def _held_keys(store: TieredStore) -> list[str]:

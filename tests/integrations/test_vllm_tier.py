@@ -426,3 +426,57 @@ def test_two_models_under_one_key_prefix_keep_their_own_redis_values(
     # Each model's entries live beneath the configured prefix, apart from the other's.
     prefixes = {engine.tier.store.tiers[0].key_prefix for engine in (model_a, model_b)}
     assert len(prefixes) == 2 and all(p.startswith("team-cache:") for p in prefixes)
+
+
+def test_an_idle_engine_reports_current_store_stats(
+    tmp_path: Path, engines: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The get_stats of the step that collects a request's last job reports that job's puts:
+    vLLM asks no more once the engine is idle, so nothing may be left for a later call."""
+    import lmtier.integrations.vllm as integration
+
+    monkeypatch.setattr(integration, "STORE_STATS_INTERVAL_S", 3600.0)  # no periodic read helps
+    engine = engines(disk_config(tmp_path), cpu_rows=8)
+    puts = integration.STORE_METRICS["puts"][0]
+    labels = ("LmtierSecondaryTier", "disk")
+    totals = StatsTotals()
+    totals.add(engine.manager.get_stats())  # the first step's: the periodic read starts
+    for request in range(3):
+        fill(engine, f"idle-{request}", 2, engine.ctx(f"r{request}"))  # its last step collects
+        totals.add(engine.manager.get_stats())  # that step's get_stats; then the engine idles
+        truth = engine.tier.blocking.stats()["tiers"]["disk"]["puts"]
+        assert truth == 2 * (request + 1)
+        assert totals.value(puts, labels) == truth, f"request {request}: one request behind"
+
+
+def test_the_activity_line_counts_lookups_loads_and_bytes(
+    tmp_path: Path, engines: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, "lmtier.integrations.activity")
+    engine = engines(disk_config(tmp_path), cpu_rows=4)
+    req = engine.ctx("r1")
+    blocks = fill(engine, "act", 4, req)
+    fill(engine, "push", 4, req)  # vLLM's CPU tier (4 rows) now holds only these
+    assert [engine.tier.lookup(k, req) for k in blocks] == [LookupResult.HIT] * 4
+    assert engine.tier.lookup(keys("never", 1)[0], req) is LookupResult.MISS
+    engine.tier.submit_load(transfer_job(7, blocks[:2], range(2), promotion=True, req=req))
+    engine.tier.drain_jobs()
+    engine.close()  # the store's close writes the last line
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("lmtier vLLM tier 'LmtierSecondaryTier': 5 lookups, 4 hits (80.0%)")
+    assert "8 blocks stored, 2 loaded; disk 32.0 KiB of 8.0 MiB" in lines[0]
+
+
+def test_no_activity_line_when_the_interval_is_zero(
+    tmp_path: Path, engines: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, "lmtier.integrations.activity")
+    engine = engines({**disk_config(tmp_path), "report_interval_s": 0})
+    fill(engine, "quiet", 2, engine.ctx("r1"))
+    engine.close()
+    assert caplog.records == []
