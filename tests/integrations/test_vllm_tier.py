@@ -480,3 +480,78 @@ def test_no_activity_line_when_the_interval_is_zero(
     fill(engine, "quiet", 2, engine.ctx("r1"))
     engine.close()
     assert caplog.records == []
+
+
+def model_folder(folder: Path, layers: int = 2, seed: int = 1) -> str:
+    """A model folder as vLLM loads one: config.json and safetensors weights."""
+    import shutil
+
+    from test_model_identity import write_model
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    return str(write_model(folder, {"num_hidden_layers": layers}, seed=seed))
+
+
+def test_the_namespace_is_the_models_identity_not_its_folder(tmp_path: Path, engines: Any) -> None:
+    import shutil
+
+    first = model_folder(tmp_path / "models" / "llama")
+    copy = str(tmp_path / "other-disk" / "llama-copy")
+    shutil.copytree(first, copy)
+    deeper = model_folder(tmp_path / "models" / "deeper", layers=3)
+
+    def namespace(name: str, model: str, **config: Any) -> str:
+        engine = engines(disk_config(tmp_path / name), model=model, **config)
+        namespace: str = engine.tier.namespace
+        engine.close()
+        return namespace
+
+    same = namespace("a", first)
+    assert namespace("b", copy) == same
+    assert first not in same and "llama-" in same
+    assert namespace("c", first, dtype="torch.float16") != same
+    assert namespace("d", deeper) != same
+    assert namespace("e", first, tokens_per_block=32) != same
+
+
+def test_a_given_model_id_names_the_model(tmp_path: Path, engines: Any) -> None:
+    extra = kv_transfer_extra(disk_config(tmp_path / "a"), 4, ROW)
+    extra["secondary_tiers"][0]["model_id"] = "org/model@rev1"
+    one = engines(None, extra=extra, model=model_folder(tmp_path / "m1"))
+    extra = kv_transfer_extra(disk_config(tmp_path / "b"), 4, ROW)
+    extra["secondary_tiers"][0]["model_id"] = "org/model@rev1"
+    two = engines(None, extra=extra, model=model_folder(tmp_path / "m2", seed=5))
+    assert one.tier.namespace == two.tier.namespace
+    assert one.tier.namespace.startswith("vllm:org/model@rev1:")
+
+
+def test_unshareable_block_hashes_are_warned_about(
+    tmp_path: Path, engines: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import lmtier.integrations.vllm as integration
+
+    caplog.set_level(logging.WARNING, "lmtier.integrations.vllm")
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    monkeypatch.setattr(integration, "_hash_algorithm", lambda: "xxhash")
+    engines(disk_config(tmp_path / "a"))
+    (record,) = caplog.records
+    assert "xxhash" in record.getMessage() and "PYTHONHASHSEED" in record.getMessage()
+
+    caplog.clear()  # the algorithm unknown at start-up: the seed vLLM drew tells at the first store
+    monkeypatch.setattr(integration, "_hash_algorithm", lambda: None)
+    monkeypatch.setattr(integration, "_resolved_hash_seed", lambda: "3a" * 32)
+    engine = engines(disk_config(tmp_path / "b"))
+    assert caplog.records == []
+    fill(engine, "w", 2, engine.ctx("r1"))
+    fill(engine, "x", 2, engine.ctx("r2"))
+    (record,) = caplog.records
+    assert "seeded at random" in record.getMessage()
+
+    caplog.clear()
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    engine = engines(disk_config(tmp_path / "c"))
+    fill(engine, "y", 2, engine.ctx("r3"))
+    assert caplog.records == []
