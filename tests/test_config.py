@@ -372,7 +372,10 @@ def test_an_unknown_variable_names_every_top_level_field() -> None:
     from lmtier.config import config_from_mapping
 
     data = {"tiers": [{"name": "cpu", "kind": "memory", "max_size_gb": 0.001}]}
-    fields = "clean_copies, metrics, namespace, promote_on_hit, room_timeout_s, write_ahead"
+    fields = (
+        "clean_copies, metrics, namespace, promote_on_hit, report_interval_s, room_timeout_s, "
+        "write_ahead"
+    )
     with pytest.raises(ConfigError, match=fields):
         config_from_mapping(data, environ={"LMTIER_NOPE": "1"})
 

@@ -23,7 +23,7 @@ from lmtier.config import (
     tier_kinds,
     tier_specs,
 )
-from lmtier.config.docs import tier_keys_table
+from lmtier.config.docs import store_keys_table, tier_keys_table
 from lmtier.config.fields import flag, setting
 from lmtier.errors import ConfigError
 from lmtier.evictor import BaseEvictor
@@ -203,6 +203,24 @@ def _keys(field: dataclasses.Field[Any]) -> tuple[str, ...]:
 def test_the_docs_table_is_the_one_the_fields_give() -> None:
     page = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert tier_keys_table() in page, "regenerate it: python -m lmtier.config.docs"
+    assert store_keys_table() in page, "regenerate it: python -m lmtier.config.docs"
+
+
+def test_every_top_level_key_is_in_the_docs_table() -> None:
+    from lmtier.config.store_config import top_level_keys
+
+    table = store_keys_table()
+    for key in top_level_keys():
+        assert key == "tiers" or f"`{key}`" in table
+
+
+@pytest.mark.parametrize("value", [-1, True, "60"])
+def test_a_report_interval_is_seconds_or_zero(value: Any) -> None:
+    data: dict[str, Any] = {"tiers": [{"name": "m", "kind": "memory", "max_size_mb": 1}]}
+    assert config_from_mapping(data, environ={}).report_interval_s == 60
+    assert config_from_mapping({**data, "report_interval_s": 0}, environ={}).report_interval_s == 0
+    with pytest.raises(ConfigError, match="'report_interval_s' must be a number"):
+        config_from_mapping({**data, "report_interval_s": value}, environ={})
 
 
 def test_every_key_of_the_docs_table_is_a_key_the_parser_takes() -> None:

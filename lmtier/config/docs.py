@@ -1,6 +1,6 @@
-"""The table of tier keys in docs/configuration.md, written from the specs' fields.
+"""The tables of top-level and tier keys in docs/configuration.md, written from the fields.
 
-``python -m lmtier.config.docs`` prints it; a test checks that the docs hold it as written.
+``python -m lmtier.config.docs`` prints them; a test checks that the docs hold them as written.
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import dataclasses
 from typing import Any
 
 from lmtier.config.fields import setting_of, yaml_keys
+from lmtier.config.store_config import StoreConfig
 from lmtier.config.tier_specs import TierSpec, spec_class, tier_kinds
 
-__all__ = ["tier_keys_table"]
+__all__ = ["store_keys_table", "tier_keys_table"]
 
 
 def _default(field: dataclasses.Field[Any]) -> str:
@@ -53,5 +54,18 @@ def tier_keys_table() -> str:
     return "\n".join(head + rows) + "\n"
 
 
+def store_keys_table() -> str:
+    """A markdown table: each top-level key but ``tiers``, its default and meaning."""
+    rows = [
+        f"| {' / '.join(f'`{key}`' for key in yaml_keys(field))} | {_default(field)} "
+        f"| {setting_of(field).help} |"
+        for field in dataclasses.fields(StoreConfig)
+        if field.name != "tiers"
+    ]
+    head = ["| top-level key | default | meaning |", "| --- | --- | --- |"]
+    return "\n".join(head + rows) + "\n"
+
+
 if __name__ == "__main__":
+    print(store_keys_table())
     print(tier_keys_table(), end="")

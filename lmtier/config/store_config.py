@@ -12,6 +12,7 @@ from lmtier.config.fields import (
     Place,
     allowed_keys,
     flag,
+    number,
     read_field,
     read_fields,
     seconds,
@@ -57,6 +58,14 @@ class MetricsConfig:
         text(nonempty=True, hint=f" (omit it for {DEFAULT_METRICS_HOST})"),
         DEFAULT_METRICS_HOST,
     )
+
+
+def _interval(value: Any, place: Place) -> float:
+    """Seconds between two lines, or 0 for none."""
+    value = number(value, place)  # finite
+    if value < 0:
+        raise place.error(f"must be a number of seconds >= 0 (0: never), got {value!r}")
+    return float(value)
 
 
 def _metrics(value: Any, place: Place) -> MetricsConfig | None:
@@ -110,6 +119,13 @@ class StoreConfig:
     # persistent tiers keep each namespace apart, so one never reads another's entries.
     namespace: str = setting(
         "what else makes KV incompatible (dtype, layout)", text(), "", verbatim=True
+    )
+    # Read by the engine integrations (vLLM, SGLang): the store itself logs no such line.
+    report_interval_s: float = setting(
+        "seconds between the engine integrations' INFO lines of lookups, hits, blocks stored "
+        "and loaded and bytes per tier (a line only after activity; 0: never)",
+        _interval,
+        60.0,
     )
     # None: neither histograms nor an HTTP server (the registry still has the stats).
     metrics: MetricsConfig | None = setting(

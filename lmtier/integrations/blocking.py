@@ -146,6 +146,20 @@ class BlockingStore:
                 raise StoreClosedError("the store is closed")
             return asyncio.run_coroutine_threadsafe(runner.apply(fn, self.store), runner.loop)
 
+    def submit_background(
+        self, fn: Callable[[TieredStore], Awaitable[T]]
+    ) -> concurrent.futures.Future[T]:
+        """``submit`` for work that runs until cancelled (a periodic report): ``close`` cancels
+        it first, with the store still open, and waits for it to end before the other calls."""
+        runner = self._runner
+        if runner.forked:
+            raise StoreForkedError(_FORKED)
+        with runner.lock:
+            if runner.closed:
+                raise StoreClosedError("the store is closed")
+            work = runner.apply(fn, self.store, background=True)
+            return asyncio.run_coroutine_threadsafe(work, runner.loop)
+
     def call(self, fn: Callable[[TieredStore], Awaitable[T]], timeout: float | None = None) -> T:
         """``submit`` and wait for the result; TimeoutError (and the call cancelled) after
         ``timeout`` seconds."""
@@ -215,6 +229,8 @@ class _Runner:
         self.abandoned = False  # a close ran out of time and cancelled what still ran
         # The submitted calls running on the loop, with the function each runs.
         self.calls: dict[asyncio.Future[Any], Callable[[TieredStore], Awaitable[Any]]] = {}
+        # The background calls (submit_background): cancelled first by a close.
+        self.background: dict[asyncio.Future[Any], Callable[[TieredStore], Awaitable[Any]]] = {}
         _RUNNERS.add(self)
 
     def _run(self) -> None:
@@ -330,16 +346,27 @@ class _Runner:
         ):  # collected on the loop thread: close there, then let the thread end
             self.loop.create_task(self._close_then_stop())
 
-    async def apply(self, fn: Callable[[TieredStore], Awaitable[T]], store: TieredStore) -> T:
+    async def apply(
+        self,
+        fn: Callable[[TieredStore], Awaitable[T]],
+        store: TieredStore,
+        *,
+        background: bool = False,
+    ) -> T:
         task = asyncio.current_task()
         assert task is not None
-        self.calls[task] = fn
+        calls = self.background if background else self.calls
+        calls[task] = fn
         try:
             return await fn(store)
         finally:
-            self.calls.pop(task, None)
+            calls.pop(task, None)
 
     async def _close_store(self) -> None:
+        for task in list(self.background):
+            task.cancel()
+        while self.background:
+            await asyncio.gather(*self.background, return_exceptions=True)
         # The submitted calls first: a function given to submit may still start store calls.
         while self.calls:
             await asyncio.gather(*self.calls, return_exceptions=True)

@@ -46,6 +46,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 from lmtier.config import DiskTierSpec, StoreConfig
 from lmtier.errors import ConfigError, LmtierError
 from lmtier.evictor import PutStatus
+from lmtier.integrations.activity import Activity, ActivityReporter, show_lmtier_logs
 from lmtier.integrations.blocking import BlockingStore
 from lmtier.integrations.engine_config import engine_config
 from lmtier.store import TieredStore
@@ -63,6 +64,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
     def __init__(
         self, storage_config: HiCacheStorageConfig, kwargs: Mapping[str, Any] | Any = None
     ) -> None:
+        show_lmtier_logs()
         self.storage_config = storage_config
         extra = dict(storage_config.extra_config or {})
         self.config_suffix, self.tp_config_suffix = _key_suffixes(storage_config)
@@ -85,6 +87,11 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
             [info.name for info in self._store.store.tier_infos()],
             self.config_suffix,
         )
+        self._activity = Activity()
+        self._activity_lock = threading.Lock()  # SGLang's prefetch and backup threads count
+        if config.report_interval_s > 0:
+            label = f"lmtier HiCache storage tp{storage_config.tp_rank}"
+            ActivityReporter(label, self._activity_now, config.report_interval_s).start(self._store)
         # The built-in constructors' shape, (storage_config, mem_pool_host), works too.
         if kwargs is not None and not isinstance(kwargs, Mapping):
             self.register_mem_pool_host(kwargs)
@@ -141,6 +148,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
             None if data is None else (target if target is not None else data)
             for data, target in zip(found, targets, strict=True)
         ]
+        self._count(loaded=sum(data is not None for data in found), asked=len(keys))
         self._record("prefetch", results, began)
         return results
 
@@ -173,6 +181,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         began = time.perf_counter()
         pages = [self._as_page(value) for value in values]
         done = self._run(_put_all, [self._suffixed(key) for key in keys], pages, default=False)
+        self._count(stored=sum(done), offered=len(keys))
         self._record("backup", done, began)
         return all(done)
 
@@ -185,10 +194,12 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         """How many of ``keys``, from the first, are stored: the count stops at the first miss."""
         suffixed = [self._suffixed(key) for key in keys]
         try:
-            return self._store.call(lambda store: _leading_hits(store, suffixed))
+            hits: int = self._store.call(lambda store: _leading_hits(store, suffixed))
         except LmtierError as exc:
             log.warning("lmtier batch_exists failed: %s", exc)
-            return 0
+            hits = 0
+        self._count(lookups=len(keys), hits=hits)  # the pages of the prefix SGLang can use
+        return hits
 
     # ------------------------------------------------------------------ zero-copy path
     def batch_get_v1(
@@ -205,6 +216,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         began = time.perf_counter()
         found = self._run(_get_all, [self._suffixed(key) for key in keys], pages, default=None)
         hits = [data is not None for data in found]
+        self._count(loaded=sum(hits), asked=len(keys))
         if not self._pages_are_views:  # a copy of the page: hand it back to the pool
             for index, page, hit in zip(indices, pages, hits, strict=True):
                 if hit:
@@ -225,6 +237,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         _, pages = located
         began = time.perf_counter()
         done = self._run(_put_all, [self._suffixed(key) for key in keys], pages, default=False)
+        self._count(stored=sum(done), offered=len(keys))
         self._record("backup", done, began)
         return done
 
@@ -287,6 +300,29 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         self._store.close()
 
     # ------------------------------------------------------------------ helpers
+    def _count(
+        self,
+        *,
+        lookups: int = 0,
+        hits: int = 0,
+        stored: int = 0,
+        offered: int = 0,
+        loaded: int = 0,
+        asked: int = 0,
+    ) -> None:
+        with self._activity_lock:
+            activity = self._activity
+            activity.lookups += lookups
+            activity.hits += hits
+            activity.stored += stored
+            activity.store_failed += offered - stored
+            activity.loaded += loaded
+            activity.load_failed += asked - loaded
+
+    def _activity_now(self) -> Activity:
+        with self._activity_lock:
+            return dataclasses.replace(self._activity)
+
     def _run(self, fn: Any, keys: list[str], tensors: list[Any], default: Any) -> list[Any]:
         """``fn(store, keys, tensors)`` on the store's loop; every key ``default`` if the store
         failed as a whole (a key's own failure is handled, and logged, by ``fn``)."""

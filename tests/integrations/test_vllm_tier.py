@@ -426,3 +426,132 @@ def test_two_models_under_one_key_prefix_keep_their_own_redis_values(
     # Each model's entries live beneath the configured prefix, apart from the other's.
     prefixes = {engine.tier.store.tiers[0].key_prefix for engine in (model_a, model_b)}
     assert len(prefixes) == 2 and all(p.startswith("team-cache:") for p in prefixes)
+
+
+def test_an_idle_engine_reports_current_store_stats(
+    tmp_path: Path, engines: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The get_stats of the step that collects a request's last job reports that job's puts:
+    vLLM asks no more once the engine is idle, so nothing may be left for a later call."""
+    import lmtier.integrations.vllm as integration
+
+    monkeypatch.setattr(integration, "STORE_STATS_INTERVAL_S", 3600.0)  # no periodic read helps
+    engine = engines(disk_config(tmp_path), cpu_rows=8)
+    puts = integration.STORE_METRICS["puts"][0]
+    labels = ("LmtierSecondaryTier", "disk")
+    totals = StatsTotals()
+    totals.add(engine.manager.get_stats())  # the first step's: the periodic read starts
+    for request in range(3):
+        fill(engine, f"idle-{request}", 2, engine.ctx(f"r{request}"))  # its last step collects
+        totals.add(engine.manager.get_stats())  # that step's get_stats; then the engine idles
+        truth = engine.tier.blocking.stats()["tiers"]["disk"]["puts"]
+        assert truth == 2 * (request + 1)
+        assert totals.value(puts, labels) == truth, f"request {request}: one request behind"
+
+
+def test_the_activity_line_counts_lookups_loads_and_bytes(
+    tmp_path: Path, engines: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, "lmtier.integrations.activity")
+    engine = engines(disk_config(tmp_path), cpu_rows=4)
+    req = engine.ctx("r1")
+    blocks = fill(engine, "act", 4, req)
+    fill(engine, "push", 4, req)  # vLLM's CPU tier (4 rows) now holds only these
+    assert [engine.tier.lookup(k, req) for k in blocks] == [LookupResult.HIT] * 4
+    assert engine.tier.lookup(keys("never", 1)[0], req) is LookupResult.MISS
+    engine.tier.submit_load(transfer_job(7, blocks[:2], range(2), promotion=True, req=req))
+    engine.tier.drain_jobs()
+    engine.close()  # the store's close writes the last line
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("lmtier vLLM tier 'LmtierSecondaryTier': 5 lookups, 4 hits (80.0%)")
+    assert "8 blocks stored, 2 loaded; disk 32.0 KiB of 8.0 MiB" in lines[0]
+
+
+def test_no_activity_line_when_the_interval_is_zero(
+    tmp_path: Path, engines: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, "lmtier.integrations.activity")
+    engine = engines({**disk_config(tmp_path), "report_interval_s": 0})
+    fill(engine, "quiet", 2, engine.ctx("r1"))
+    engine.close()
+    assert caplog.records == []
+
+
+def model_folder(folder: Path, layers: int = 2, seed: int = 1) -> str:
+    """A model folder as vLLM loads one: config.json and safetensors weights."""
+    import shutil
+
+    from test_model_identity import write_model
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    return str(write_model(folder, {"num_hidden_layers": layers}, seed=seed))
+
+
+def test_the_namespace_is_the_models_identity_not_its_folder(tmp_path: Path, engines: Any) -> None:
+    import shutil
+
+    first = model_folder(tmp_path / "models" / "llama")
+    copy = str(tmp_path / "other-disk" / "llama-copy")
+    shutil.copytree(first, copy)
+    deeper = model_folder(tmp_path / "models" / "deeper", layers=3)
+
+    def namespace(name: str, model: str, **config: Any) -> str:
+        engine = engines(disk_config(tmp_path / name), model=model, **config)
+        namespace: str = engine.tier.namespace
+        engine.close()
+        return namespace
+
+    same = namespace("a", first)
+    assert namespace("b", copy) == same
+    assert first not in same and "llama-" in same
+    assert namespace("c", first, dtype="torch.float16") != same
+    assert namespace("d", deeper) != same
+    assert namespace("e", first, tokens_per_block=32) != same
+
+
+def test_a_given_model_id_names_the_model(tmp_path: Path, engines: Any) -> None:
+    extra = kv_transfer_extra(disk_config(tmp_path / "a"), 4, ROW)
+    extra["secondary_tiers"][0]["model_id"] = "org/model@rev1"
+    one = engines(None, extra=extra, model=model_folder(tmp_path / "m1"))
+    extra = kv_transfer_extra(disk_config(tmp_path / "b"), 4, ROW)
+    extra["secondary_tiers"][0]["model_id"] = "org/model@rev1"
+    two = engines(None, extra=extra, model=model_folder(tmp_path / "m2", seed=5))
+    assert one.tier.namespace == two.tier.namespace
+    assert one.tier.namespace.startswith("vllm:org/model@rev1:")
+
+
+def test_unshareable_block_hashes_are_warned_about(
+    tmp_path: Path, engines: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import lmtier.integrations.vllm as integration
+
+    caplog.set_level(logging.WARNING, "lmtier.integrations.vllm")
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    monkeypatch.setattr(integration, "_hash_algorithm", lambda: "xxhash")
+    engines(disk_config(tmp_path / "a"))
+    (record,) = caplog.records
+    assert "xxhash" in record.getMessage() and "PYTHONHASHSEED" in record.getMessage()
+
+    caplog.clear()  # the algorithm unknown at start-up: the seed vLLM drew tells at the first store
+    monkeypatch.setattr(integration, "_hash_algorithm", lambda: None)
+    monkeypatch.setattr(integration, "_resolved_hash_seed", lambda: "3a" * 32)
+    engine = engines(disk_config(tmp_path / "b"))
+    assert caplog.records == []
+    fill(engine, "w", 2, engine.ctx("r1"))
+    fill(engine, "x", 2, engine.ctx("r2"))
+    (record,) = caplog.records
+    assert "seeded at random" in record.getMessage()
+
+    caplog.clear()
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    engine = engines(disk_config(tmp_path / "c"))
+    fill(engine, "y", 2, engine.ctx("r3"))
+    assert caplog.records == []
