@@ -180,7 +180,7 @@ async def test_repair_refuses_while_a_store_uses_the_folder(
 def test_argument_types_reject_bad_values_clearly() -> None:
     import argparse
 
-    from lmtier.argtypes import float_list, non_negative_float_list, positive_int
+    from lmtier.cli.argtypes import float_list, non_negative_float_list, positive_int
 
     assert float_list("0.01, 0.5") == (0.01, 0.5)
     assert non_negative_float_list("0") == () and non_negative_float_list("0,0.1") == (0.1,)
@@ -220,7 +220,7 @@ def test_stress_runs_exactly_the_ops_asked_for(
 
 
 def test_split_evenly_keeps_every_op() -> None:
-    from lmtier.stress import split_evenly
+    from lmtier.cli.stress.run import split_evenly
 
     for total, parts in ((1001, 8), (7, 3), (2, 5), (64, 64)):
         shares = split_evenly(total, parts)
@@ -231,8 +231,8 @@ def test_split_evenly_keeps_every_op() -> None:
 async def test_the_verification_phase_shows_progress(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from lmtier.cli.stress.run import StressOptions, default_stress_config, run_stress
     from lmtier.store import TieredStore
-    from lmtier.stress import StressOptions, default_stress_config, run_stress
 
     options = StressOptions(tasks=4, ops=200, keys_per_task=20, progress=True)
     async with TieredStore(default_stress_config(tmp_path)) as store:

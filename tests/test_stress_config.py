@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from lmtier.cli import main
+from lmtier.cli.stress.plan import DEFAULT_MAX_BYTES, OVERFILL, plan_stress
+from lmtier.cli.stress.run import StressOptions
 from lmtier.config import GB, MB, load_config
-from lmtier.stress import StressOptions
-from lmtier.stress_plan import DEFAULT_MAX_BYTES, OVERFILL, plan_stress
 from lmtier.tiers.base import Tier
 
 from redis_helpers import RedisProcess, need_redis
@@ -237,8 +237,8 @@ async def test_clear_prefix_deletes_only_its_own_prefix_taken_literally(tmp_path
 @pytest.mark.redis
 async def test_a_server_down_at_the_end_is_a_warning_naming_the_prefix(tmp_path: Path) -> None:
     need_redis()
+    from lmtier.cli.stress.space import StressSpace
     from lmtier.config import StoreConfig, TierConfig
-    from lmtier.stress_space import StressSpace
 
     from redis_helpers import free_port, remote_spec
 

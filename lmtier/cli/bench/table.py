@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from lmtier.bench.core import BenchOptions, KiB, MiB, Row
-from lmtier.bench.cpu import checksum_rows, cpu_put_get, hit_latency, ops_per_second
-from lmtier.bench.disk import demotion_throughput, disk_rows, restart_row, small_disk_writes
-from lmtier.bench.redis import remote_bench_rows
+from lmtier.cli.bench.core import BenchOptions, KiB, MiB, Row
+from lmtier.cli.bench.cpu import checksum_rows, cpu_put_get, hit_latency, ops_per_second
+from lmtier.cli.bench.disk import demotion_throughput, disk_rows, restart_row, small_disk_writes
+from lmtier.cli.bench.redis import remote_bench_rows
 
 __all__ = ["QUICK_RESTART_ENTRIES", "gpu_section", "run_table", "settle"]
 
@@ -31,7 +31,7 @@ def settle() -> None:
 def gpu_section(repeats: int, add: Callable[[list[Row]], None]) -> None:
     """The GPU rows: the GPU tier's, then the batched path's at 2 and 32 MiB, single chunks
     and batches of 64."""
-    from lmtier.bench.gpu import gpu_batch_rows, gpu_rows
+    from lmtier.cli.bench.gpu import gpu_batch_rows, gpu_rows
 
     add(asyncio.run(gpu_rows(2 * MiB, repeats * 4)))
     for chunk in (2 * MiB, 32 * MiB):
@@ -73,12 +73,12 @@ def run_table(options: BenchOptions, on_row: Callable[[Row], None] | None = None
             restart_row(folder, QUICK_RESTART_ENTRIES if options.quick else options.restart_entries)
         )
         if options.peers:
-            from lmtier.bench.peers import peer_rows  # imports LMCache: only when asked
+            from lmtier.cli.bench.peers import peer_rows  # imports LMCache: only when asked
 
             for nbytes in (2 * MiB, 16 * MiB):
                 add(peer_rows(nbytes, repeats, folder))
         if options.vllm:
-            from lmtier.bench.vllm import vllm_tier_rows  # imports vLLM: only when asked
+            from lmtier.cli.bench.vllm import vllm_tier_rows  # imports vLLM: only when asked
 
             add(vllm_tier_rows(folder, repeats=repeats))
     if torch.cuda.is_available():

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from lmtier.cli.replay.cascade_sim import CascadeSim, SimTier
+from lmtier.cli.replay.optimal import belady_hits, ceiling_hits
+from lmtier.cli.replay.traces import Trace
 from lmtier.errors import ConfigError
 from lmtier.evictor import evictor_names
-from lmtier.replay.cascade_sim import CascadeSim, SimTier
-from lmtier.replay.optimal import belady_hits, ceiling_hits
-from lmtier.replay.traces import Trace
 from lmtier.store import TieredStore
 
 __all__ = [

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmtier.cli.replay.trace_file import trace_lines
 from lmtier.errors import TraceError
-from lmtier.replay.trace_file import trace_lines
 
 __all__ = [
     "FORMATS",

@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 
 import lmtier
-from lmtier.argtypes import float_list, name_list, output_path, positive_int, user_path
-from lmtier.bench import BenchOptions, Row, format_rows, run_bench
+from lmtier.cli.argtypes import float_list, name_list, output_path, positive_int, user_path
+from lmtier.cli.bench import BenchOptions, Row, format_rows, run_bench
+from lmtier.cli.inspect import inspect_path
+from lmtier.cli.replay.report import check_plotting, format_table, write_csv, write_plot
+from lmtier.cli.replay.sweep import ReplayOptions, SweepResult, run_sweep
+from lmtier.cli.replay.synthetic import SYNTHETIC_PREFIX, SyntheticSpec, parse_synthetic
+from lmtier.cli.replay.traces import FORMATS, WINDOWS, parse_part, trace_stats
+from lmtier.cli.replay.workloads import load_trace
+from lmtier.cli.stress.command import INTERRUPTED, add_stress
 from lmtier.errors import LmtierError
-from lmtier.inspect import inspect_path
-from lmtier.replay.report import check_plotting, format_table, write_csv, write_plot
-from lmtier.replay.sweep import ReplayOptions, SweepResult, run_sweep
-from lmtier.replay.synthetic import SYNTHETIC_PREFIX, SyntheticSpec, parse_synthetic
-from lmtier.replay.traces import FORMATS, WINDOWS, parse_part, trace_stats
-from lmtier.replay.workloads import load_trace
-from lmtier.stress_command import INTERRUPTED, add_stress
 
 __all__ = ["build_parser", "main", "package_version"]
 
@@ -335,8 +335,8 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _run_bench(args: argparse.Namespace) -> int:
     # The bench package's helpers beyond its table, loaded with the command that uses them.
-    from lmtier.bench.machine import LoadWatch, folder_warning, spread_warning
-    from lmtier.bench.repeat import format_repeated, repeated
+    from lmtier.cli.bench.machine import LoadWatch, folder_warning, spread_warning
+    from lmtier.cli.bench.repeat import format_repeated, repeated
 
     options = BenchOptions(
         args.quick,
@@ -390,7 +390,3 @@ def _part(text: str) -> tuple[int, int]:
         return parse_part(text)
     except LmtierError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lmtier.bench.core import (
+from lmtier.cli.bench.core import (
     Goal,
     KiB,
     MiB,

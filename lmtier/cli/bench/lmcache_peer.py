@@ -1,5 +1,5 @@
 """LMCache 0.5.6's LocalCPUBackend and LocalDiskBackend, loaded from a folder of their own, and a
-small facade over them for the ``--peers`` rows (``lmtier.bench.peers``).
+small facade over them for the ``--peers`` rows (``lmtier.cli.bench.peers``).
 
 LMCache is an optional peer, installed apart from lmtier's environment by
 ``scripts/install_peers.sh`` (``pip install --no-deps --target`` of lmcache 0.5.6 and the few

@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmtier.replay.synthetic import (
+from lmtier.cli.replay.synthetic import (
     SYNTHETIC_PREFIX,
     SyntheticSpec,
     parse_synthetic,
     synthetic_trace,
 )
-from lmtier.replay.traces import Trace, read_trace, trace_part
+from lmtier.cli.replay.traces import Trace, read_trace, trace_part
 
 __all__ = ["Workload", "load_trace"]
 

@@ -12,17 +12,17 @@ from pathlib import Path
 import torch
 
 from lmtier.admission import ADMISSION_POLICIES
-from lmtier.config import StoreConfig, TierConfig, load_config
-from lmtier.errors import ConfigError
-from lmtier.replay.capacity import plan_capacities
-from lmtier.replay.run import (
+from lmtier.cli.replay.capacity import plan_capacities
+from lmtier.cli.replay.run import (
     ReplayResult,
     optimum,
     replay_real,
     replay_sizes_only,
     tier_policies,
 )
-from lmtier.replay.traces import Trace
+from lmtier.cli.replay.traces import Trace
+from lmtier.config import StoreConfig, TierConfig, load_config
+from lmtier.errors import ConfigError
 from lmtier.store import TieredStore
 
 __all__ = ["ReplayOptions", "SweepResult", "progress_label", "resolve_admission", "run_sweep"]

@@ -46,10 +46,10 @@ class BenchOptions:
     folder: Path | None = None  # where disk rows write (a temporary folder inside it)
     fsync: bool = False  # disk rows with durability fsync, baselines fsync'ed alike
     restart_entries: int = 100_000
-    peers: bool = False  # rows beside LMCache 0.5.6's local backends (lmtier.bench.peers)
+    peers: bool = False  # rows beside LMCache 0.5.6's local backends (lmtier.cli.bench.peers)
     redis_url: str | None = None  # redis rows on this server (default: a local one, if installed)
-    vllm: bool = False  # the vLLM secondary tier's rows (lmtier.bench.vllm; needs vLLM)
-    gpu_only: bool = False  # only the GPU rows (lmtier.bench.gpu; needs CUDA)
+    vllm: bool = False  # the vLLM secondary tier's rows (lmtier.cli.bench.vllm; needs vLLM)
+    gpu_only: bool = False  # only the GPU rows (lmtier.cli.bench.gpu; needs CUDA)
 
     @property
     def repeats(self) -> int:

@@ -1,4 +1,5 @@
-"""Rows for lmtier's vLLM secondary tier (``lmtier bench --vllm``, ``python -m lmtier.bench.vllm``).
+"""Rows for lmtier's vLLM secondary tier (``lmtier bench --vllm``,
+``python -m lmtier.cli.bench.vllm``).
 
 One job of ``blocks`` primary-tier rows (default 64 rows of 2 MiB) stored into and loaded back
 from a disk tier through ``LmtierSecondaryTier``, against raw ``os.write`` / ``readinto`` of the
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import xxhash
 
-from lmtier.bench.core import Goal, MiB, Row, Scale, Side, format_rows, timed
+from lmtier.cli.bench.core import Goal, MiB, Row, Scale, Side, format_rows, timed
 
 __all__ = ["vllm_tier_rows"]
 
@@ -155,7 +156,7 @@ def vllm_tier_rows(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmtier.bench.vllm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lmtier.cli.bench.vllm", description=__doc__)
     parser.add_argument("--folder", type=Path, default=None, help="where the disk rows write")
     parser.add_argument("--blocks", type=int, default=64)
     parser.add_argument("--row-mib", type=int, default=2)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lmtier.bench.core import BenchOptions, Row, format_rows
+from lmtier.cli.bench.core import BenchOptions, Row, format_rows
 
 __all__ = ["BenchOptions", "Row", "format_rows", "run_bench"]
 
 
 def run_bench(options: BenchOptions, on_row: Callable[[Row], None] | None = None) -> list[Row]:
-    """One run of the whole table (``lmtier.bench.table.run_table``)."""
-    from lmtier.bench.table import run_table  # every row module: loaded when a table is run
+    """One run of the whole table (``lmtier.cli.bench.table.run_table``)."""
+    from lmtier.cli.bench.table import run_table  # every row module: loaded when a table is run
 
     return run_table(options, on_row)

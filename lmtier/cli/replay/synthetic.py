@@ -31,8 +31,8 @@ import math
 import random
 from dataclasses import dataclass, fields, replace
 
+from lmtier.cli.replay.traces import Request, Trace
 from lmtier.errors import TraceError
-from lmtier.replay.traces import Request, Trace
 
 __all__ = [
     "SYNTHETIC_KINDS",

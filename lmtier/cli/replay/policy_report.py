@@ -22,21 +22,21 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lmtier.argtypes import (
+from lmtier.cli.argtypes import (
     float_list,
     name_list,
     non_negative_float_list,
     positive_int,
     user_path,
 )
+from lmtier.cli.replay.capacity import capacity_problem
+from lmtier.cli.replay.run import capacity_blocks, optimum, replay_sizes_only, split_capacity
+from lmtier.cli.replay.sweep import DEFAULT_BYTES_PER_TOKEN
+from lmtier.cli.replay.synthetic import SyntheticSpec
+from lmtier.cli.replay.traces import Trace, TraceStats, trace_stats
+from lmtier.cli.replay.workloads import Workload
 from lmtier.errors import ConfigError
 from lmtier.evictor.registry import evictor_names
-from lmtier.replay.capacity import capacity_problem
-from lmtier.replay.run import capacity_blocks, optimum, replay_sizes_only, split_capacity
-from lmtier.replay.sweep import DEFAULT_BYTES_PER_TOKEN
-from lmtier.replay.synthetic import SyntheticSpec
-from lmtier.replay.traces import Trace, TraceStats, trace_stats
-from lmtier.replay.workloads import Workload
 
 __all__ = [
     "ReportOptions",
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 GiB = 1024**3
-DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "tests" / "data" / "conversation_trace.jsonl"
+DEFAULT_TRACE = Path(__file__).resolve().parents[3] / "tests" / "data" / "conversation_trace.jsonl"
 
 
 @dataclass(frozen=True)
@@ -375,7 +375,7 @@ def _write_csv(result: ReportResult, path: Path) -> None:
 
 
 def _write_plot(result: ReportResult, path: Path) -> None:
-    from lmtier.replay.report import check_plotting
+    from lmtier.cli.replay.report import check_plotting
 
     check_plotting()
     import matplotlib

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmtier.bench.core import Row
+from lmtier.cli.bench.core import Row
 
 __all__ = [
     "MEMORY_FILESYSTEMS",

@@ -1,6 +1,6 @@
 """``lmtier bench --peers``: the same chunks through LMCache 0.5.6's local backends, same run.
 
-LMCache is loaded by ``lmtier.bench.lmcache_peer`` (installed apart by
+LMCache is loaded by ``lmtier.cli.bench.lmcache_peer`` (installed apart by
 ``scripts/install_peers.sh``).  Rows, each side's samples taken alternately with the other's:
 
 - cpu put: ``TieredStore.put`` of a new key into a cpu memory tier, against LMCache's
@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from lmtier.bench.core import Goal, MiB, Row, Scale, Side, atimed, make_store, timed, touched
-from lmtier.bench.lmcache_peer import LMCACHE_VERSION, Peer, kv_shape, peer, peers_available
+from lmtier.cli.bench.core import Goal, MiB, Row, Scale, Side, atimed, make_store, timed, touched
+from lmtier.cli.bench.lmcache_peer import LMCACHE_VERSION, Peer, kv_shape, peer, peers_available
 from lmtier.config import TierConfig
 from lmtier.evictor import LRUEvictor
 from lmtier.tiers import DiskTier
@@ -277,13 +277,13 @@ def peer_rows(nbytes: int, repeats: int, folder: Path) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lmtier.bench.peers [--repeats N] [--folder DIR] [MiB ...]``."""
+    """``python -m lmtier.cli.bench.peers [--repeats N] [--folder DIR] [MiB ...]``."""
     import argparse
     import tempfile
 
-    from lmtier.bench.core import format_rows
+    from lmtier.cli.bench.core import format_rows
 
-    parser = argparse.ArgumentParser(prog="python -m lmtier.bench.peers")
+    parser = argparse.ArgumentParser(prog="python -m lmtier.cli.bench.peers")
     parser.add_argument("sizes", nargs="*", type=int, default=[2, 16], help="chunk sizes in MiB")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--folder", type=Path, default=None)

@@ -7,8 +7,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmtier.cli.replay.run import ReplayResult
 from lmtier.errors import LmtierError
-from lmtier.replay.run import ReplayResult
 
 __all__ = [
     "byte_unit",

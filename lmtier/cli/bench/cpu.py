@@ -9,7 +9,7 @@ import zlib
 import torch
 import xxhash
 
-from lmtier.bench.core import (
+from lmtier.cli.bench.core import (
     Goal,
     KiB,
     MiB,

@@ -9,8 +9,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lmtier.cli.stress.run import HIDDEN, StressOptions, split_evenly
 from lmtier.errors import ConfigError
-from lmtier.stress import HIDDEN, StressOptions, split_evenly
 
 __all__ = [
     "DEFAULT_MAX_BYTES",

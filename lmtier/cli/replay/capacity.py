@@ -7,9 +7,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lmtier.cli.replay.run import capacity_blocks, split_capacity
+from lmtier.cli.replay.traces import Trace, trace_stats
 from lmtier.errors import ConfigError, TraceError
-from lmtier.replay.run import capacity_blocks, split_capacity
-from lmtier.replay.traces import Trace, trace_stats
 
 __all__ = ["CapacityPlan", "capacity_problem", "plan_capacities"]
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from lmtier.bench.core import Goal, MiB, Row, Scale, Side, atimed, make_store, touched
+from lmtier.cli.bench.core import Goal, MiB, Row, Scale, Side, atimed, make_store, touched
 from lmtier.config import TierConfig
 from lmtier.serde import payload_view
 

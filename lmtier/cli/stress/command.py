@@ -9,12 +9,9 @@ import tempfile
 from pathlib import Path
 
 from lmtier.admission import ADMISSION_POLICIES
-from lmtier.argtypes import byte_size, positive_int, user_path
-from lmtier.config import load_config
-from lmtier.errors import ConfigError
-from lmtier.evictor import evictor_names
-from lmtier.store import TieredStore
-from lmtier.stress import (
+from lmtier.cli.argtypes import byte_size, positive_int, user_path
+from lmtier.cli.stress.plan import DEFAULT_MAX_BYTES, OVERFILL, human_bytes, plan_stress
+from lmtier.cli.stress.run import (
     StressOptions,
     StressReport,
     default_stress_config,
@@ -25,8 +22,11 @@ from lmtier.stress import (
     unreached_tiers,
     with_policy,
 )
-from lmtier.stress_plan import DEFAULT_MAX_BYTES, OVERFILL, human_bytes, plan_stress
-from lmtier.stress_space import StressSpace
+from lmtier.cli.stress.space import StressSpace
+from lmtier.config import load_config
+from lmtier.errors import ConfigError
+from lmtier.evictor import evictor_names
+from lmtier.store import TieredStore
 
 __all__ = ["add_stress"]
 

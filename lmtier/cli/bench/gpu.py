@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lmtier.bench.core import Goal, MiB, Row, Scale, Side, atimed, make_store, samples, touched
+from lmtier.cli.bench.core import Goal, MiB, Row, Scale, Side, atimed, make_store, samples, touched
 from lmtier.config import TierConfig
 
 __all__ = ["GPU_GBS_GOAL", "gpu_batch_rows", "gpu_rows"]

@@ -6,7 +6,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lmtier.bench.core import HEAD, Row, Side, columns, layout
+from lmtier.cli.bench.core import HEAD, Row, Side, columns, layout
 
 __all__ = ["Repeated", "format_repeated", "repeated"]
 
