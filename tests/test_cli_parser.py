@@ -13,10 +13,10 @@ import pytest
 
 import lmtier
 from lmtier.cli import argtypes
-from lmtier.cli.main import build_parser, main
+from lmtier.cli.main import build_parser, main, package_version
+from lmtier.cli.replay import command as replay_command
 
 REPO = Path(__file__).resolve().parent.parent
-cli = importlib.import_module("lmtier.cli.main")  # the module: lmtier.cli.main names the function
 # Subcommands whose every option must explain itself in --help. bench is left out: its
 # --restart-entries and --no-progress have no help text yet.
 DOCUMENTED = ("stress", "replay", "inspect", "bench")
@@ -56,9 +56,9 @@ def test_version_falls_back_to_the_packages_own(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
     monkeypatch.setattr(lmtier, "__version__", "1.2.3")
-    assert cli.package_version() == "1.2.3"
+    assert package_version() == "1.2.3"
     monkeypatch.delattr(lmtier, "__version__")
-    assert cli.package_version() == "unknown"
+    assert package_version() == "unknown"
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_an_output_file_in_a_missing_folder_is_refused_before_the_run(
     def no_replay(*args: object, **kwargs: object) -> None:
         raise AssertionError("the replay ran")
 
-    monkeypatch.setattr(cli, "load_trace", no_replay)
+    monkeypatch.setattr(replay_command, "load_trace", no_replay)
     target = tmp_path / "missing" / "out.file"
     with pytest.raises(SystemExit) as exit_:
         main(["replay", "synthetic:zipf", option, str(target)])

@@ -197,7 +197,7 @@ def test_a_failed_write_is_a_one_line_error(
     def disk_full(path: Path, *args: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(sys.modules["lmtier.cli.main"], "write_csv", disk_full)
+    monkeypatch.setattr("lmtier.cli.replay.command.write_csv", disk_full)
     path = tmp_path / "r.csv"
     assert main([*REPLAY, "--csv", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err

@@ -9,12 +9,8 @@ from pathlib import Path
 import pytest
 
 from lmtier.cli import main
-from lmtier.cli.stress.run import (
-    StressOptions,
-    run_shared_stress,
-    shared_stress_config,
-    with_policy,
-)
+from lmtier.cli.stress.run import StressOptions, shared_stress_config, with_policy
+from lmtier.cli.stress.shared import run_shared_stress
 from lmtier.config import MB
 from lmtier.evictor import evictor_names
 from lmtier.store import TieredStore

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from lmtier import PutStatus
-from lmtier.cli.stress.run import StressOptions, run_shared_stress, shared_stress_config
+from lmtier.cli.stress.run import StressOptions, shared_stress_config
+from lmtier.cli.stress.shared import run_shared_stress
 from lmtier.config import StoreConfig, TierConfig
 from lmtier.evictor import LRUEvictor, evictor_names, make_evictor
 from lmtier.keys import KeyLike

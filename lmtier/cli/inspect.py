@@ -1,7 +1,9 @@
-"""Offline checks of a disk tier's folder: every file's header and checksum, and repairs."""
+"""``lmtier inspect``: offline checks of a disk tier's folder (every file's header and
+checksum) and repairs."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from lmtier.tiers.disk_files import (
     try_lock,
 )
 
-__all__ = ["FolderReport", "inspect_path"]
+__all__ = ["FolderReport", "inspect_command", "inspect_path"]
 
 
 @dataclass
@@ -74,6 +76,36 @@ def inspect_path(path: Path, repair: bool = False, progress: bool = False) -> li
         except OSError as exc:
             raise StorageError(exc.errno, f"cannot inspect {folder}: {exc}") from exc
     return reports
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    """Print one report per namespace folder; 1 while any problem remains."""
+    reports = inspect_path(args.path, repair=args.repair, progress=args.progress)
+    if not reports:
+        print(f"{args.path}: no disk tier folder (ns-*) here")
+        return 0
+    for report in reports:
+        scan = report.scan
+        names = ", ".join(repr(n) for n in sorted(report.namespaces)) or "-"
+        print(
+            f"{report.folder}: {report.entries} entries, {report.payload_bytes:,} bytes "
+            f"(namespace {names}); {len(scan.corrupt)} corrupt, "
+            f"{len(report.foreign)} of another namespace, {len(scan.left_alone)} left alone, "
+            f"{len(scan.temp_files)} temporary"
+        )
+        for bad, why in scan.corrupt:
+            print(f"  corrupt  {bad}: {why}")
+        for entry in report.foreign:
+            print(f"  foreign  {entry.meta.path}: namespace {entry.namespace!r}")
+        for other, why in scan.left_alone:
+            print(f"  skipped  {other}: {why}")
+        for temp in scan.temp_files:
+            print(f"  temp     {temp}")
+        if args.repair:
+            print(f"  repaired: removed {report.removed} file(s)")
+            for bad, why in report.failed:
+                print(f"  could not remove {bad}: {why}")
+    return 1 if any(report.problems for report in reports) else 0
 
 
 def _inspect_folder(folder: Path, repair: bool, progress: bool) -> FolderReport:

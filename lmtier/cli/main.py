@@ -5,30 +5,35 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
-
-import torch
 
 import lmtier
-from lmtier.cli.argtypes import float_list, name_list, output_path, positive_int, user_path
-from lmtier.cli.bench import BenchOptions, Row, format_rows, run_bench
-from lmtier.cli.inspect import inspect_path
-from lmtier.cli.replay.report import check_plotting, format_table, write_csv, write_plot
-from lmtier.cli.replay.sweep import ReplayOptions, SweepResult, run_sweep
-from lmtier.cli.replay.synthetic import SYNTHETIC_PREFIX, SyntheticSpec, parse_synthetic
-from lmtier.cli.replay.traces import FORMATS, WINDOWS, parse_part, trace_stats
-from lmtier.cli.replay.workloads import load_trace
-from lmtier.cli.stress.command import INTERRUPTED, add_stress
+from lmtier.admission import ADMISSION_POLICIES
+from lmtier.cli.argtypes import (
+    byte_size,
+    float_list,
+    name_list,
+    output_path,
+    positive_int,
+    user_path,
+)
+from lmtier.cli.bench import BenchOptions
+from lmtier.cli.bench.command import bench_command
+from lmtier.cli.exits import INTERRUPTED, USAGE_ERROR
+from lmtier.cli.inspect import inspect_command
+from lmtier.cli.replay.command import replay_command
+from lmtier.cli.replay.sweep import ReplayOptions
+from lmtier.cli.replay.synthetic import SyntheticSpec
+from lmtier.cli.replay.traces import FORMATS, WINDOWS, parse_part
+from lmtier.cli.stress.command import stress_command
+from lmtier.cli.stress.plan import DEFAULT_MAX_BYTES, OVERFILL, human_bytes
+from lmtier.cli.stress.run import StressOptions
 from lmtier.errors import LmtierError
+from lmtier.evictor import evictor_names
 
 __all__ = ["build_parser", "main", "package_version"]
 
-# A missing command is a usage error, as argparse reports every other one.
-USAGE_ERROR = 2
 _VERBOSE_HELP = "log at INFO level (before or after the command)"
 
 
@@ -48,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_stress(commands)
+    _add_stress(commands)
     _add_replay(commands)
     _add_inspect(commands)
     _add_bench(commands)
@@ -79,6 +84,74 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # commands without partial results of their own to print
         print("lmtier: interrupted", file=sys.stderr)
         return INTERRUPTED
+
+
+# ---------------------------------------------------------------------- stress
+def _add_stress(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    stress = commands.add_parser(
+        "stress",
+        help="overfill every tier from concurrent tasks and verify every entry bit-exact",
+        description="Without --config: a small gpu -> cpu -> disk cascade (gpu skipped "
+        "without CUDA) with its disk tier in a temporary folder, removed afterwards. With "
+        "--config: the configured tiers, in a namespace of the run's own (a disk sub-folder "
+        "and a redis key prefix), removed afterwards. Unless --ops or --keys-per-task say "
+        f"otherwise, the run puts {OVERFILL:g}x the sum of the tiers' budgets (bounded by "
+        "--max-bytes); it fails if a tier is never reached.",
+    )
+    defaults = StressOptions()
+    add = stress.add_argument
+    add("--config", type=user_path, help="a store config YAML (default: the embedded cascade)")
+    add("--tasks", type=positive_int, default=defaults.tasks, help="concurrent tasks (%(default)s)")
+    add(
+        "--ops", type=positive_int,
+        help=f"operations in all, split evenly among the tasks (default: at least "
+        f"{defaults.ops}, more if the budgets need more)",
+    )  # fmt: skip
+    add("--duration", type=float, help="stop after this many seconds, even if ops remain")
+    add(
+        "--keys-per-task", type=positive_int,
+        help=f"keys each task works on; with --shared-keys, the whole key space (default: at "
+        f"least {defaults.keys_per_task}, more if the budgets need more)",
+    )  # fmt: skip
+    add(
+        "--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
+        help="the most the automatic sizing plans to write, e.g. 512M or 20G (default "
+        f"{human_bytes(DEFAULT_MAX_BYTES)}); a tier it cannot reach is refused before the run",
+    )  # fmt: skip
+    add(
+        "--allow-unreached", action="store_true",
+        help="run even when a tier cannot be reached, and warn instead of failing when one "
+        "never was",
+    )  # fmt: skip
+    add("--min-tokens", type=positive_int, default=defaults.min_tokens,
+        help="smallest entry in tokens, 512 bytes each (%(default)s)")  # fmt: skip
+    add("--max-tokens", type=positive_int, default=defaults.max_tokens,
+        help="largest entry in tokens (%(default)s)")  # fmt: skip
+    add(
+        "--size-dist", choices=("uniform", "lognormal"), default=defaults.size_distribution,
+        help="entry sizes between the two: uniform, or lognormal (many small, a few large)",
+    )  # fmt: skip
+    add("--get-fraction", type=float, default=defaults.get_fraction,
+        help="share of ops that are gets (%(default)s)")  # fmt: skip
+    add("--delete-fraction", type=float, default=defaults.delete_fraction,
+        help="share of ops that are deletes (%(default)s); the rest are puts")  # fmt: skip
+    add("--seed", type=int, default=defaults.seed, help="random seed (%(default)s)")
+    add("--policy", choices=evictor_names(), help="every tier's evictor (default: as configured)")
+    add(
+        "--admission", choices=ADMISSION_POLICIES,
+        help="the admission policy of every tier below the first (default: as configured)",
+    )  # fmt: skip
+    add(
+        "--shared-keys", action="store_true",
+        help="all tasks share one key space of --keys-per-task keys: they overwrite and delete "
+        "each other's entries and give up on --cancel-fraction of their calls",
+    )  # fmt: skip
+    add("--cancel-fraction", type=float, default=defaults.cancel_fraction,
+        help="--shared-keys: share of calls given up on (%(default)s)")  # fmt: skip
+    add("--rounds", type=positive_int, default=defaults.rounds,
+        help="--shared-keys: quiet points where every key is read back (%(default)s)")  # fmt: skip
+    add("--no-progress", action="store_true", help="no progress bars (shown on a terminal)")
+    stress.set_defaults(run=stress_command)
 
 
 # ---------------------------------------------------------------------- replay
@@ -164,71 +237,7 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     replay.add_argument(
         "--no-progress", action="store_true", help="no progress bars (shown on a terminal)"
     )
-    replay.set_defaults(run=_run_replay)
-
-
-def _run_replay(args: argparse.Namespace) -> int:
-    if args.plot:
-        check_plotting()
-    part = WINDOWS[args.window] if args.window else args.part
-    synthetic = None
-    source = str(args.trace)
-    if source.startswith(SYNTHETIC_PREFIX):
-        synthetic = parse_synthetic(
-            source, requests=args.requests, sessions=args.sessions, alpha=args.zipf_alpha,
-            seed=args.seed,
-        )  # fmt: skip
-    elif any(v is not None for v in (args.requests, args.sessions, args.zipf_alpha, args.seed)):
-        raise LmtierError(
-            "--requests, --sessions, --zipf-alpha and --seed are for synthetic:zipf and "
-            "synthetic:shared-prompt"
-        )
-    trace = load_trace(source, args.format, args.limit, part, synthetic)
-    default_bytes = 16 if args.real else ReplayOptions().bytes_per_token
-    options = ReplayOptions(
-        capacities=args.capacities,
-        policies=args.policies,
-        shares=args.split,
-        bytes_per_token=args.bytes_per_token or default_bytes,
-        real=args.real,
-        promote_on_hit=not args.no_promote,
-        positions=not args.no_positions,
-        config=args.config,
-        progress=args.progress,
-        admission=args.admission,
-        admission_window=args.admission_window,
-    )
-    where = f" part {part[0]}/{part[1]}" if part else ""
-    print(
-        f"{source}{where}: {trace.format}, {trace_stats(trace).describe()}; blocks of "
-        f"{trace.block_tokens} tokens ({options.bytes_per_token * trace.block_tokens:,} bytes); "
-        f"{'real' if options.real else 'sizes-only'} mode",
-        flush=True,
-    )
-
-    def skipped(reason: str) -> None:
-        print(f"lmtier: warning: skipped: {reason}", file=sys.stderr, flush=True)
-
-    sweep = SweepResult(trace, options.bytes_per_token * trace.block_tokens, [], {})
-    try:
-        run_sweep(trace, options, on_skip=skipped, sweep=sweep)
-    except KeyboardInterrupt:
-        # A real replay's store closed and its temporary folder went as asyncio.run unwound.
-        print(format_table(sweep.results, sweep.optimum))
-        references = sum(result.references for result in sweep.results)
-        print(f"interrupted after {references} ops (block references); the last row is partial")
-        return INTERRUPTED
-    print(format_table(sweep.results, sweep.optimum))
-    for path, write in ((args.csv, write_csv), (args.plot, write_plot)):
-        if path is not None:
-            try:
-                write(path, sweep.results, sweep.optimum)
-            except OSError as exc:
-                raise LmtierError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    wrong = sum(result.wrong for result in sweep.results)
-    if wrong:
-        print(f"FAILED: {wrong} hit(s) returned bytes that were not the block's")
-    return 1 if wrong else 0
+    replay.set_defaults(run=replay_command)
 
 
 # ---------------------------------------------------------------------- inspect
@@ -247,36 +256,7 @@ def _add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     inspect.add_argument(
         "--no-progress", action="store_true", help="no progress bar (shown on a terminal)"
     )
-    inspect.set_defaults(run=_run_inspect)
-
-
-def _run_inspect(args: argparse.Namespace) -> int:
-    reports = inspect_path(args.path, repair=args.repair, progress=args.progress)
-    if not reports:
-        print(f"{args.path}: no disk tier folder (ns-*) here")
-        return 0
-    for report in reports:
-        scan = report.scan
-        names = ", ".join(repr(n) for n in sorted(report.namespaces)) or "-"
-        print(
-            f"{report.folder}: {report.entries} entries, {report.payload_bytes:,} bytes "
-            f"(namespace {names}); {len(scan.corrupt)} corrupt, "
-            f"{len(report.foreign)} of another namespace, {len(scan.left_alone)} left alone, "
-            f"{len(scan.temp_files)} temporary"
-        )
-        for bad, why in scan.corrupt:
-            print(f"  corrupt  {bad}: {why}")
-        for entry in report.foreign:
-            print(f"  foreign  {entry.meta.path}: namespace {entry.namespace!r}")
-        for other, why in scan.left_alone:
-            print(f"  skipped  {other}: {why}")
-        for temp in scan.temp_files:
-            print(f"  temp     {temp}")
-        if args.repair:
-            print(f"  repaired: removed {report.removed} file(s)")
-            for bad, why in report.failed:
-                print(f"  could not remove {bad}: {why}")
-    return 1 if any(report.problems for report in reports) else 0
+    inspect.set_defaults(run=inspect_command)
 
 
 # ---------------------------------------------------------------------- bench
@@ -330,58 +310,7 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench.add_argument(
         "--no-progress", action="store_true", help="no progress bars (shown on a terminal)"
     )
-    bench.set_defaults(run=_run_bench)
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    # The bench package's helpers beyond its table, loaded with the command that uses them.
-    from lmtier.cli.bench.machine import LoadWatch, folder_warning, spread_warning
-    from lmtier.cli.bench.repeat import format_repeated, repeated
-
-    options = BenchOptions(
-        args.quick,
-        args.folder,
-        args.fsync,
-        args.restart_entries,
-        args.peers,
-        args.redis,
-        args.vllm,
-        args.gpu_only,
-    )
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
-    runs = f", {args.repeat} runs" if args.repeat > 1 else ""
-    print(
-        f"lmtier bench: torch {torch.__version__}, {os.cpu_count()} CPUs, {device}; "
-        f"medians of {options.repeats}{runs}",
-        flush=True,
-    )
-    on_tmpfs = folder_warning(args.folder or Path(tempfile.gettempdir()))
-    if on_tmpfs:
-        print(on_tmpfs, flush=True)
-    load = LoadWatch()
-
-    def progress(row: Row) -> None:
-        if args.progress:
-            print(f"  measured {row.name}", file=sys.stderr, flush=True)
-
-    tables = []
-    for run in range(args.repeat):
-        if args.progress and args.repeat > 1:
-            print(f"run {run + 1} of {args.repeat}", file=sys.stderr, flush=True)
-        tables.append(run_bench(options, progress))
-        load.sample(f"end of run {run + 1}" if args.repeat > 1 else "end")
-    if args.repeat == 1:
-        rows = tables[0]
-        print(format_rows(rows))
-    else:
-        summaries = repeated(tables)
-        rows = [summary.row for summary in summaries]
-        print(format_repeated(summaries))
-    # Repeated after the table, where a reader of its figures looks.
-    for warning in (on_tmpfs, load.warning(), spread_warning(rows)):
-        if warning:
-            print(warning)
-    return 0
+    bench.set_defaults(run=bench_command)
 
 
 # ---------------------------------------------------------------------- argument types
