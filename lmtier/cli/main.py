@@ -20,7 +20,7 @@ from lmtier.cli.argtypes import (
 )
 from lmtier.cli.bench import BenchOptions
 from lmtier.cli.bench.command import bench_command
-from lmtier.cli.exits import INTERRUPTED, USAGE_ERROR
+from lmtier.cli.exits import INTERRUPTED, USAGE_ERROR, Interrupts
 from lmtier.cli.inspect import inspect_command
 from lmtier.cli.replay.command import replay_command
 from lmtier.cli.replay.sweep import ReplayOptions
@@ -76,14 +76,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     args.progress = not args.no_progress and sys.stderr.isatty()
-    try:
-        return int(args.run(args))
-    except (LmtierError, ValueError) as exc:
-        print(f"lmtier: error: {exc}", file=sys.stderr)
-        return USAGE_ERROR
-    except KeyboardInterrupt:  # commands without partial results of their own to print
-        print("lmtier: interrupted", file=sys.stderr)
-        return INTERRUPTED
+    with Interrupts() as interrupts:
+        try:
+            status = int(args.run(args))
+        except (LmtierError, ValueError) as exc:
+            print(f"lmtier: error: {exc}", file=sys.stderr)
+            status = USAGE_ERROR
+        except KeyboardInterrupt:  # commands without partial results of their own to print
+            print("lmtier: interrupted", file=sys.stderr)
+            status = INTERRUPTED
+    return interrupts.exit_status(status)
 
 
 # ---------------------------------------------------------------------- stress
