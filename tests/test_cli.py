@@ -92,7 +92,7 @@ async def test_inspect_finds_corrupt_files_and_repairs(
 ) -> None:
     a_file = await _two_entries(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 0
-    assert "2 entries, 512 bytes (namespace 'm|bf16'); 0 corrupt" in capsys.readouterr().out
+    assert "2 entries, 512 B (namespace 'm|bf16'); 0 corrupt" in capsys.readouterr().out
     with open(a_file, "r+b") as f:
         f.seek(-1, 2)
         f.write(b"\x01")
@@ -121,7 +121,7 @@ async def test_inspect_counts_another_namespaces_files_apart(
     shutil.copyfile(a_file, stray)  # an intact entry of m|bf16 in other's folder
     assert main(["inspect", str(other.parent.parent), "--repair"]) == 1
     out = capsys.readouterr().out
-    assert "1 entries, 256 bytes (namespace 'other')" in out
+    assert "1 entries, 256 B (namespace 'other')" in out
     assert "1 of another namespace" in out and f"foreign  {stray}" in out
     assert stray.exists(), "another namespace's entry is not removed"
 
@@ -162,6 +162,17 @@ def test_inspect_of_a_missing_path_is_a_clear_error(
 ) -> None:
     assert main(["inspect", str(tmp_path / "nope")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_inspect_of_a_folder_that_is_no_tiers_says_so_and_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "notes.txt").write_text("not a cache")
+    (tmp_path / "sub").mkdir()
+    assert main(["inspect", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert f"{tmp_path} is not a disk tier's folder" in captured.err
+    assert captured.out == ""
 
 
 async def test_repair_refuses_while_a_store_uses_the_folder(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -184,3 +185,38 @@ def test_byte_sizes_take_binary_units() -> None:
     for bad in ("", "x", "-1G", "0", "1Q"):
         with pytest.raises(argparse.ArgumentTypeError):
             argtypes.byte_size(bad)
+
+
+# reStructuredText a terminal would show verbatim: ``literal``, :role:`target`, `link`_.
+RST_MARKUP = re.compile(r"``|:[a-z]+:`|`_")
+
+
+@pytest.mark.parametrize("command", [None, *DOCUMENTED])
+def test_help_texts_show_no_restructuredtext_markup(
+    command: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"] if command is None else [command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: lmtier")
+    assert RST_MARKUP.findall(text) == [], text
+
+
+def test_every_subcommand_is_walked_for_markup() -> None:
+    assert set(_subparsers(build_parser())) == set(DOCUMENTED)
+
+
+def test_python_dash_m_lmtier_runs_the_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lmtier", "--version"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("lmtier "), done.stdout
+    assert subprocess.run(
+        [sys.executable, "-m", "lmtier"], cwd=REPO, capture_output=True, timeout=120
+    ).stdout.startswith(b"usage: lmtier")

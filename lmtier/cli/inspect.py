@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lmtier.errors import StorageError
+from lmtier.sizes import human_bytes
 from lmtier.tiers.disk_files import (
     FolderScan,
     FoundEntry,
@@ -50,14 +51,21 @@ class FolderReport:
 
 
 def namespace_folders(path: Path) -> list[Path]:
-    """``path`` itself if it is a namespace folder, else the namespace folders inside it."""
+    """``path`` itself if it is a namespace folder, else the namespace folders inside it (one
+    at least: a folder without any is not a disk tier's)."""
     if not path.is_dir():
         raise StorageError(f"{path} is not a folder")
     if path.name.startswith("ns-"):
         return [path]
-    return sorted(
+    folders = sorted(
         p for p in path.iterdir() if p.name.startswith("ns-") and p.is_dir() and not p.is_symlink()
     )
+    if not folders:
+        raise StorageError(
+            f"{path} is not a disk tier's folder: it holds no ns-* folder (give the path a disk "
+            "tier is configured with, or one of its ns-* folders)"
+        )
+    return folders
 
 
 def inspect_path(path: Path, repair: bool = False, progress: bool = False) -> list[FolderReport]:
@@ -81,14 +89,11 @@ def inspect_path(path: Path, repair: bool = False, progress: bool = False) -> li
 def inspect_command(args: argparse.Namespace) -> int:
     """Print one report per namespace folder; 1 while any problem remains."""
     reports = inspect_path(args.path, repair=args.repair, progress=args.progress)
-    if not reports:
-        print(f"{args.path}: no disk tier folder (ns-*) here")
-        return 0
     for report in reports:
         scan = report.scan
         names = ", ".join(repr(n) for n in sorted(report.namespaces)) or "-"
         print(
-            f"{report.folder}: {report.entries} entries, {report.payload_bytes:,} bytes "
+            f"{report.folder}: {report.entries} entries, {human_bytes(report.payload_bytes)} "
             f"(namespace {names}); {len(scan.corrupt)} corrupt, "
             f"{len(report.foreign)} of another namespace, {len(scan.left_alone)} left alone, "
             f"{len(scan.temp_files)} temporary"

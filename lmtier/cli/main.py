@@ -27,10 +27,11 @@ from lmtier.cli.replay.sweep import ReplayOptions
 from lmtier.cli.replay.synthetic import SyntheticSpec
 from lmtier.cli.replay.traces import FORMATS, WINDOWS, parse_part
 from lmtier.cli.stress.command import stress_command
-from lmtier.cli.stress.plan import DEFAULT_MAX_BYTES, OVERFILL, human_bytes
+from lmtier.cli.stress.plan import DEFAULT_MAX_BYTES, OVERFILL
 from lmtier.cli.stress.run import StressOptions
 from lmtier.errors import LmtierError
 from lmtier.evictor import evictor_names
+from lmtier.sizes import human_bytes
 
 __all__ = ["build_parser", "main", "package_version"]
 
@@ -46,7 +47,9 @@ def package_version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmtier", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lmtier", description="The lmtier command: stress, replay, inspect and bench."
+    )
     parser.add_argument(
         "--version", action="version", version=f"%(prog)s {package_version()}",
         help="print the version and exit",

@@ -24,6 +24,7 @@ from lmtier.cli.bench.core import (
 )
 from lmtier.config import TierConfig
 from lmtier.serde import payload_view
+from lmtier.sizes import human_bytes
 
 __all__ = ["checksum_rows", "cpu_put_get", "hit_latency", "ops_per_second"]
 
@@ -61,7 +62,7 @@ async def cpu_put_get(nbytes: int, repeats: int) -> list[Row]:
             into_s.append(await atimed(lambda: put_get(out)))
             fresh_s.append(await atimed(lambda: put_get(None)))
             raw_s.append(timed(raw))
-    size = f"{nbytes // MiB} MiB"
+    size = human_bytes(nbytes)
     moved = Scale.throughput(2 * nbytes)
     base = Side(tuple(raw_s), moved)
     return [

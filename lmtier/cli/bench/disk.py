@@ -19,7 +19,6 @@ import torch
 from lmtier.cli.bench.core import (
     Goal,
     KiB,
-    MiB,
     Row,
     Scale,
     Side,
@@ -31,6 +30,7 @@ from lmtier.cli.bench.core import (
 from lmtier.config import TierConfig
 from lmtier.evictor import LRUEvictor
 from lmtier.serde import payload_view
+from lmtier.sizes import human_bytes
 from lmtier.tiers import DiskTier
 
 __all__ = ["demotion_throughput", "disk_rows", "restart_row", "small_disk_writes"]
@@ -91,7 +91,7 @@ def disk_rows(nbytes: int, repeats: int, folder: Path, fsync: bool) -> list[Row]
         asyncio.run(tier.close())
         for path in written:
             Path(path).unlink(missing_ok=True)
-    size = f"{nbytes // MiB} MiB"
+    size = human_bytes(nbytes)
     suffix = ", fsync" if fsync else ""
     gbs = Scale.throughput(nbytes)
     return [
@@ -148,7 +148,7 @@ async def demotion_throughput(
         shutil.rmtree(spill_folder, ignore_errors=True)
     gbs = Scale.throughput(count * nbytes)
     ahead = ", write_ahead" if write_ahead else ""
-    return Row(f"cpu->disk demotion, {nbytes // MiB} MiB puts{ahead}", Side(tuple(spill), gbs),
+    return Row(f"cpu->disk demotion, {human_bytes(nbytes)} puts{ahead}", Side(tuple(spill), gbs),
                Side(tuple(raw), gbs, "raw write"), Goal.ratio(0.8))  # fmt: skip
 
 

@@ -7,6 +7,7 @@ import torch
 
 from lmtier.cli.bench.core import Goal, MiB, Row, Scale, Side, atimed, make_store, samples, touched
 from lmtier.config import TierConfig
+from lmtier.sizes import human_bytes
 
 __all__ = ["GPU_GBS_GOAL", "gpu_batch_rows", "gpu_rows"]
 
@@ -35,7 +36,7 @@ async def gpu_rows(nbytes: int, repeats: int) -> list[Row]:
 
     h2d()
     d2h()
-    size = f"{nbytes // MiB} MiB"
+    size = human_bytes(nbytes)
     gbs = Scale.throughput(nbytes)
     return [
         Row(f"gpu put (H2D) {size}", Side(tuple(put_s), gbs), Side(samples(h2d, repeats), gbs),

@@ -41,6 +41,7 @@ from lmtier.cli.bench.core import Goal, MiB, Row, Scale, Side, atimed, make_stor
 from lmtier.cli.bench.lmcache_peer import LMCACHE_VERSION, Peer, kv_shape, peer, peers_available
 from lmtier.config import TierConfig
 from lmtier.evictor import LRUEvictor
+from lmtier.sizes import human_bytes
 from lmtier.tiers import DiskTier
 
 __all__ = ["LMCACHE_VERSION", "peer_rows", "peers_available"]
@@ -56,7 +57,7 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _names(nbytes: int) -> list[tuple[str, Goal | None]]:
-    size = f"{nbytes // MiB} MiB"
+    size = human_bytes(nbytes)
     return [
         (f"cpu put {size} vs LMCache LocalCPUBackend", None),
         (f"cpu get(out=) {size} vs LMCache get_blocking+copy_", None),

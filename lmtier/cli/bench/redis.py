@@ -18,6 +18,7 @@ import torch
 from lmtier.cli.bench.core import Goal, MiB, Row, Scale, Side, atimed, make_store, touched
 from lmtier.config import TierConfig
 from lmtier.serde import payload_view
+from lmtier.sizes import human_bytes
 
 __all__ = ["local_redis_server", "remote_bench_rows", "remote_rows"]
 
@@ -64,7 +65,7 @@ async def remote_rows(url: str, nbytes: int, repeats: int) -> list[Row]:
         await client.delete(f"{prefix}-raw", *(f"{prefix}-raw{i}" for i in range(BATCH)))
     finally:
         await client.aclose()
-    size = f"{nbytes // MiB} MiB"
+    size = human_bytes(nbytes)
     one, many = Scale.throughput(nbytes), Scale.throughput(BATCH * nbytes)
 
     def side(name: str, scale: Scale, note: str = "") -> Side:

@@ -28,6 +28,7 @@ import torch
 import xxhash
 
 from lmtier.cli.bench.core import Goal, MiB, Row, Scale, Side, format_rows, timed
+from lmtier.sizes import human_bytes
 
 __all__ = ["vllm_tier_rows"]
 
@@ -138,7 +139,7 @@ def vllm_tier_rows(
         shutil.rmtree(work, ignore_errors=True)
 
     gbs = Scale.throughput(blocks * row_bytes)
-    size = f"{blocks} x {row_bytes // MiB} MiB"
+    size = f"{blocks} x {human_bytes(row_bytes)}"
     store = Side(tuple(store_s), gbs)
     scheduler = Side(tuple(s + u for s, u in zip(submit_s, lookup_s, strict=True)), Scale.latency())
     submit, lookup = Side(tuple(submit_s), Scale.latency()), Side(tuple(lookup_s), Scale.latency())

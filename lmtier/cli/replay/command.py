@@ -12,6 +12,7 @@ from lmtier.cli.replay.synthetic import SYNTHETIC_PREFIX, parse_synthetic
 from lmtier.cli.replay.traces import WINDOWS, trace_stats
 from lmtier.cli.replay.workloads import load_trace
 from lmtier.errors import LmtierError
+from lmtier.sizes import human_bytes
 
 __all__ = ["replay_command"]
 
@@ -48,9 +49,10 @@ def replay_command(args: argparse.Namespace) -> int:
         admission_window=args.admission_window,
     )
     where = f" part {part[0]}/{part[1]}" if part else ""
+    block_bytes = options.bytes_per_token * trace.block_tokens
     print(
         f"{source}{where}: {trace.format}, {trace_stats(trace).describe()}; blocks of "
-        f"{trace.block_tokens} tokens ({options.bytes_per_token * trace.block_tokens:,} bytes); "
+        f"{trace.block_tokens} tokens ({human_bytes(block_bytes)}); "
         f"{'real' if options.real else 'sizes-only'} mode",
         flush=True,
     )

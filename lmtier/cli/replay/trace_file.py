@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmtier.errors import TraceError
+from lmtier.sizes import human_bytes
 
 __all__ = ["MAX_LINE_BYTES", "trace_lines"]
 
@@ -53,7 +54,7 @@ def trace_lines(path: Path) -> Iterator[tuple[int, str]]:
                 return
             if len(raw) > MAX_LINE_BYTES:
                 raise TraceError(
-                    f"{path}:{number}: a line longer than {MAX_LINE_BYTES // 2**20} MiB; "
+                    f"{path}:{number}: a line longer than {human_bytes(MAX_LINE_BYTES)}; "
                     "a trace has one JSON request per line"
                 )
             try:

@@ -24,6 +24,7 @@ from lmtier.cli.stress.shared import run_shared_stress
 from lmtier.cli.stress.space import StressSpace
 from lmtier.config import load_config
 from lmtier.errors import ConfigError
+from lmtier.sizes import human_bytes
 from lmtier.store import TieredStore
 
 __all__ = ["stress_command"]
@@ -90,7 +91,7 @@ async def _run_planned(
     options = plan.options
     print(
         "stress: "
-        + " -> ".join(f"{t.name} ({t.budget / 2**20:g} MiB)" for t in store.tiers)
+        + " -> ".join(f"{t.name} ({human_bytes(t.budget)})" for t in store.tiers)
         + (f"; evictor {args.policy}" if args.policy else "")
         + (f"; admission {args.admission} below the first tier" if args.admission else "")
         + f"; {options.tasks} tasks, {options.ops} ops"
@@ -104,5 +105,19 @@ async def _run_planned(
     run = run_shared_stress if options.shared_keys else run_stress
     await run(store, options, report)
     for name in unreached_tiers(store):
-        message = f"tier {name!r} was never reached: no entry was put or demoted into it"
+        message = f"tier {name!r} was never reached: {_why_unreached(report, name)}"
         (report.warnings if args.allow_unreached else report.problems).append(message)
+
+
+def _why_unreached(report: StressReport, name: str) -> str:
+    """Why nothing landed in tier ``name``: its server could not be reached, or the cascade
+    never spilled that far."""
+    tiers = report.stats.get("tiers", {})
+    stats = tiers.get(name, {}) if isinstance(tiers, dict) else {}
+    refused = stats.get("unavailable", 0)
+    if stats.get("available", True) and not refused:
+        return "no entry was put or demoted into it"
+    return (
+        f"its server was unreachable the whole run ({refused} call(s) refused as unavailable; "
+        "check the tier's url and that the server is running)"
+    )

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from lmtier.cli.stress.run import HIDDEN, StressOptions, split_evenly
 from lmtier.errors import ConfigError
+from lmtier.sizes import human_bytes
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "OVERFILL",
     "StressPlan",
-    "human_bytes",
     "mean_entry_bytes",
     "plan_stress",
 ]
@@ -139,13 +139,6 @@ def mean_entry_bytes(options: StressOptions) -> float:
     rng = random.Random(options.seed)
     draws = sum(options.draw_tokens(rng) for _ in range(SIZE_SAMPLES))
     return BYTES_PER_TOKEN * draws / SIZE_SAMPLES
-
-
-def human_bytes(count: float) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count:.0f} B"
 
 
 def _size_argument(count: int) -> str:
