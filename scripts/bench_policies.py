@@ -14,10 +14,10 @@ import argparse
 import time
 from dataclasses import replace
 
+from lmtier.cli.replay.run import capacity_blocks, replay_sizes_only
+from lmtier.cli.replay.sweep import DEFAULT_BYTES_PER_TOKEN
+from lmtier.cli.replay.traces import Trace, read_trace
 from lmtier.evictor import evictor_names
-from lmtier.replay.run import capacity_blocks, replay_sizes_only
-from lmtier.replay.sweep import DEFAULT_BYTES_PER_TOKEN
-from lmtier.replay.traces import Trace, read_trace
 
 
 def parts_of(trace: Trace, names: list[str]) -> dict[str, Trace]:

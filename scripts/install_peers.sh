@@ -6,13 +6,13 @@
 # Everything goes in with --no-deps, so pip never touches the environment's torch or numpy:
 # LMCache's own requirement list asks for a CUDA torch, numpy<=2.2.6, transformers, cupy, ...,
 # none of which its two local backends need.  Add the folder AFTER site-packages (PYTHONPATH
-# puts it BEFORE; lmtier.bench.lmcache_peer appends $LMCACHE_PEER_SITE, or the default folder,
+# puts it BEFORE; lmtier.cli.bench.lmcache_peer appends $LMCACHE_PEER_SITE, or the default folder,
 # to sys.path itself), so the installed torch and numpy win.
 #
 # The set was found by importing the two backend modules with only lmtier's own dependencies
 # visible, adding what failed, until they imported and ran (Python 3.11; lmcache 0.5.6 ships
 # cp311 wheels only).  The storage_backend package's __init__ (GDS, P2P and remote backends,
-# which pull in transformers) is not run: lmtier.bench.lmcache_peer imports the two modules
+# which pull in transformers) is not run: lmtier.cli.bench.lmcache_peer imports the two modules
 # directly.
 set -euo pipefail
 TARGET="${1:-${LMCACHE_PEER_SITE:-${XDG_CACHE_HOME:-$HOME/.cache}/lmtier/peers-site}}"

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from lmtier.admission import ADMISSION_POLICIES, AdmitAll, SecondHit, make_admission
+from lmtier.cli.replay.cascade_sim import CascadeSim, SimTier
 from lmtier.config import StoreConfig, TierConfig, load_config, parse_config
 from lmtier.errors import ConfigError
 from lmtier.evictor import PutStatus
-from lmtier.replay.cascade_sim import CascadeSim, SimTier
 from lmtier.store import TieredStore
 
 from store_helpers import DropLog

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from lmtier.bench import Row, format_rows
-from lmtier.bench.core import Goal, Scale, Side
-from lmtier.bench.cpu import cpu_put_get
-from lmtier.bench.disk import disk_rows
 from lmtier.cli import main
+from lmtier.cli.bench import Row, format_rows
+from lmtier.cli.bench.core import Goal, Scale, Side
+from lmtier.cli.bench.cpu import cpu_put_get
+from lmtier.cli.bench.disk import disk_rows
 
 from redis_helpers import RedisProcess
 
@@ -94,10 +94,10 @@ def test_repeat_reports_each_rows_ratio_range(
 def test_high_load_is_a_warning(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import lmtier.bench.table
+    import lmtier.cli.bench.table
 
     row = Row("one", Side((1.0, 1.1), Scale.throughput(MiB)), Side((1.0,), Scale.throughput(MiB)))
-    monkeypatch.setattr(lmtier.bench.table, "run_table", lambda options, on_row: [row])
+    monkeypatch.setattr(lmtier.cli.bench.table, "run_table", lambda options, on_row: [row])
     cores = os.cpu_count() or 1
     monkeypatch.setattr(os, "getloadavg", lambda: (cores + 0.5, 0.0, 0.0))
     lines = _bench(capsys, "--folder", str(tmp_path))
@@ -109,7 +109,7 @@ def test_high_load_is_a_warning(
 
 
 def test_wide_spread_is_a_warning() -> None:
-    from lmtier.bench.machine import spread_warning
+    from lmtier.cli.bench.machine import spread_warning
 
     gbs = Scale.throughput(MiB)
     # One slow sample in nine (the median ignores it) is no warning; a wide middle half is.
@@ -124,20 +124,20 @@ def test_wide_spread_is_a_warning() -> None:
 def test_tmpfs_folder_is_a_warning(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import lmtier.bench.machine
-    import lmtier.bench.table
+    import lmtier.cli.bench.machine
+    import lmtier.cli.bench.table
 
-    monkeypatch.setattr(lmtier.bench.table, "run_table", lambda options, on_row: [])
-    monkeypatch.setattr(lmtier.bench.machine, "filesystem_type", lambda path: "tmpfs")
+    monkeypatch.setattr(lmtier.cli.bench.table, "run_table", lambda options, on_row: [])
+    monkeypatch.setattr(lmtier.cli.bench.machine, "filesystem_type", lambda path: "tmpfs")
     lines = _bench(capsys, "--folder", str(tmp_path))
     warnings = [line for line in lines if "is on tmpfs" in line]
     assert len(warnings) == 2 and str(tmp_path) in warnings[0]  # before the table and after
-    monkeypatch.setattr(lmtier.bench.machine, "filesystem_type", lambda path: "ext4")
+    monkeypatch.setattr(lmtier.cli.bench.machine, "filesystem_type", lambda path: "ext4")
     assert not any("tmpfs" in line for line in _bench(capsys, "--folder", str(tmp_path)))
 
 
 def test_filesystem_type_reads_the_deepest_mount(tmp_path: Path) -> None:
-    from lmtier.bench.machine import filesystem_type
+    from lmtier.cli.bench.machine import filesystem_type
 
     mounts = tmp_path / "mounts"
     mounts.write_text(
@@ -151,7 +151,7 @@ def test_filesystem_type_reads_the_deepest_mount(tmp_path: Path) -> None:
 
 @pytest.mark.redis
 def test_redis_rows_measure_against_redis_py(redis_server: RedisProcess) -> None:
-    from lmtier.bench.redis import remote_rows
+    from lmtier.cli.bench.redis import remote_rows
 
     rows = asyncio.run(remote_rows(redis_server.url, MiB, 2))
     assert [r.name for r in rows] == [

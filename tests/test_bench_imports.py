@@ -11,20 +11,22 @@ from pathlib import Path
 
 import pytest
 
-import lmtier.bench
+import lmtier.cli.bench
 
 ROWS = ["cpu", "disk", "gpu", "peers", "redis", "vllm"]
-PACKAGE = Path(lmtier.bench.__file__).parent
-# What a row module may bring along besides itself: the core, and the peers' LMCache loader.
-SHARED = {"lmtier.bench", "lmtier.bench.core", "lmtier.bench.lmcache_peer"}
+PACKAGE = Path(lmtier.cli.bench.__file__).parent
+# What importing the lmtier.cli package brings along: the bench command, over the core.
+COMMAND = {"lmtier.cli.bench", "lmtier.cli.bench.core", "lmtier.cli.bench.command"}
+# What a row module may bring along besides itself: the above, and the peers' LMCache loader.
+SHARED = COMMAND | {"lmtier.cli.bench.lmcache_peer"}
 
 
 def _bench_modules_after(statement: str) -> set[str]:
-    """The lmtier.bench modules loaded by ``statement`` in a fresh interpreter."""
+    """The lmtier.cli.bench modules loaded by ``statement`` in a fresh interpreter."""
     probe = (
         f"import sys, json; {statement}; "
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[:2] == "
-        "['lmtier', 'bench'])))"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[:3] == "
+        "['lmtier', 'cli', 'bench'])))"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=False, timeout=60
@@ -35,16 +37,13 @@ def _bench_modules_after(statement: str) -> set[str]:
 
 @pytest.mark.parametrize("row", ROWS)
 def test_each_row_module_imports_alone(row: str) -> None:
-    loaded = _bench_modules_after(f"import lmtier.bench.{row}")
-    assert f"lmtier.bench.{row}" in loaded
-    assert loaded - SHARED == {f"lmtier.bench.{row}"}, "a row module imported another"
+    loaded = _bench_modules_after(f"import lmtier.cli.bench.{row}")
+    assert f"lmtier.cli.bench.{row}" in loaded
+    assert loaded - SHARED == {f"lmtier.cli.bench.{row}"}, "a row module imported another"
 
 
 def test_the_core_imports_no_row_module() -> None:
-    assert _bench_modules_after("import lmtier.bench.core") == {
-        "lmtier.bench",
-        "lmtier.bench.core",
-    }
+    assert _bench_modules_after("import lmtier.cli.bench.core") == COMMAND
     tree = ast.parse((PACKAGE / "core.py").read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {
@@ -53,12 +52,12 @@ def test_the_core_imports_no_row_module() -> None:
         if isinstance(node, ast.Import)
         for alias in node.names
     }
-    assert not {name for name in imported if name and name.startswith("lmtier.bench")}
+    assert not {name for name in imported if name and name.startswith("lmtier.cli.bench")}
 
 
 def test_row_modules_import_only_the_core_of_the_package() -> None:
     # Static as well as at run time: a row module's lazy import would not show above.
-    helpers = {"lmtier.bench.core", "lmtier.bench.lmcache_peer"}
+    helpers = {"lmtier.cli.bench.core", "lmtier.cli.bench.lmcache_peer"}
     for row in ROWS:
         tree = ast.parse((PACKAGE / f"{row}.py").read_text())
         modules = {
@@ -66,4 +65,4 @@ def test_row_modules_import_only_the_core_of_the_package() -> None:
             for node in ast.walk(tree)
             if isinstance(node, ast.ImportFrom) and node.module
         }
-        assert {m for m in modules if m.startswith("lmtier.bench")} <= helpers, row
+        assert {m for m in modules if m.startswith("lmtier.cli.bench")} <= helpers, row

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmtier.bench import format_rows, lmcache_peer, peers
+from lmtier.cli.bench import format_rows, lmcache_peer, peers
 
 MiB = 1024**2
 # The goals are set for the public disk rows only.
@@ -45,7 +45,7 @@ def test_rows_carry_the_reason_when_lmcache_is_unusable(
 
 def test_missing_install_is_reported(tmp_path: Path) -> None:
     # A fresh interpreter: this one may have imported lmcache already.
-    probe = "from lmtier.bench.peers import peers_available; print(peers_available())"
+    probe = "from lmtier.cli.bench.peers import peers_available; print(peers_available())"
     env = {**os.environ, "LMCACHE_PEER_SITE": str(tmp_path / "empty")}
     done = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True

@@ -92,7 +92,7 @@ async def test_inspect_finds_corrupt_files_and_repairs(
 ) -> None:
     a_file = await _two_entries(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 0
-    assert "2 entries, 512 bytes (namespace 'm|bf16'); 0 corrupt" in capsys.readouterr().out
+    assert "2 entries, 512 B (namespace 'm|bf16'); 0 corrupt" in capsys.readouterr().out
     with open(a_file, "r+b") as f:
         f.seek(-1, 2)
         f.write(b"\x01")
@@ -121,7 +121,7 @@ async def test_inspect_counts_another_namespaces_files_apart(
     shutil.copyfile(a_file, stray)  # an intact entry of m|bf16 in other's folder
     assert main(["inspect", str(other.parent.parent), "--repair"]) == 1
     out = capsys.readouterr().out
-    assert "1 entries, 256 bytes (namespace 'other')" in out
+    assert "1 entries, 256 B (namespace 'other')" in out
     assert "1 of another namespace" in out and f"foreign  {stray}" in out
     assert stray.exists(), "another namespace's entry is not removed"
 
@@ -164,6 +164,17 @@ def test_inspect_of_a_missing_path_is_a_clear_error(
     assert "not a folder" in capsys.readouterr().err
 
 
+def test_inspect_of_a_folder_that_is_no_tiers_says_so_and_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "notes.txt").write_text("not a cache")
+    (tmp_path / "sub").mkdir()
+    assert main(["inspect", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert f"{tmp_path} is not a disk tier's folder" in captured.err
+    assert captured.out == ""
+
+
 async def test_repair_refuses_while_a_store_uses_the_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -180,7 +191,7 @@ async def test_repair_refuses_while_a_store_uses_the_folder(
 def test_argument_types_reject_bad_values_clearly() -> None:
     import argparse
 
-    from lmtier.argtypes import float_list, non_negative_float_list, positive_int
+    from lmtier.cli.argtypes import float_list, non_negative_float_list, positive_int
 
     assert float_list("0.01, 0.5") == (0.01, 0.5)
     assert non_negative_float_list("0") == () and non_negative_float_list("0,0.1") == (0.1,)
@@ -220,7 +231,7 @@ def test_stress_runs_exactly_the_ops_asked_for(
 
 
 def test_split_evenly_keeps_every_op() -> None:
-    from lmtier.stress import split_evenly
+    from lmtier.cli.stress.run import split_evenly
 
     for total, parts in ((1001, 8), (7, 3), (2, 5), (64, 64)):
         shares = split_evenly(total, parts)
@@ -231,8 +242,8 @@ def test_split_evenly_keeps_every_op() -> None:
 async def test_the_verification_phase_shows_progress(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from lmtier.cli.stress.run import StressOptions, default_stress_config, run_stress
     from lmtier.store import TieredStore
-    from lmtier.stress import StressOptions, default_stress_config, run_stress
 
     options = StressOptions(tasks=4, ops=200, keys_per_task=20, progress=True)
     async with TieredStore(default_stress_config(tmp_path)) as store:

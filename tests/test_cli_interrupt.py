@@ -20,6 +20,8 @@ import termios
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 # A bar that has counted at least one op, request or key: "stress:   3%|...| 170/6000 [...".
 PROGRESS = re.compile(r"([1-9]\d*)/\d+ \[")
@@ -142,3 +144,56 @@ def test_ctrl_c_during_a_real_replay_prints_partial_hits_and_cleans_up(tmp_path:
     assert "block hit" in out, "the partial table is printed"
     assert "Traceback" not in err, err
     assert list(tmp.iterdir()) == [], "the replay's temporary folder was removed"
+
+
+@pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_job_schedulers_signal_ends_a_config_stress_as_ctrl_c_does(
+    ending: signal.Signals, tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk"
+    (disk / "keep").mkdir(parents=True)  # someone else's: left alone
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "tiers:\n"
+        "  - {name: cpu, kind: memory, max_size_mb: 1}\n"
+        f"  - {{name: disk, kind: disk, path: {disk}, max_size_mb: 4}}\n"
+    )
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
+    env.pop("LMTIER_CONFIG", None)
+    args = ["stress", "--config", str(config), "--ops", "1000000", "--tasks", "4"]
+    with (tmp_path / "out").open("w+") as out, (tmp_path / "err").open("w+") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lmtier", *args, "--no-progress"],
+            cwd=REPO, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            _wait_for_entry_files(disk / "keep", disk, process)
+            process.send_signal(ending)
+            code = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        out.seek(0)
+        err.seek(0)
+        printed, errors = out.read(), err.read()
+    assert code == 128 + ending, printed + errors  # as shells report a run the signal ended
+    assert "interrupted after" in printed and "Traceback" not in errors, errors
+    assert [p.name for p in disk.iterdir()] == ["keep"], "the run's ns-* folder was removed"
+    assert list(disk.rglob("*")) == [disk / "keep"], "no file, temporary or not, is left"
+    assert list(tmp.iterdir()) == []
+
+
+def _wait_for_entry_files(
+    keep: Path, disk: Path, process: subprocess.Popen[bytes], timeout: float = 120
+) -> None:
+    """Return once the run has committed entries under ``disk`` (files beside its LOCK)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        written = [p for p in disk.rglob("*") if p.is_file() and p.name != "LOCK"]
+        if any(keep not in p.parents for p in written):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no entry file appeared under {disk} (exit status {process.poll()})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +13,14 @@ from pathlib import Path
 import pytest
 
 import lmtier
-from lmtier import argtypes, cli
-from lmtier.cli import build_parser, main
+from lmtier.cli import argtypes
+from lmtier.cli.main import build_parser, main, package_version
+from lmtier.cli.replay import command as replay_command
 
 REPO = Path(__file__).resolve().parent.parent
 # Subcommands whose every option must explain itself in --help. bench is left out: its
 # --restart-entries and --no-progress have no help text yet.
-DOCUMENTED = ("stress", "replay", "inspect", "bench")
+DOCUMENTED = ("stress", "replay", "inspect", "bench", "plan", "serve")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -55,9 +57,9 @@ def test_version_falls_back_to_the_packages_own(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
     monkeypatch.setattr(lmtier, "__version__", "1.2.3")
-    assert cli.package_version() == "1.2.3"
+    assert package_version() == "1.2.3"
     monkeypatch.delattr(lmtier, "__version__")
-    assert cli.package_version() == "unknown"
+    assert package_version() == "unknown"
 
 
 @pytest.mark.parametrize(
@@ -116,6 +118,8 @@ def test_every_path_argument_expands_the_home_folder(command: str) -> None:
         "stress": {"config"},
         "replay": {"trace", "config", "csv", "plot"},
         "bench": {"folder"},
+        "plan": {"model"},
+        "serve": {"config", "socket"},
     }
     assert paths == expected.get(command, {"path"})
 
@@ -142,7 +146,7 @@ def test_an_output_file_in_a_missing_folder_is_refused_before_the_run(
     def no_replay(*args: object, **kwargs: object) -> None:
         raise AssertionError("the replay ran")
 
-    monkeypatch.setattr(cli, "load_trace", no_replay)
+    monkeypatch.setattr(replay_command, "load_trace", no_replay)
     target = tmp_path / "missing" / "out.file"
     with pytest.raises(SystemExit) as exit_:
         main(["replay", "synthetic:zipf", option, str(target)])
@@ -183,3 +187,38 @@ def test_byte_sizes_take_binary_units() -> None:
     for bad in ("", "x", "-1G", "0", "1Q"):
         with pytest.raises(argparse.ArgumentTypeError):
             argtypes.byte_size(bad)
+
+
+# reStructuredText a terminal would show verbatim: ``literal``, :role:`target`, `link`_.
+RST_MARKUP = re.compile(r"``|:[a-z]+:`|`_")
+
+
+@pytest.mark.parametrize("command", [None, *DOCUMENTED])
+def test_help_texts_show_no_restructuredtext_markup(
+    command: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"] if command is None else [command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: lmtier")
+    assert RST_MARKUP.findall(text) == [], text
+
+
+def test_every_subcommand_is_walked_for_markup() -> None:
+    assert set(_subparsers(build_parser())) == set(DOCUMENTED)
+
+
+def test_python_dash_m_lmtier_runs_the_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lmtier", "--version"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("lmtier "), done.stdout
+    assert subprocess.run(
+        [sys.executable, "-m", "lmtier"], cwd=REPO, capture_output=True, timeout=120
+    ).stdout.startswith(b"usage: lmtier")

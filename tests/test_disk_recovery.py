@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmtier import CacheEngineKey, StorageError, StoreConfig, TierConfig, TieredStore, serde
-from lmtier.inspect import inspect_path
+from lmtier.cli.inspect import inspect_path
 from lmtier.tiers import DiskTier
 from lmtier.tiers.disk_files import TEMP_PREFIX
 

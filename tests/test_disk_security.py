@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmtier.cli.inspect import inspect_path
 from lmtier.errors import ConfigError, StorageError
-from lmtier.inspect import inspect_path
 from lmtier.testing import lru, store_in
 from lmtier.tiers import DiskTier
 from lmtier.tiers.disk_files import LOCK_NAME, namespace_folder

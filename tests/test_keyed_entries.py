@@ -229,7 +229,7 @@ async def test_a_restart_reindexes_its_own_entries_and_only_the_secret_reads_the
 
 async def test_inspect_leaves_keyed_entries_alone(tmp_path: Path) -> None:
     """``lmtier inspect`` has no secret: it cannot verify a keyed entry, and a repair keeps it."""
-    from lmtier.inspect import inspect_path
+    from lmtier.cli.inspect import inspect_path
 
     disk = disk_tier(tmp_path, SECRET)
     await disk.open()

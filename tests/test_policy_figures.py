@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from lmtier.cli.replay.run import capacity_blocks, replay_sizes_only
+from lmtier.cli.replay.sweep import ReplayOptions, run_sweep
+from lmtier.cli.replay.traces import Trace, read_trace
 from lmtier.evictor import evictor_names
-from lmtier.replay.run import capacity_blocks, replay_sizes_only
-from lmtier.replay.sweep import ReplayOptions, run_sweep
-from lmtier.replay.traces import Trace, read_trace
 
 TRACE = Path(__file__).parent / "data" / "conversation_trace.jsonl"
 REQUESTS = 2000

@@ -500,7 +500,7 @@ async def test_a_put_replacing_a_promoted_key_removes_the_copy_left_on_the_serve
 async def test_the_stress_run_keeps_every_invariant_through_a_redis_tier(
     server: RedisProcess, tmp_path: Path
 ) -> None:
-    from lmtier.stress import StressOptions, run_stress
+    from lmtier.cli.stress.run import StressOptions, run_stress
 
     tiers = (
         TierConfig("cpu", "memory", 64 * KIB),

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from lmtier.cli import main
+from lmtier.cli.replay.optimal import belady_hits, ceiling_hits
+from lmtier.cli.replay.run import capacity_blocks, optimum, replay_sizes_only, tier_policies
+from lmtier.cli.replay.sweep import ReplayOptions, run_sweep
+from lmtier.cli.replay.synthetic import SyntheticSpec, synthetic_trace
+from lmtier.cli.replay.traces import Trace, read_trace
 from lmtier.errors import ConfigError, TraceError
-from lmtier.replay.optimal import belady_hits, ceiling_hits
-from lmtier.replay.run import capacity_blocks, optimum, replay_sizes_only, tier_policies
-from lmtier.replay.sweep import ReplayOptions, run_sweep
-from lmtier.replay.synthetic import SyntheticSpec, synthetic_trace
-from lmtier.replay.traces import Trace, read_trace
 
 TRACE = Path(__file__).parent / "data" / "conversation_trace.jsonl"
 

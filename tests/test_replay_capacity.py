@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from lmtier.cli import main
+from lmtier.cli.replay.capacity import capacity_problem, plan_capacities
+from lmtier.cli.replay.policy_report import ReportOptions, run_report
+from lmtier.cli.replay.run import capacity_blocks, split_capacity
+from lmtier.cli.replay.sweep import ReplayOptions, run_sweep
+from lmtier.cli.replay.traces import Request, Trace, read_trace
 from lmtier.errors import ConfigError, TraceError
-from lmtier.replay.capacity import capacity_problem, plan_capacities
-from lmtier.replay.policy_report import ReportOptions, run_report
-from lmtier.replay.run import capacity_blocks, split_capacity
-from lmtier.replay.sweep import ReplayOptions, run_sweep
-from lmtier.replay.traces import Request, Trace, read_trace
 
 TRACE = Path(__file__).parent / "data" / "conversation_trace.jsonl"
 
@@ -82,7 +82,7 @@ def test_a_split_no_capacity_can_satisfy_says_so() -> None:
 def test_the_sweep_replays_the_rest_and_logs_each_skip(caplog: pytest.LogCaptureFixture) -> None:
     trace = small_trace()
     options = ReplayOptions(capacities=(0.01, 0.25, 1.5), policies=("lru", "fifo"))
-    with caplog.at_level(logging.WARNING, logger="lmtier.replay.sweep"):
+    with caplog.at_level(logging.WARNING, logger="lmtier.cli.replay.sweep"):
         sweep = run_sweep(trace, options)
     assert [(r.fraction, r.policy) for r in sweep.results] == [(0.25, "lru"), (0.25, "fifo")]
     assert list(sweep.optimum) == [0.25]

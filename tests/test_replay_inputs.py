@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from lmtier.cli import main
+from lmtier.cli.replay import trace_file
+from lmtier.cli.replay.traces import read_trace
 from lmtier.errors import TraceError
-from lmtier.replay import trace_file
-from lmtier.replay.traces import read_trace
 
 GOOD = {"timestamp": 0, "input_length": 1024, "output_length": 7, "hash_ids": [1, 2]}
 QWEN = {"chat_id": 7, "parent_chat_id": -1, "timestamp": 1.5, "input_length": 40,

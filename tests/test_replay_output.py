@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from lmtier.cli import main
-from lmtier.replay.report import CSV_COLUMNS, byte_unit, format_table, write_csv
-from lmtier.replay.sweep import ReplayOptions, SweepResult, progress_label, run_sweep
-from lmtier.replay.traces import Trace, read_trace
+from lmtier.cli.replay.report import CSV_COLUMNS, byte_unit, format_table, write_csv
+from lmtier.cli.replay.sweep import ReplayOptions, SweepResult, progress_label, run_sweep
+from lmtier.cli.replay.traces import Trace, read_trace
 
 ROOT = Path(__file__).parents[1]
 TRACE = ROOT / "tests" / "data" / "conversation_trace.jsonl"
@@ -197,7 +197,7 @@ def test_a_failed_write_is_a_one_line_error(
     def disk_full(path: Path, *args: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr("lmtier.cli.write_csv", disk_full)
+    monkeypatch.setattr("lmtier.cli.replay.command.write_csv", disk_full)
     path = tmp_path / "r.csv"
     assert main([*REPLAY, "--csv", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from lmtier.cli import main
+from lmtier.cli.stress.plan import DEFAULT_MAX_BYTES, OVERFILL, plan_stress
+from lmtier.cli.stress.run import StressOptions
 from lmtier.config import GB, MB, load_config
-from lmtier.stress import StressOptions
-from lmtier.stress_plan import DEFAULT_MAX_BYTES, OVERFILL, plan_stress
 from lmtier.tiers.base import Tier
 
 from redis_helpers import RedisProcess, need_redis
@@ -142,7 +142,7 @@ def test_a_tier_the_bound_cannot_reach_is_refused_by_name(
     )
     assert main(["stress", "--config", str(config), "--max-bytes", "512K", *SMALL]) == 2
     err = capsys.readouterr().err
-    assert "would never reach tier(s) 'disk' (64.0 MiB)" in err
+    assert "would never reach tier(s) 'disk' (64 MiB)" in err
     suggested = re.search(r"pass --max-bytes (\d+)M", err)
     assert suggested is not None and "--allow-unreached" in err, err
     assert int(suggested.group(1)) >= OVERFILL * 65  # enough to overfill both tiers
@@ -237,8 +237,8 @@ async def test_clear_prefix_deletes_only_its_own_prefix_taken_literally(tmp_path
 @pytest.mark.redis
 async def test_a_server_down_at_the_end_is_a_warning_naming_the_prefix(tmp_path: Path) -> None:
     need_redis()
+    from lmtier.cli.stress.space import StressSpace
     from lmtier.config import StoreConfig, TierConfig
-    from lmtier.stress_space import StressSpace
 
     from redis_helpers import free_port, remote_spec
 
@@ -249,3 +249,22 @@ async def test_a_server_down_at_the_end_is_a_warning_naming_the_prefix(tmp_path:
     failures = await space.remove()
     assert len(failures) == 1 and "could not delete the values under 'team:stress-" in failures[0]
     assert not (tmp_path / "disk").exists(), "the disk part is removed all the same"
+
+
+@pytest.mark.redis
+def test_a_redis_tier_unreachable_the_whole_run_is_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    need_redis()
+    from redis_helpers import free_port
+
+    nobody = f"redis://127.0.0.1:{free_port()}"  # nothing listens there
+    config = _config(
+        tmp_path,
+        "name: cpu, kind: memory, max_size_mb: 0.25",
+        f"name: remote, kind: redis, url: '{nobody}', max_size_mb: 0.5",
+    )
+    assert main(["stress", "--config", str(config), "--ops", "600", *SMALL]) == 1
+    out = capsys.readouterr().out
+    assert "tier 'remote' was never reached: its server was unreachable the whole run" in out
+    assert "FAILED" in out

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from lmtier.cli import main
+from lmtier.cli.stress.run import StressOptions, shared_stress_config, with_policy
+from lmtier.cli.stress.shared import run_shared_stress
 from lmtier.config import MB
 from lmtier.evictor import evictor_names
 from lmtier.store import TieredStore
-from lmtier.stress import StressOptions, run_shared_stress, shared_stress_config, with_policy
 
 from redis_helpers import RedisProcess, need_redis, remote_spec
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 
 from lmtier.cli import main
-from lmtier.errors import TraceError
-from lmtier.replay.synthetic import (
+from lmtier.cli.replay.synthetic import (
     SYNTHETIC_KINDS,
     SyntheticSpec,
     parse_synthetic,
     synthetic_trace,
 )
-from lmtier.replay.traces import Trace, parse_part, read_trace, trace_part, trace_stats
-from lmtier.replay.workloads import Workload, load_trace
+from lmtier.cli.replay.traces import Trace, parse_part, read_trace, trace_part, trace_stats
+from lmtier.cli.replay.workloads import Workload, load_trace
+from lmtier.errors import TraceError
 
 TRACE = Path(__file__).parent / "data" / "conversation_trace.jsonl"
 SMALL = SyntheticSpec(requests=2000, sessions=800)
@@ -146,7 +146,7 @@ def test_replay_command_on_a_window_and_on_the_generator(
 
 # ---------------------------------------------------------------------- the policy report
 def test_the_shipped_report_keeps_the_default_evictor_section_on_a_rerun() -> None:
-    from lmtier.replay.policy_report import KEEP_MARKER
+    from lmtier.cli.replay.policy_report import KEEP_MARKER
 
     text = (Path(__file__).parent.parent / "docs" / "policies.md").read_text()
     kept, marker, generated = text.partition(KEEP_MARKER)
@@ -154,9 +154,9 @@ def test_the_shipped_report_keeps_the_default_evictor_section_on_a_rerun() -> No
 
 
 def test_the_policy_report_covers_every_registered_policy(tmp_path: Path) -> None:
+    from lmtier.cli.replay.policy_report import KEEP_MARKER
+    from lmtier.cli.replay.policy_report import main as report
     from lmtier.evictor.registry import evictor_names
-    from lmtier.replay.policy_report import KEEP_MARKER
-    from lmtier.replay.policy_report import main as report
 
     args = ["--limit", "300", "--capacities", "0.05,0.25", "--admission-capacities", "0.25",
             "--jobs", "1", "--out", str(tmp_path), "--no-progress"]  # fmt: skip

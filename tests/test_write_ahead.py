@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from lmtier import PutStatus
+from lmtier.cli.stress.run import StressOptions, shared_stress_config
+from lmtier.cli.stress.shared import run_shared_stress
 from lmtier.config import StoreConfig, TierConfig
 from lmtier.evictor import LRUEvictor, evictor_names, make_evictor
 from lmtier.keys import KeyLike
 from lmtier.store import TieredStore
-from lmtier.stress import StressOptions, run_shared_stress, shared_stress_config
 from lmtier.tiers import DiskTier
 
 from conftest import tensor_for
