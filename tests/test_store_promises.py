@@ -363,7 +363,8 @@ async def test_a_budget_beyond_the_free_space_and_a_full_disk_are_told_briefly(
 
     config = StoreConfig((TierConfig("disk", "disk", 1 << 62, path=str(tmp_path)),))
     async with TieredStore(config) as store:
-        assert any("exceeds the" in r.getMessage() for r in caplog.records)
+        (told,) = [r.getMessage() for r in caplog.records if "exceeds the" in r.getMessage()]
+        assert "budget (4096 PiB, 0 B held)" in told, told  # readable sizes
         disk: Any = store.tiers[0]
 
         def full(*args: Any) -> Any:

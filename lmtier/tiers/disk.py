@@ -20,6 +20,7 @@ from lmtier.errors import CorruptEntryError, StorageError
 from lmtier.evictor import BaseEvictor
 from lmtier.keys import KeyLike
 from lmtier.metadata import DiskCacheMetadata
+from lmtier.sizes import human_bytes
 from lmtier.tiers.base import Tier
 from lmtier.tiers.batching import ThreadBatcher
 from lmtier.tiers.copies import check_out, copy_blocking
@@ -172,12 +173,12 @@ class DiskTier(Tier):
         free = shutil.disk_usage(self.root).free
         if self.budget - self.resident_bytes > free:
             log.warning(
-                "disk tier %r: its budget (%d bytes, %d held) exceeds the %d bytes free on %s; "
+                "disk tier %r: its budget (%s, %s held) exceeds the %s free on %s; "
                 "writes will fail (and fall through) once the disk is full",
                 self.name,
-                self.budget,
-                self.resident_bytes,
-                free,
+                human_bytes(self.budget),
+                human_bytes(self.resident_bytes),
+                human_bytes(free),
                 self.root,
             )
         if self.recovery.indexed or self.recovery.unreadable or self.recovery.temp_removed:
