@@ -16,6 +16,7 @@ from lmtier.keys import KeyLike
 from lmtier.metrics import TierCounters
 from lmtier.tiers.copies import copy_into
 from lmtier.tiers.counters import Arrival, TierEvents
+from lmtier.tiers.placing import Slot
 
 __all__ = ["Arrival", "Tier", "cascade_stats"]
 
@@ -25,14 +26,16 @@ class Tier(TierEvents, abc.ABC):
 
     ``cache_dict`` maps each committed key to the object the tier stores for it (a tensor in
     memory, a ``DiskCacheMetadata`` on disk); the evictor orders it and sizes its objects.
-    A tier knows no other tier: the store moves data between tiers through these steps, each
-    bookkeeping step synchronous so that no other task sees it half done::
+    A tier knows no other tier: the store moves data between tiers through ``place``, whose
+    slot drives these steps, each bookkeeping step synchronous so that no other task sees it
+    half done::
 
-        if admits(key, size):            # the admission policy, asked once per offer
-        victims = admit(key, size)       # evictor picks victims; they stay readable, "leaving"
-        await reserve(size, timeout)     # wait until the leaving bytes are gone
-        obj = await write(key, tensor)   # the backend copies or writes; staged, not visible
-        publish(obj); commit(key, obj, size)  # visible; or unreserve + discard if abandoned
+        if admits(key, size):                # the admission policy, asked once per offer
+            async with place(key, size, arrival) as slot:  # admit: the evictor picks victims,
+                # which stay readable, "leaving", until the caller removes them
+                await slot.reserve(timeout)  # wait until the leaving bytes are gone
+                await slot.write(tensor)     # the backend copies or writes; staged, not visible
+                slot.publish(); slot.commit()  # visible; on exit without it: undone
         old = remove(key); await discard(old)
 
     Accounting, true at every await point:
@@ -167,6 +170,13 @@ class Tier(TierEvents, abc.ABC):
         self.counters.evictions += len(chosen)
         return chosen
 
+    def place(
+        self, key: KeyLike, size: int, arrival: Arrival = Arrival.PUT, position: int | None = None
+    ) -> Slot:
+        """Room for ``key`` (``size`` bytes, arriving by ``arrival``; ``position`` as for
+        ``admit``), to enter with ``async with``: see ``Slot``."""
+        return Slot(self, key, size, arrival, position)
+
     def make_way(self, key: KeyLike, size: int) -> Any:
         """Before a put of ``key`` here: take its older value out if the tier cannot hold both,
         so that the replaced value, not another entry, makes room; its object, or None.
@@ -185,12 +195,20 @@ class Tier(TierEvents, abc.ABC):
 
         Raises ``TimeoutError`` after ``timeout`` seconds; the caller then calls ``cancel``.
         """
+        if self.try_reserve(size):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.try_reserve(size):
+            await asyncio.wait_for(self.changed(), deadline - loop.time())
+
+    def try_reserve(self, size: int) -> bool:
+        """Hold ``size`` more bytes if they fit now beside what the tier holds and writes;
+        whether it did."""
         if not self._fits(size):
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            while not self._fits(size):
-                await asyncio.wait_for(self.changed(), deadline - loop.time())
+            return False
         self._reserved += size
+        return True
 
     def cancel(self, key: KeyLike, size: int) -> None:
         """Undo an ``admit`` that never reserved."""
