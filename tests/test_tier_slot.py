@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from lmtier.keys import KeyLike
+from lmtier.metrics import TierCounters
 from lmtier.tiers import DiskTier, MemoryTier, Tier
 from lmtier.tiers.base import Arrival
 from lmtier.tiers.placing import Placing
@@ -18,6 +21,7 @@ from conftest import tensor_for
 from tier_contract import lru, store_in
 
 KIB = 1024  # bytes of tensor_for(key)
+LMTIER = Path(__file__).resolve().parents[1] / "lmtier"
 
 
 @pytest.fixture(params=["memory", "disk"])
@@ -195,3 +199,20 @@ async def test_placing_reserves_only_once_the_victims_are_gone() -> None:
     assert tier.is_leaving("k")  # its victim is the caller's to move; the charge is given back
     tier.remove("k")
     assert tier.audit(quiescent=True) == [] and tier.evictor.charged_bytes == 0
+
+
+def test_no_tier_counter_is_written_outside_the_tiers() -> None:
+    """The store and the tools report events to a tier; only the tier writes its counters."""
+    names = "|".join(field.name for field in fields(TierCounters))
+    write = re.compile(
+        rf"\bcounters\.({names})\s*[-+]?=(?!=)|\bcounters\.count\(|setattr\([^)]*counters"
+    )
+    found = [
+        f"{path.relative_to(LMTIER)}:{number}: {line.strip()}"
+        for path in LMTIER.rglob("*.py")
+        if path.relative_to(LMTIER).parts[0] != "tiers"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if write.search(line)
+    ]
+    assert found == []
+    assert write.search("tier.counters.hits += 1"), "the pattern finds a counter write"
