@@ -331,13 +331,13 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         text = offload_key_text(key)
-        counters = self._counters
+        tally = self._counters
         if text in self._index:
-            counters.lookups += 1
-            counters.hits += 1
+            tally.lookups += 1
+            tally.hits += 1
             return LookupResult.HIT
         if not self._probe_shared or self._closed:
-            counters.lookups += 1
+            tally.lookups += 1
             return LookupResult.MISS
         probe = self._probes.get(text)
         if probe is None:
@@ -350,9 +350,9 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             self._request_probes.setdefault(req_context.req_id, set()).add(text)
         if probe.found is None:
             return LookupResult.RETRY
-        counters.lookups += 1
+        tally.lookups += 1
         if probe.found and text in self._index:
-            counters.hits += 1
+            tally.hits += 1
             return LookupResult.HIT
         return LookupResult.MISS
 
@@ -514,14 +514,14 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         self._store_reading = (self._store_reading[0] + 1, store.tier_stats())
 
     def _activity(self) -> Activity:
-        counters = self._counters
+        tally = self._counters
         return Activity(
-            lookups=counters.lookups,
-            hits=counters.hits,
-            stored=counters.stored,
-            store_failed=counters.store_failed,
-            loaded=counters.loaded,
-            load_failed=counters.load_failed,
+            lookups=tally.lookups,
+            hits=tally.hits,
+            stored=tally.stored,
+            store_failed=tally.store_failed,
+            loaded=tally.loaded,
+            load_failed=tally.load_failed,
         )
 
     def _job_ended(self) -> None:

@@ -18,6 +18,7 @@ from lmtier.store.loading import Loader
 from lmtier.store.placement import Outcome, Placement
 from lmtier.store.tasks import Background
 from lmtier.tiers.base import Arrival, Tier
+from lmtier.tiers.placing import Slot
 
 __all__ = ["MAX_WRITES_AHEAD", "WRITE_AHEAD_PUTS", "Mover"]
 
@@ -113,21 +114,21 @@ class Mover:
         return staged
 
     # ------------------------------------------------------------------ demotion
-    async def _make_room(self, tier: Tier, victims: list[tuple[KeyLike, Any]], size: int) -> None:
-        """Move the victims down, then reserve ``size`` bytes in ``tier``, within the room timeout.
+    async def _make_room(self, slot: Slot) -> None:
+        """Move a slot's victims down, then reserve its bytes, within the room timeout.
 
         The victims' moves run on as their own task if the timeout passes first, so an entry
         is never left half moved.
         """
         timeout = self._config.room_timeout_s
-        if victims:
+        if slot.victims:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             await asyncio.wait(
-                {self._background.spawn(self._demote(tier, victims))}, timeout=timeout
+                {self._background.spawn(self._demote(slot.tier, slot.victims))}, timeout=timeout
             )
             timeout = max(0.0, deadline - loop.time())
-        await tier.reserve(size, timeout)
+        await slot.reserve(timeout)
 
     async def _demote(self, tier: Tier, victims: list[tuple[KeyLike, Any]]) -> None:
         below = self._cascade.below(tier)

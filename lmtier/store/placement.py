@@ -17,13 +17,14 @@ from lmtier.keys import KeyLike
 from lmtier.store.cascade import Cascade, Hit
 from lmtier.store.ledger import KeyLedger
 from lmtier.tiers.base import Arrival, Tier
+from lmtier.tiers.placing import Slot
 
 __all__ = ["Outcome", "Placement"]
 
 log = logging.getLogger("lmtier.store")
 
-#: Moves the victims of an admitted write out of its tier and reserves the write's bytes.
-MakeRoom = Callable[[Tier, list[tuple[KeyLike, Any]], int], Coroutine[Any, Any, None]]
+#: Moves the victims of a slot out of its tier and reserves the slot's bytes.
+MakeRoom = Callable[[Slot], Coroutine[Any, Any, None]]
 
 
 class Outcome(enum.Enum):
@@ -31,6 +32,16 @@ class Outcome(enum.Enum):
     REFUSED = enum.auto()  # no candidate tier took it
     FAILED = enum.auto()  # a tier took it but could not write it (and no later tier did)
     STALE = enum.auto()  # the moved entry was deleted or replaced meanwhile
+
+
+class _Verdict(enum.Enum):
+    """How a placement into one tier ended."""
+
+    PLACED = enum.auto()
+    STALE = enum.auto()
+    FULL = enum.auto()  # no room for now
+    TIMED_OUT = enum.auto()  # no room within the room timeout
+    FAILED = enum.auto()  # the write or its publication failed
 
 
 @dataclass
@@ -50,8 +61,9 @@ class _Attempt:
 class Placement:
     """Puts and moves: each is written into one tier and committed there, or not at all.
 
-    ``make_room`` demotes a write's victims and reserves its bytes; ``committed`` hears of
-    each commit (the tier and the bytes), to write ahead.
+    Each tier is tried through its slot (``Tier.place``), which undoes itself unless it
+    commits.  ``make_room`` demotes a slot's victims and reserves its bytes; ``committed``
+    hears of each commit (the tier and the bytes), to write ahead.
     """
 
     def __init__(
@@ -129,7 +141,7 @@ class Placement:
         admitted: dict[Tier, bool],
         ticket: int,
     ) -> _Attempt:
-        ledger, cascade = self._ledger, self._cascade
+        ledger = self._ledger
         attempt = _Attempt(Outcome.REFUSED)
         for tier in candidates:
             if tier not in admitted:  # asking records the offer, so only once per placement
@@ -143,42 +155,52 @@ class Placement:
                 if replaced_here is not None:
                     ledger.notify_drop(key)  # reported only if this put then fails
                     await ledger.discard(tier, key, replaced_here)
-            victims = tier.admit(key, size, ledger.positions.get(key))
-            if victims is None:
-                attempt.full.append(tier)
-                continue
-            try:
-                await self._make_room(tier, victims, size)
-            except TimeoutError:
-                tier.cancel(key, size)
-                attempt.full.append(tier)
+            verdict = await self._place_in(tier, key, data, size, source, arrival, ticket)
+            if verdict is _Verdict.TIMED_OUT:
                 self.note_room_timeout(key, size, [tier])
-                continue
-            try:
-                obj = await tier.write(key, data)
-            except Exception as exc:
-                tier.unreserve(key, size)
-                self._count_failure(tier, f"could not write {key!r}", exc)
+            if verdict is _Verdict.FULL or verdict is _Verdict.TIMED_OUT:
+                attempt.full.append(tier)
+            elif verdict is _Verdict.FAILED:
                 attempt.fail(tier)
-                continue
+            else:
+                return _Attempt(Outcome.PLACED if verdict is _Verdict.PLACED else Outcome.STALE)
+        return attempt
+
+    async def _place_in(
+        self,
+        tier: Tier,
+        key: KeyLike,
+        data: torch.Tensor,
+        size: int,
+        source: Hit | None,
+        arrival: Arrival,
+        ticket: int,
+    ) -> _Verdict:
+        """Place into one tier through its slot, which undoes itself unless it commits."""
+        ledger, cascade = self._ledger, self._cascade
+        async with tier.place(key, size, arrival, ledger.positions.get(key)) as slot:
+            if slot.victims is None:
+                return _Verdict.FULL
+            try:
+                await self._make_room(slot)
+            except TimeoutError:
+                return _Verdict.TIMED_OUT
+            try:
+                obj = await slot.write(data)
+            except Exception as exc:
+                self._count_failure(tier, f"could not write {key!r}", exc)
+                return _Verdict.FAILED
             # From the currency check to the commit nothing awaits: a delete or put of the key
             # comes wholly before (the move goes stale) or wholly after.
             if source is not None and not cascade.still_current(key, source, tier):
-                tier.unreserve(key, size)
-                await ledger.discard(tier, key, obj)
-                return _Attempt(Outcome.STALE)
+                return _Verdict.STALE
             if source is None and ledger.superseded(key, ticket):
-                tier.unreserve(key, size)  # a later put's value is in: this one came before it
-                await ledger.discard(tier, key, obj)
-                return _Attempt(Outcome.PLACED)
+                return _Verdict.PLACED  # a later put's value is in: this one came before it
             try:
-                tier.publish(obj)
+                slot.publish()
             except OSError as exc:
-                tier.unreserve(key, size)
                 self._count_failure(tier, f"could not publish {key!r}", exc)
-                await ledger.discard(tier, key, obj)
-                attempt.fail(tier)
-                continue
+                return _Verdict.FAILED
             replaced: list[tuple[Tier, Any]] = []
             if source is None:
                 replaced = cascade.remove_everywhere(key)
@@ -186,14 +208,12 @@ class Placement:
             elif not arrival.keeps_source or not self._config.clean_copies:
                 source.tier.remove(key)
                 replaced = [(source.tier, source.obj)]
-            tier.commit(key, obj, size)
-            tier.record_arrival(arrival)
-            self._committed(tier, size)
-            for old_tier, old_obj in replaced:  # (a promotion's source stays: a clean copy)
-                await ledger.discard(old_tier, key, old_obj)
-            await tier.make_durable(obj)
-            return _Attempt(Outcome.PLACED)
-        return attempt
+            slot.commit()
+        self._committed(tier, size)
+        for old_tier, old_obj in replaced:  # (a promotion's source stays: a clean copy)
+            await ledger.discard(old_tier, key, old_obj)
+        await tier.make_durable(obj)
+        return _Verdict.PLACED
 
     def _count_failure(self, tier: Tier, what: str, exc: Exception) -> None:
         errors = tier.record_error()

@@ -18,16 +18,18 @@ from lmtier.tiers.base import Tier
 
 
 async def store_in(tier: Tier, key: str, tensor: torch.Tensor) -> list[tuple[Any, Any]]:
-    """Admit, reserve, write and commit one entry, the way the store does; the victims."""
+    """Place one entry through the tier's slot, the way the store does (its victims are
+    removed and discarded, not moved down); the victims."""
     size = tensor.numel() * tensor.element_size()
-    victims = tier.admit(key, size)
-    assert victims is not None
-    for victim, _ in victims:
-        await tier.discard(tier.remove(victim))
-    await tier.reserve(size, timeout=1)
-    obj = await tier.write(key, tensor)
-    tier.publish(obj)
-    tier.commit(key, obj, size)
+    async with tier.place(key, size) as slot:
+        assert slot.victims is not None
+        victims = list(slot.victims)
+        for victim, _ in victims:
+            await tier.discard(tier.remove(victim))
+        await slot.reserve(timeout=1)
+        await slot.write(tensor)
+        slot.publish()
+        slot.commit()
     return victims
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import enum
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -16,37 +15,27 @@ from lmtier.evictor import BaseEvictor, PutStatus
 from lmtier.keys import KeyLike
 from lmtier.metrics import TierCounters
 from lmtier.tiers.copies import copy_into
+from lmtier.tiers.counters import Arrival, TierEvents
+from lmtier.tiers.placing import Slot
 
 __all__ = ["Arrival", "Tier", "cascade_stats"]
 
 
-class Arrival(enum.Enum):
-    """How an entry came into a tier; its value names the tier counter it increments."""
-
-    PUT = "puts"
-    DEMOTION = "demotions_in"
-    PROMOTION = "promotions_in"
-    WRITE_AHEAD = "written_ahead"
-
-    @property
-    def keeps_source(self) -> bool:
-        """Whether the move leaves its source in place (the copy is clean)."""
-        return self is Arrival.PROMOTION or self is Arrival.WRITE_AHEAD
-
-
-class Tier(abc.ABC):
+class Tier(TierEvents, abc.ABC):
     """One level of the cascade: entries under keys, an evictor, and a byte budget.
 
     ``cache_dict`` maps each committed key to the object the tier stores for it (a tensor in
     memory, a ``DiskCacheMetadata`` on disk); the evictor orders it and sizes its objects.
-    A tier knows no other tier: the store moves data between tiers through these steps, each
-    bookkeeping step synchronous so that no other task sees it half done::
+    A tier knows no other tier: the store moves data between tiers through ``place``, whose
+    slot drives these steps, each bookkeeping step synchronous so that no other task sees it
+    half done::
 
-        if admits(key, size):            # the admission policy, asked once per offer
-        victims = admit(key, size)       # evictor picks victims; they stay readable, "leaving"
-        await reserve(size, timeout)     # wait until the leaving bytes are gone
-        obj = await write(key, tensor)   # the backend copies or writes; staged, not visible
-        publish(obj); commit(key, obj, size)  # visible; or unreserve + discard if abandoned
+        if admits(key, size):                # the admission policy, asked once per offer
+            async with place(key, size, arrival) as slot:  # admit: the evictor picks victims,
+                # which stay readable, "leaving", until the caller removes them
+                await slot.reserve(timeout)  # wait until the leaving bytes are gone
+                await slot.write(tensor)     # the backend copies or writes; staged, not visible
+                slot.publish(); slot.commit()  # visible; on exit without it: undone
         old = remove(key); await discard(old)
 
     Accounting, true at every await point:
@@ -54,6 +43,9 @@ class Tier(abc.ABC):
     * ``committed`` = sum of ``get_size`` over ``cache_dict`` (leaving entries included);
     * ``evictor.charged_bytes`` = ``committed`` - leaving + ``pending`` (admitted puts);
     * ``committed + reserved <= budget``: bytes the tier holds or is writing never exceed it.
+
+    The store reports what happened to the entries through the ``record_*`` methods
+    (``TierEvents``): only the tier writes its counters.
 
     Backends implement ``_write``, ``load``, ``discard`` and may override ``open``/``close``.
 
@@ -178,6 +170,13 @@ class Tier(abc.ABC):
         self.counters.evictions += len(chosen)
         return chosen
 
+    def place(
+        self, key: KeyLike, size: int, arrival: Arrival = Arrival.PUT, position: int | None = None
+    ) -> Slot:
+        """Room for ``key`` (``size`` bytes, arriving by ``arrival``; ``position`` as for
+        ``admit``), to enter with ``async with``: see ``Slot``."""
+        return Slot(self, key, size, arrival, position)
+
     def make_way(self, key: KeyLike, size: int) -> Any:
         """Before a put of ``key`` here: take its older value out if the tier cannot hold both,
         so that the replaced value, not another entry, makes room; its object, or None.
@@ -196,12 +195,20 @@ class Tier(abc.ABC):
 
         Raises ``TimeoutError`` after ``timeout`` seconds; the caller then calls ``cancel``.
         """
+        if self.try_reserve(size):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.try_reserve(size):
+            await asyncio.wait_for(self.changed(), deadline - loop.time())
+
+    def try_reserve(self, size: int) -> bool:
+        """Hold ``size`` more bytes if they fit now beside what the tier holds and writes;
+        whether it did."""
         if not self._fits(size):
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            while not self._fits(size):
-                await asyncio.wait_for(self.changed(), deadline - loop.time())
+            return False
         self._reserved += size
+        return True
 
     def cancel(self, key: KeyLike, size: int) -> None:
         """Undo an ``admit`` that never reserved."""
@@ -297,64 +304,6 @@ class Tier(abc.ABC):
         """The keys that puts of ``nbytes`` more bytes would evict next, where the evictor can
         name them (``BaseEvictor.next_victims``)."""
         return list(self.evictor.next_victims(self.cache_dict, nbytes))
-
-    def touch(self, key: KeyLike) -> None:
-        """Record a hit on ``key``."""
-        self.counters.hits += 1
-        self.evictor.update_on_get(key, self.cache_dict)
-
-    # ------------------------------------------------------------------ counted events
-    # The store reports what happened to the tier's entries; only these methods count.
-    def record_hit(self, key: KeyLike, obj: Any) -> int:
-        """A read served from ``key``'s entry ``obj``: a hit, its bytes out; the bytes."""
-        self.touch(key)
-        size = self.evictor.get_size(obj)
-        self.counters.bytes_out += size
-        return size
-
-    def record_miss(self) -> None:
-        self.counters.misses += 1
-
-    def record_fetch(self, nbytes: int) -> None:
-        """A value found in shared storage beyond the index."""
-        self.counters.fetched += 1
-        self.counters.bytes_out += nbytes
-
-    def record_arrival(self, arrival: Arrival) -> None:
-        self.counters.count(arrival.value)
-
-    def record_error(self) -> int:
-        """A read or write that failed for the environment; the tier's error count so far."""
-        self.counters.errors += 1
-        return self.counters.errors
-
-    def record_room_timeout(self) -> None:
-        self.counters.room_timeouts += 1
-
-    def record_unservable(self, corrupt: bool) -> None:
-        """An entry dropped because its bytes are wrong (``corrupt``) or vanished."""
-        self.counters.count("corrupt" if corrupt else "errors")
-
-    def record_demoted(self, obj: Any) -> None:
-        """A victim written into a tier below."""
-        self.counters.demotions_out += 1
-        self.counters.bytes_out += self.evictor.get_size(obj)
-
-    def record_handed_over(self) -> None:
-        """A victim whose clean copy below took over: a demotion that wrote nothing."""
-        self.counters.demotions_out += 1
-        self.counters.unwritten_demotions += 1
-
-    def record_copy_evicted(self) -> None:
-        """A victim that was a clean copy of a key held higher: gone without a move."""
-        self.counters.copies_evicted += 1
-
-    def record_drop(self) -> None:
-        """A victim no tier below took: the key is gone."""
-        self.counters.drops += 1
-
-    def record_promoted(self) -> None:
-        self.counters.promotions_out += 1
 
     def pin(self, key: KeyLike) -> None:
         """Keep ``key`` from being chosen as a victim (a read, or an engine's lookup)."""

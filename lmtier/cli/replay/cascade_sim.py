@@ -2,19 +2,23 @@
 
 Sequential and synchronous, it makes the decisions ``TieredStore`` makes for the same
 sequence of gets and puts (demotion of victims, promotion of lower hits leaving clean copies
-below, drops at the bottom), fast enough to replay a whole trace.
+below, drops at the bottom), fast enough to replay a whole trace.  Its tiers are ``Tier``s
+whose entries are sizes: each placement goes through the tier's own steps (``Placing``, as
+a slot does in the store), and the tier counts its events itself.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from lmtier.admission import make_admission
-from lmtier.evictor import PutStatus, make_evictor
+from lmtier.evictor import make_evictor
+from lmtier.keys import KeyLike
 from lmtier.metadata import DiskCacheMetadata
-from lmtier.metrics import TierCounters
+from lmtier.tiers.base import Arrival, Tier
+from lmtier.tiers.placing import Placing
 
 __all__ = ["CascadeSim", "SimTier"]
 
@@ -24,19 +28,33 @@ def _sized(size: int) -> DiskCacheMetadata:
     return DiskCacheMetadata("", size)
 
 
-@dataclass
-class SimTier:
-    name: str
-    capacity: int
-    policy: str = "lru"
-    admission: str = "all"
-    admission_window: int | None = None
+class SimTier(Tier):
+    """A tier that stores sizes, not bytes: its evictor and admission policy decide as a real
+    tier's would."""
 
-    def __post_init__(self) -> None:
-        self.evictor = make_evictor(self.policy, self.capacity)
-        self.admission_policy = make_admission(self.admission, self.capacity, self.admission_window)
-        self.cache_dict: OrderedDict[Any, DiskCacheMetadata] = OrderedDict()
-        self.counters = TierCounters()
+    def __init__(
+        self,
+        name: str,
+        capacity: int,
+        policy: str = "lru",
+        admission: str = "all",
+        admission_window: int | None = None,
+    ) -> None:
+        super().__init__(name, make_evictor(policy, capacity))
+        self.admission = make_admission(admission, capacity, admission_window)
+
+    @property
+    def home_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    async def _write(self, key: KeyLike, tensor: torch.Tensor) -> DiskCacheMetadata:
+        return _sized(tensor.nbytes)
+
+    async def load(self, obj: Any) -> torch.Tensor | None:
+        return None  # no data behind a size
+
+    async def discard(self, obj: Any) -> None:
+        """Nothing to release."""
 
 
 class CascadeSim:
@@ -53,19 +71,17 @@ class CascadeSim:
     def get(self, key: Any) -> int | None:
         """The index of the tier that hits ``key`` (then promoted), or None on a miss."""
         for index, tier in enumerate(self.tiers):
-            obj = tier.cache_dict.get(key)
+            obj = tier.lookup(key)
             if obj is None:
-                tier.counters.misses += 1
+                tier.record_miss()
                 continue
-            tier.counters.hits += 1
-            tier.counters.bytes_out += obj.size
-            tier.evictor.update_on_get(key, tier.cache_dict)
+            size = tier.record_hit(key, obj)
             for each in self.tiers:
-                each.admission_policy.observe(key, obj.size)
+                each.admission.observe(key, size)
             if index and self.promote_on_hit:
                 source = (tier, obj)
-                if self._place(key, obj.size, 0, index, source, "promotions_in"):
-                    tier.counters.promotions_out += 1
+                if self._place(key, size, 0, index, source, Arrival.PROMOTION):
+                    tier.record_promoted()
             return index
         return None
 
@@ -74,7 +90,7 @@ class CascadeSim:
         takes it, replacing it wherever it was."""
         if position is not None:
             self.positions[key] = position
-        return self._place(key, size, 0, len(self.tiers), None, "puts")
+        return self._place(key, size, 0, len(self.tiers), None, Arrival.PUT)
 
     def _place(
         self,
@@ -83,55 +99,46 @@ class CascadeSim:
         start: int,
         stop: int,
         source: tuple[SimTier, DiskCacheMetadata] | None,
-        arrival: str,
+        arrival: Arrival,
     ) -> bool:
         for index in range(start, stop):
             tier = self.tiers[index]
-            if size > tier.capacity:  # the store never offers a tier what cannot fit it
+            if size > tier.budget:  # the store never offers a tier what cannot fit it
                 continue
-            if not tier.admission_policy.admits(key, size):
-                tier.counters.admission_rejects += 1
+            if not tier.admits(key, size):
                 continue
-            position = self.positions.get(key)
-            victims, status = tier.evictor.update_on_put(
-                tier.cache_dict, size, key, position=position
-            )
-            if status is not PutStatus.LEGAL:
-                continue
-            tier.counters.evictions += len(victims)
-            # As in the store, the victims move down before the new entry commits.
-            for victim in victims:
-                self._demote(index, victim, tier.cache_dict.pop(victim))
-            if source is None:
-                for other in self.tiers:
-                    old = other.cache_dict.pop(key, None)
-                    if old is not None:
-                        other.evictor.update_on_remove(key, old.size)
-            else:
-                src_tier, src_obj = source
-                if src_tier.cache_dict.get(key) is not src_obj:  # it moved meanwhile: stale
-                    tier.evictor.update_on_remove(key, size)
-                    return False
-                if not self.clean_copies:  # else the source stays, a clean copy
-                    del src_tier.cache_dict[key]
-                    src_tier.evictor.update_on_remove(key, size)
-            tier.cache_dict[key] = _sized(size)
-            tier.counters.count(arrival)
-            tier.counters.bytes_in += size
-            return True
+            with Placing(tier, key, size, arrival, self.positions.get(key)) as placing:
+                if placing.victims is None:
+                    continue
+                # As in the store, the victims move down before the new entry commits.
+                for victim, obj in placing.victims:
+                    tier.remove(victim)
+                    self._demote(index, victim, obj)
+                if source is None:
+                    for other in self.tiers:
+                        other.remove(key)
+                else:
+                    src_tier, src_obj = source
+                    if src_tier.lookup(key) is not src_obj:  # it moved meanwhile: stale
+                        return False
+                    if not self.clean_copies:  # else the source stays, a clean copy
+                        src_tier.remove(key)
+                # Its victims gone, the tier has the room its evictor promised.
+                if not placing.reserve_now():
+                    raise RuntimeError(f"tier {tier.name!r} has no room after its victims left")
+                placing.commit(_sized(size))
+                return True
         return False
 
     def _demote(self, index: int, key: Any, obj: DiskCacheMetadata) -> None:
         """Place a victim (already out of tier ``index``) lower down, or drop it; a clean copy
         goes without a move, and an entry with a clean copy below hands over to it."""
         tier = self.tiers[index]
-        if any(key in above.cache_dict for above in self.tiers[:index]):
-            tier.counters.copies_evicted += 1
-        elif any(key in below.cache_dict for below in self.tiers[index + 1 :]):
-            tier.counters.demotions_out += 1
-            tier.counters.unwritten_demotions += 1
-        elif self._place(key, obj.size, index + 1, len(self.tiers), None, "demotions_in"):
-            tier.counters.demotions_out += 1
-            tier.counters.bytes_out += obj.size
+        if any(above.lookup(key) is not None for above in self.tiers[:index]):
+            tier.record_copy_evicted()
+        elif any(below.lookup(key) is not None for below in self.tiers[index + 1 :]):
+            tier.record_handed_over()
+        elif self._place(key, obj.size, index + 1, len(self.tiers), None, Arrival.DEMOTION):
+            tier.record_demoted(obj)
         else:
-            tier.counters.drops += 1
+            tier.record_drop()
