@@ -7,7 +7,7 @@ import asyncio
 import functools
 import logging
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -129,8 +129,20 @@ class KeyLedger:
     # (``discarding``) that the key's next put or delete waits for, however the removal came
     # about: a replaced or deleted value, a move's source, an abandoned write, an eviction.
     # As a task, a removal also runs to its end when whoever awaits it is cancelled.
-    def _remove(self, tier: Tier, key: KeyLike, obj: Any) -> asyncio.Task[None]:
-        task = self._spawn(tier.discard(obj))
+    #
+    # A removal that needs no await (a memory tier's) ends on the spot, with no task: the caller
+    # then does not yield to the loop, so no reader sees the gap between an overwrite's removal
+    # of the old value and its commit of the new one where no await separates them.
+    def _remove(self, tier: Tier, key: KeyLike, obj: Any) -> asyncio.Task[None] | None:
+        removal = tier.discard(obj)
+        try:
+            first = removal.send(None)
+        except StopIteration:
+            return None
+        except Exception:
+            log.exception("tier %r: removing the storage of %r failed", tier.name, key)
+            return None
+        task = self._spawn(_resumed(removal, first))
         self.discarding.setdefault(key, set()).add(task)
         task.add_done_callback(functools.partial(self._forget_discard, key))
         return task
@@ -138,7 +150,9 @@ class KeyLedger:
     async def discard(self, tier: Tier, key: KeyLike, obj: Any) -> None:
         """Remove ``key``'s entry ``obj`` from ``tier`` (replaced, deleted, moved, or a write
         abandoned) before returning; the key's next put or delete waits for it too."""
-        await asyncio.wait([self._remove(tier, key, obj)])
+        task = self._remove(tier, key, obj)
+        if task is not None:
+            await asyncio.wait([task])
 
     async def release(self, tier: Tier, key: KeyLike, obj: Any) -> None:
         """Release an evicted entry's storage: in the background where the tier allows
@@ -151,8 +165,10 @@ class KeyLedger:
 
     def discard_behind(self, tier: Tier, key: KeyLike, obj: Any) -> None:
         """Remove an entry's storage in the background; the key's next put or delete waits."""
-        self.behind += 1
-        self._remove(tier, key, obj).add_done_callback(self._behind_done)
+        task = self._remove(tier, key, obj)
+        if task is not None:
+            self.behind += 1
+            task.add_done_callback(self._behind_done)
 
     def _behind_done(self, _task: asyncio.Task[None]) -> None:
         self.behind -= 1
@@ -167,3 +183,30 @@ class KeyLedger:
         """Wait until no removal of ``key``'s stored bytes is still running."""
         while key in self.discarding:
             await asyncio.wait(self.discarding[key])
+
+
+class _Rest:
+    """The rest of a coroutine that already ran up to its first suspension (``first``)."""
+
+    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+        self._coro, self._first = coro, first
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro, value = self._coro, self._first
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:  # a cancellation included: the coroutine decides
+                try:
+                    value = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration:
+                    return
+
+
+async def _resumed(coro: Coroutine[Any, Any, None], first: Any) -> None:
+    await _Rest(coro, first)
