@@ -31,6 +31,7 @@ from lmtier.server import protocol as p
 from lmtier.server.loads import load_into_region
 from lmtier.server.paths import prepare_folder
 from lmtier.server.regions import map_region
+from lmtier.server.ring import CompletionRing
 from lmtier.store import TieredStore
 
 __all__ = ["Server", "serve"]
@@ -88,6 +89,7 @@ class Server:
             "regions": len(regions),
             "region_bytes": sum(r.numel() for r in regions),
             "jobs": sum(len(c.jobs) for c in self._connections),
+            "rings": sum(c.ring is not None for c in self._connections),
         }
 
     async def close(self) -> None:
@@ -112,6 +114,9 @@ class _Connection:
         self.store = server.store
         self.sock = sock
         self.regions: dict[int, torch.Tensor] = {}
+        self.ring: CompletionRing | None = None
+        self._ring_region = -1
+        self._ring_memory: torch.Tensor | None = None
         self.jobs: set[asyncio.Task[None]] = set()
         self._fds: deque[int] = deque()
         self._frames = p.FrameReader()
@@ -132,6 +137,7 @@ class _Connection:
             if self.jobs:
                 await asyncio.gather(*self.jobs, return_exceptions=True)
             self.regions.clear()
+            self.ring, self._ring_memory = None, None
             self._release()
             self.server.forget(self)
 
@@ -207,7 +213,7 @@ class _Connection:
             reply: p.Reply = p.Error(0, "MalformedMessage", f"malformed message: {exc}")
             self._start(self._reply(reply))
             return
-        if isinstance(request, p.MapRegion | p.UnmapRegion):
+        if isinstance(request, p.MapRegion | p.UnmapRegion | p.Doorbell):
             # At once, in order: the jobs after it in the stream must find the region.
             self._start(self._reply(self._answer(self._regions_request, request)))
         else:
@@ -254,6 +260,9 @@ class _Connection:
             except OSError as exc:
                 log.info("lmtier server: %s: reply lost: %s", self._peer, exc)
                 self.close()
+                return
+            if self.ring is not None:  # only now: the reply is on the socket for the client
+                self.ring.record(reply.id)
 
     def close(self) -> None:
         """Stop talking to the peer: the reader sees the end, a blocked reply fails."""
@@ -268,9 +277,19 @@ class _Connection:
             os.close(self._fds.popleft())
 
     # -------------------------------------------------------------- requests
-    def _regions_request(self, request: p.MapRegion | p.UnmapRegion) -> p.Reply:
+    def _regions_request(self, request: p.MapRegion | p.UnmapRegion | p.Doorbell) -> p.Reply:
+        if isinstance(request, p.Doorbell):
+            # The ring leaves the data regions: no job may write over it.
+            region = self.regions.pop(request.region, None)
+            if region is None:
+                raise InvalidValueError(f"region {request.region} is not mapped")
+            self.ring = CompletionRing(region.numpy().data)
+            self._ring_region, self._ring_memory = request.region, region
+            return p.Mapped(request.id, request.region)
         if isinstance(request, p.UnmapRegion):
-            if self.regions.pop(request.region, None) is None:
+            if request.region == self._ring_region:
+                self.ring, self._ring_region, self._ring_memory = None, -1, None
+            elif self.regions.pop(request.region, None) is None:
                 raise InvalidValueError(f"region {request.region} is not mapped")
             return p.Mapped(request.id, request.region)
         if not self._fds:
