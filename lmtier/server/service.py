@@ -2,8 +2,9 @@
 
 Each connection runs as a task of its own: it reads frames, maps the regions its client
 sends, and runs each job as a task, so a slow job, a client that stops reading its replies or
-one that sends half a frame holds up only itself.  The jobs copy between the store and the
-client's shared memory; no payload byte crosses the socket.
+one that sends half a frame holds up only itself.  Loads read hits straight into the client's
+shared memory and stores put views of it; no payload byte crosses the socket.  After each reply
+is sent, the connection's completion ring (``ring.py``) counts it.
 """
 
 from __future__ import annotations
