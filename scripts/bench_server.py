@@ -263,8 +263,8 @@ def main() -> None:
     print(f"raw os.preadv of the same bytes: {raw * 1e6:.1f} µs/block (page cache warm)")
     print("busy: a Python thread spins and the engine steps 1 ms in Python between polls;")
     print("quiet: the engine sleeps 1 ms between polls, a probe thread sleeps 1 ms in a loop")
-    head = f"{'path':<20}{'engine µs/blk':>14}{'wall µs/blk':>12}{'/raw':>6}"
-    print(f"{head}{'quiet wall':>11}{'/raw':>6}  {'stall p50/p99/max ms':>21}")
+    columns = ["engine µs/blk", "wall µs/blk", "/raw", "quiet wall", "/raw"]
+    print(f"{'path':<20}" + "".join(f" {c:>13}" for c in columns) + "  stall p50/p99/max ms")
     for name, result in (
         ("(a) no lmtier work", idle),
         ("(b) BlockingStore", in_process),
@@ -272,14 +272,16 @@ def main() -> None:
     ):
         stall = "/".join(f"{ms:.2f}" for ms in result.stall_ms)
         if result is idle:
-            cost = f"{'-':>14}{'-':>12}{'-':>6}{'-':>11}{'-':>6}"
+            cells = ["-"] * len(columns)
         else:
-            cost = (
-                f"{result.in_calls * 1e6:>14.1f}{result.wall * 1e6:>12.1f}"
-                f"{result.wall / raw:>6.1f}{result.wall_quiet * 1e6:>11.1f}"
-                f"{result.wall_quiet / raw:>6.1f}"
-            )
-        print(f"{name:<20}{cost}  {stall:>21}")
+            cells = [
+                f"{result.in_calls * 1e6:.1f}",
+                f"{result.wall * 1e6:.1f}",
+                f"{result.wall / raw:.1f}",
+                f"{result.wall_quiet * 1e6:.1f}",
+                f"{result.wall_quiet / raw:.1f}",
+            ]
+        print(f"{name:<20}" + "".join(f" {c:>13}" for c in cells) + f"  {stall}")
 
 
 if __name__ == "__main__":
