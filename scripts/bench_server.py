@@ -1,18 +1,23 @@
-"""Engine-thread cost per 256 KiB block loaded: through ``lmtier serve`` vs in process.
+"""Engine-thread cost, wall time and scheduler stall per 256 KiB block loaded from a disk tier.
 
     python scripts/bench_server.py [--blocks 64] [--rounds 20]
 
-A Python busy-loop thread holds the GIL as an engine's loop does.  The calling thread loads a
-batch of blocks from a disk tier and, between its checks for completion, runs a 1 ms Python
-step of its own; the time it spends inside the store's calls (submit and poll for the server's
-client; ``BlockingStore.submit`` and its future's ``done``/``result`` in process) is its cost.
-Both stores hold the same blocks in disk tiers of the same config, page cache warm, in one run.
+A Python busy-loop thread holds the GIL as an engine's loop does, with the interpreter's default
+switch interval.  The calling thread loads a batch of blocks and, between its checks for
+completion, runs a 1 ms Python step of its own; the time it spends inside the store's calls
+(submit and poll for the server's client; ``BlockingStore.submit`` and its future's
+``done``/``result`` in process) is its engine cost.  A probe thread sleeps 1 ms in a loop and
+records how late it wakes: the stall an engine thread would see.  Three runs in one process:
+(a) no lmtier work (engine steps only), (b) the in-process ``BlockingStore``, (c) ``lmtier
+serve``; both stores hold the same blocks in disk tiers of the same config, page cache warm.
+The raw baseline is ``os.preadv`` of the same bytes from files in the same folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,15 +25,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lmtier.errors import LmtierError
 from lmtier.integrations.blocking import BlockingStore
-from lmtier.server import ServerClient
+from lmtier.server import ServerClient, SharedRegion
 
 BLOCK = 256 * 1024
 STEP_S = 1e-3
+PROBE_S = 1e-3
 
 
 class BusyLoop:
@@ -53,35 +60,125 @@ class BusyLoop:
         self._thread.join()
 
 
+class StallProbe:
+    """A thread that sleeps ``PROBE_S`` in a loop and records how late each wake-up is."""
+
+    def __init__(self) -> None:
+        self.late_s: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            time.sleep(PROBE_S)
+            self.late_s.append(time.perf_counter() - start - PROBE_S)
+
+    def __enter__(self) -> StallProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def percentiles_ms(self) -> tuple[float, float, float]:
+        ordered = sorted(self.late_s)
+        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        return statistics.median(ordered) * 1e3, p99 * 1e3, ordered[-1] * 1e3
+
+
 def engine_step() -> None:
     end = time.perf_counter() + STEP_S
     while time.perf_counter() < end:
         pass
 
 
-def measure(load: Callable[[], tuple[float, bool]], rounds: int) -> tuple[float, float, float]:
-    """Seconds inside the calls and wall seconds per round, with the busy loop running; and
-    the busy loop's turns per second meanwhile (what the store's own threads left it)."""
-    load()  # warm: pages cached, connection made
+def engine_wait() -> None:
+    """An engine waiting on its device between polls: asleep, the GIL free."""
+    time.sleep(STEP_S)
+
+
+Load = Callable[[Callable[[], None]], tuple[float, bool]]
+
+
+class Result:
+    """Per block: seconds inside the calls and wall seconds beside a busy engine loop; wall
+    seconds beside a sleeping one; the probe's lateness (ms) meanwhile."""
+
+    def __init__(self, in_calls: float, wall: float, wall_quiet: float, stall_ms: Any) -> None:
+        self.in_calls = in_calls
+        self.wall = wall
+        self.wall_quiet = wall_quiet
+        self.stall_ms: tuple[float, float, float] = stall_ms
+
+
+def measure(load: Load, rounds: int, blocks: int) -> Result:
+    """Two phases: the engine's cost with a busy loop holding the GIL and the engine stepping
+    in Python between polls; then the stall probe, the engine sleeping between polls."""
+    load(engine_wait)  # warm: pages cached, connection made
     in_calls = wall = 0.0
-    with BusyLoop() as busy:
+    with BusyLoop():
         for _ in range(rounds):
             start = time.perf_counter()
-            spent, ok = load()
+            spent, ok = load(engine_step)
             wall += time.perf_counter() - start
             assert ok, "a block was missing"
             in_calls += spent
-        turns = busy.turns
-    return in_calls / rounds, wall / rounds, turns / wall
+    wall_quiet = 0.0
+    with StallProbe() as probe:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            _, ok = load(engine_wait)
+            wall_quiet += time.perf_counter() - start
+            assert ok, "a block was missing"
+    per_block = rounds * blocks
+    return Result(
+        in_calls / per_block, wall / per_block, wall_quiet / per_block, probe.percentiles_ms()
+    )
 
 
-def server_load(client: ServerClient, keys: list[str], region: object) -> Callable[..., object]:
+def idle_load(steps: int) -> Load:
+    """No lmtier work: the engine's steps alone (about as many as a load's wait lasts)."""
+
+    def load(between: Callable[[], None]) -> tuple[float, bool]:
+        for _ in range(steps):
+            between()
+        return 0.0, True
+
+    return load
+
+
+def raw_read_s(folder: Path, data: torch.Tensor) -> float:
+    """Seconds per block to ``os.preadv`` the blocks from files in ``folder`` (cache warm)."""
+    folder.mkdir()
+    paths = []
+    for i, block in enumerate(data):
+        path = folder / f"{i}.bin"
+        path.write_bytes(block.numpy().tobytes())
+        paths.append(path)
+    out = torch.empty_like(data)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for path, row in zip(paths, out, strict=True):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.preadv(fd, [row.numpy()], 0)
+            finally:
+                os.close(fd)
+        best = min(best, time.perf_counter() - start)
+    assert torch.equal(out, data)
+    return best / len(paths)
+
+
+def server_load(client: ServerClient, keys: list[str], region: SharedRegion) -> Load:
     offsets = [i * BLOCK for i in range(len(keys))]
     sizes = [BLOCK] * len(keys)
 
-    def load() -> tuple[float, bool]:
+    def load(between: Callable[[], None]) -> tuple[float, bool]:
         start = time.perf_counter()
-        client.submit_load(keys, region, offsets, sizes)  # type: ignore[arg-type]
+        client.submit_load(keys, region, offsets, sizes)
         spent = time.perf_counter() - start
         while True:
             start = time.perf_counter()
@@ -89,13 +186,13 @@ def server_load(client: ServerClient, keys: list[str], region: object) -> Callab
             spent += time.perf_counter() - start
             if done:
                 return spent, all(f is not None and f.copied for f in done[0].found)
-            engine_step()
+            between()
 
     return load
 
 
-def blocking_load(store: BlockingStore, keys: list[str]) -> Callable[..., object]:
-    def load() -> tuple[float, bool]:
+def blocking_load(store: BlockingStore, keys: list[str]) -> Load:
+    def load(between: Callable[[], None]) -> tuple[float, bool]:
         start = time.perf_counter()
         future = store.submit(lambda s: s.get_many(keys))
         spent = time.perf_counter() - start
@@ -106,7 +203,7 @@ def blocking_load(store: BlockingStore, keys: list[str]) -> Callable[..., object
             spent += time.perf_counter() - start
             if values is not None:
                 return spent, all(v is not None for v in values)
-            engine_step()
+            between()
 
     return load
 
@@ -141,6 +238,7 @@ def main() -> None:
     data = torch.randint(0, 256, (args.blocks, BLOCK), dtype=torch.uint8)
     with tempfile.TemporaryDirectory(prefix="lmtier-bench-server-") as tmp:
         folder = Path(tmp)
+        raw = raw_read_s(folder / "raw", data)
         (folder / "server.yaml").write_text(config_text(folder / "server-disk"))
         server = start_server(folder / "server.yaml", folder / "run" / "sock")
         try:
@@ -151,7 +249,7 @@ def main() -> None:
             stored = client.wait(client.submit_store(keys, region, offsets, [BLOCK] * args.blocks))
             if not all(stored.placed):
                 raise LmtierError(f"the server did not store every block: {stored}")
-            via_server = measure(server_load(client, keys, region), args.rounds)
+            via_server = measure(server_load(client, keys, region), args.rounds, args.blocks)
             client.close()
         finally:
             server.terminate()
@@ -159,16 +257,31 @@ def main() -> None:
         with BlockingStore({"tiers": [{"name": "disk", "kind": "disk", "max_size_gb": 2,
                                        "path": str(folder / "local-disk")}]}) as store:  # fmt: skip
             store.put_many(zip(keys, data, strict=True))
-            in_process = measure(blocking_load(store, keys), args.rounds)
-    print(f"{args.blocks} blocks of 256 KiB per load, {args.rounds} rounds, a busy GIL thread")
-    print(f"{'path':<26}{'engine µs/block':>16}{'wall µs/block':>15}{'busy Mturns/s':>15}")
-    for name, (in_calls, wall, turns) in (
-        ("lmtier serve (client)", via_server),
-        ("BlockingStore in process", in_process),
+            in_process = measure(blocking_load(store, keys), args.rounds, args.blocks)
+        idle = measure(idle_load(10), args.rounds, args.blocks)
+    print(f"{args.blocks} blocks of 256 KiB per load, {args.rounds} rounds per phase")
+    print(f"raw os.preadv of the same bytes: {raw * 1e6:.1f} µs/block (page cache warm)")
+    print("busy: a Python thread spins and the engine steps 1 ms in Python between polls;")
+    print("quiet: the engine sleeps 1 ms between polls, a probe thread sleeps 1 ms in a loop")
+    columns = ["engine µs/blk", "wall µs/blk", "/raw", "quiet wall", "/raw"]
+    print(f"{'path':<20}" + "".join(f" {c:>13}" for c in columns) + "  stall p50/p99/max ms")
+    for name, result in (
+        ("(a) no lmtier work", idle),
+        ("(b) BlockingStore", in_process),
+        ("(c) lmtier serve", via_server),
     ):
-        engine, elapsed = in_calls / args.blocks * 1e6, wall / args.blocks * 1e6
-        print(f"{name:<26}{engine:>16.1f}{elapsed:>15.1f}{turns / 1e6:>15.2f}")
-    print(f"engine-thread cost, in process / server: {in_process[0] / via_server[0]:.2f}x")
+        stall = "/".join(f"{ms:.2f}" for ms in result.stall_ms)
+        if result is idle:
+            cells = ["-"] * len(columns)
+        else:
+            cells = [
+                f"{result.in_calls * 1e6:.1f}",
+                f"{result.wall * 1e6:.1f}",
+                f"{result.wall / raw:.1f}",
+                f"{result.wall_quiet * 1e6:.1f}",
+                f"{result.wall_quiet / raw:.1f}",
+            ]
+        print(f"{name:<20}" + "".join(f" {c:>13}" for c in cells) + f"  {stall}")
 
 
 if __name__ == "__main__":

@@ -40,9 +40,11 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0) 
 class ServerProcess:
     """``python -m lmtier serve`` as a child; its stderr kept in ``log``."""
 
-    def __init__(self, config: Path, socket_path: Path) -> None:
+    def __init__(self, config: Path, socket_path: Path, program: list[str] | None = None) -> None:
         self.config = config
         self.socket_path = socket_path
+        # What runs in place of ``-m lmtier serve`` (given the same arguments), if not it.
+        self.program = program or ["-m", "lmtier", "serve"]
         self.process: subprocess.Popen[str] | None = None
         self.log: list[str] = []
         self._serving = threading.Event()
@@ -50,7 +52,7 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self._serving.clear()
-        command = [sys.executable, "-m", "lmtier", "serve", "--config", str(self.config)]
+        command = [sys.executable, *self.program, "--config", str(self.config)]
         self.process = subprocess.Popen(
             [*command, "--socket", str(self.socket_path)],
             cwd=REPO,

@@ -36,6 +36,7 @@ from lmtier.server import protocol as p
 from lmtier.server.nogil import Receiver, send_now
 from lmtier.server.paths import check_folder, default_socket_path
 from lmtier.server.regions import SharedRegion
+from lmtier.server.ring import RING_BYTES, CompletionRing
 
 __all__ = ["LoadResult", "ServerClient", "StoreResult"]
 
@@ -47,6 +48,11 @@ _RECONNECT_BACKOFF_S = 0.05
 _ALIGN = 64
 # The room a get gives an entry whose size it has not seen yet; a larger one is read again.
 _FIRST_SLOT_BYTES = 1 << 20
+# While jobs are in flight, poll reads the socket at least this often even when the completion
+# ring has not moved: a server that died says so only on the socket.
+LIVENESS_S = 0.01
+# The region number of a connection's completion ring (the client numbers its own from 1).
+_RING_REGION = 0
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,12 @@ class ServerClient:
         self._retry_at = 0.0
         self._down_reason = ""
         self._slot_hint = _FIRST_SLOT_BYTES
+        self._ring: CompletionRing | None = None
+        self._ring_region: SharedRegion | None = None
+        self._ring_request = -1  # the Doorbell request, answered once the server uses the ring
+        self._ring_live = False
+        self._ring_seen = 0  # the ring's count when the socket was last read to its end
+        self._pumped_at = 0.0
         self.closed = False
 
     # -------------------------------------------------------------- regions
@@ -175,11 +187,19 @@ class ServerClient:
         return self._submit(request, StoreResult, count)
 
     def poll(self) -> list[JobResult]:
-        """The jobs that finished since the last poll; never blocks."""
+        """The jobs that finished since the last poll; never blocks.  While the completion
+        ring has not moved, this is a memory read and no system call."""
         with self._lock:
+            if self._quiet():
+                return []
             self._pump()
             ready = [job for job in self._done if job not in self._claimed]
             return [self._result(job, self._done.pop(job)) for job in ready]
+
+    @property
+    def ring(self) -> CompletionRing | None:
+        """This connection's completion ring, once the server uses it (None before)."""
+        return self._ring if self._ring_live else None
 
     def wait(self, job_id: int, timeout: float | None = None) -> JobResult:
         """Block until job ``job_id`` finishes (at most ``timeout`` s, default the client's)
@@ -438,7 +458,28 @@ class ServerClient:
         self._frames = p.FrameReader()
         for region in self._regions.values():
             self._send_map(region)
+        self._open_ring()
         return sock
+
+    def _open_ring(self) -> None:
+        """A fresh completion ring for this connection (a server still finishing an old
+        connection's jobs may write in the old one)."""
+        region = SharedRegion(RING_BYTES, _RING_REGION, name="lmtier-ring")
+        self._ring_region = region
+        self._ring = CompletionRing(region.tensor.numpy().data)
+        self._ring_live = False
+        self._ring_seen = 0
+        self._send_map(region)
+        self._ring_request = next(self._ids)
+        self._send_unclaimed(p.Doorbell(self._ring_request, _RING_REGION))
+
+    def _quiet(self) -> bool:
+        """Nothing to read: the ring has not moved since the socket was last read to its end,
+        and no job has waited long enough for the server's liveness to need checking."""
+        ring = self._ring
+        if ring is None or not self._ring_live or self._done or ring.count != self._ring_seen:
+            return False
+        return not self._pending or time.monotonic() - self._pumped_at < LIVENESS_S
 
     def _send_map(self, region: SharedRegion) -> None:
         self._send_unclaimed(p.MapRegion(next(self._ids), region.number, region.size), region.fd)
@@ -477,6 +518,8 @@ class ServerClient:
 
     def _pump(self) -> None:
         """Read every reply that has come, without blocking."""
+        # Read before the socket: a reply counted here is on the socket by then.
+        seen = self._ring.count if self._ring is not None else 0
         sock = self._sock
         while sock is not None:
             try:
@@ -485,6 +528,8 @@ class ServerClient:
                 self._disconnect(f"lost the lmtier server at {self.path}: {exc}")
                 return
             if data is None:
+                self._ring_seen = seen
+                self._pumped_at = time.monotonic()
                 return
             if not data:
                 self._disconnect(f"the lmtier server at {self.path} closed the connection")
@@ -500,6 +545,8 @@ class ServerClient:
     def _file(self, reply: p.Reply) -> None:
         if reply.id in self._discard:
             self._discard.discard(reply.id)
+            if reply.id == self._ring_request and isinstance(reply, p.Mapped):
+                self._ring_live = True
             if isinstance(reply, p.Error):
                 log.warning("lmtier server: %s: %s", reply.kind, reply.message)
         elif reply.id in self._pending:
@@ -516,6 +563,10 @@ class ServerClient:
             return
         sock.close()
         log.info("%s", reason)
+        self._ring, self._ring_live = None, False
+        if self._ring_region is not None:
+            self._ring_region.close()
+            self._ring_region = None
         for job_id in self._pending:
             self._done[job_id] = TierUnavailableError(reason)
         self._pending.clear()

@@ -24,6 +24,7 @@ __all__ = [
     "Contains",
     "Delete",
     "Deleted",
+    "Doorbell",
     "EngineKey",
     "Error",
     "Found",
@@ -88,6 +89,13 @@ class UnmapRegion(_Message):
     region: int
 
 
+class Doorbell(_Message):
+    """Use mapped ``region`` as this connection's completion ring (``lmtier.server.ring``):
+    the server records there each reply it has sent.  Answered with ``Mapped``."""
+
+    region: int
+
+
 class Load(_Message):
     """Copy each key's entry into ``region`` at ``offsets[i]`` (at most ``sizes[i]`` bytes)."""
 
@@ -121,7 +129,7 @@ class Stats(_Message):
     pass
 
 
-Request = Ping | MapRegion | UnmapRegion | Load | Store | Delete | Contains | Stats
+Request = Ping | MapRegion | UnmapRegion | Doorbell | Load | Store | Delete | Contains | Stats
 
 
 # ---------------------------------------------------------------- replies

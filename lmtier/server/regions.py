@@ -28,12 +28,12 @@ class SharedRegion:
     """A client's shared-memory region: a sealed memfd of ``size`` bytes, mapped as ``tensor``
     (uint8); the server reads and writes the same pages."""
 
-    def __init__(self, size: int, number: int = 0) -> None:
+    def __init__(self, size: int, number: int = 0, name: str = _MEMFD_NAME) -> None:
         if not isinstance(size, int) or size <= 0:
             raise InvalidValueError(f"a shared region needs a size > 0 bytes, got {size!r}")
         self.size = size
         self.number = number
-        self.fd = os.memfd_create(_MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
