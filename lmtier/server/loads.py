@@ -71,20 +71,8 @@ async def _load_one(
 
 
 def entry_layout(store: TieredStore, key: KeyLike) -> tuple[torch.dtype, tuple[int, ...]] | None:
-    """The dtype and shape of ``key``'s entry as the first tier holding it indexes them, or
-    None (no tier holds it, or its index does not record them)."""
-    for tier in store.tiers:
-        obj = tier.lookup(key)
-        if obj is None:
-            continue
-        resident = tier.resident_tensor(obj)
-        if resident is not None:
-            return resident.dtype, tuple(resident.shape)
-        dtype, shape = getattr(obj, "dtype", None), getattr(obj, "shape", None)
-        if isinstance(dtype, torch.dtype) and isinstance(shape, tuple):
-            return dtype, shape
-        return None
-    return None
+    """The dtype and shape of ``key``'s entry from the store's index (``TieredStore.layout``)."""
+    return store.layout(key)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -325,6 +325,21 @@ class TieredStore:
         tier = self._cascade.holder(key)
         return None if tier is None else tier.name
 
+    def layout(self, key: KeyLike) -> tuple[torch.dtype, tuple[int, ...]] | None:
+        """The dtype and shape of ``key``'s entry as its tier's index records them, or None (no
+        tier holds it, or its index does not record them): an index lookup, no I/O."""
+        tier = self._cascade.holder(key)
+        obj = None if tier is None else tier.lookup(key)
+        if tier is None or obj is None:
+            return None
+        resident = tier.resident_tensor(obj)
+        if resident is not None:
+            return resident.dtype, tuple(resident.shape)
+        dtype, shape = getattr(obj, "dtype", None), getattr(obj, "shape", None)
+        if isinstance(dtype, torch.dtype) and isinstance(shape, tuple):
+            return dtype, shape
+        return None
+
     def keys(self) -> list[KeyLike]:
         """Every key the tiers' indexes hold, each once."""
         return self._cascade.keys()
