@@ -52,3 +52,30 @@ def test_importing_the_library_loads_no_tool() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == []
+
+
+# The store owns tiers, their indexes and their evictors: everything else goes through its
+# facade (keys, holder, touch, layout, tier_infos, ...), so no arrow escapes the import graph.
+INTERNALS = ("tiers", "cache_dict", "evictor")
+OWNERS = ("store", "tiers", "evictor", "testing")
+
+
+def _internal_reads(path: Path) -> list[str]:
+    """``store.tiers`` and ``x.cache_dict`` / ``x.evictor`` attribute reads in ``path``."""
+    return [
+        f"{path.relative_to(PACKAGE)}:{node.lineno}: {ast.unparse(node)}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute)
+        and node.attr in INTERNALS
+        and (node.attr != "tiers" or "store" in ast.unparse(node.value))
+    ]
+
+
+def test_only_the_store_and_the_tiers_reach_into_tiers() -> None:
+    outside = [
+        path for path in PACKAGE.rglob("*.py") if path.relative_to(PACKAGE).parts[0] not in OWNERS
+    ]
+    assert len(outside) > 20
+    found = [read for path in outside for read in _internal_reads(path)]
+    assert found == [], found
+    assert _internal_reads(PACKAGE / "tiers" / "base.py"), "the check sees attribute reads"
