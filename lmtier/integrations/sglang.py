@@ -21,15 +21,16 @@ model, or another shard of the same model, never hits.  Instances share through 
 ``batch_exists`` asks it for the pages no index here holds, and ``clear`` deletes what is under
 the store's key prefix there.  Pages are stored in the host pool's page
 shape; a page stored under another layout has another shape and reads as a miss.
+
+The key suffixes and config parsing live in ``sglang_config``, the batch operations run on the
+store's loop in ``sglang_ops``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import importlib
 import logging
-import os
 import sys
 import threading
 import time
@@ -43,19 +44,15 @@ from sglang.srt.mem_cache.hicache_storage import (
     HiCacheStorageExtraInfo,
 )
 
-from lmtier.config import DiskTierSpec, StoreConfig
-from lmtier.errors import ConfigError, LmtierError
-from lmtier.evictor import PutStatus
+from lmtier.errors import LmtierError
 from lmtier.integrations.activity import Activity, ActivityReporter, show_lmtier_logs
 from lmtier.integrations.blocking import BlockingStore
-from lmtier.integrations.engine_config import engine_config
-from lmtier.store import TieredStore
+from lmtier.integrations.sglang_config import MAMBA_SUFFIX, key_suffixes, store_config
+from lmtier.integrations.sglang_ops import delete_suffixed, get_all, leading_hits, put_all
 
 __all__ = ["LmtierHiCacheStorage"]
 
 log = logging.getLogger(__name__)
-
-_MAMBA_SUFFIX = ".mamba"  # SGLang's PoolName.MAMBA: TP-sharded even for MLA models
 
 
 class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
@@ -67,7 +64,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         show_lmtier_logs()
         self.storage_config = storage_config
         extra = dict(storage_config.extra_config or {})
-        self.config_suffix, self.tp_config_suffix = _key_suffixes(storage_config)
+        self.config_suffix, self.tp_config_suffix = key_suffixes(storage_config)
         self.mem_pool_host: Any = None
         self._page_shape: tuple[int, ...] | None = None  # the host pool's page, as stored
         self._pages_are_views = True  # get_data_page(flat=False) is a view into the pool
@@ -78,7 +75,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
             "prefetch_bandwidth": [],
             "backup_bandwidth": [],
         }
-        config = _store_config(extra, storage_config)
+        config = store_config(extra, storage_config)
         self._store = BlockingStore(
             config, thread_name=f"lmtier-hicache-tp{storage_config.tp_rank}"
         )
@@ -118,7 +115,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         return tensor
 
     def _suffixed(self, key: str) -> str:
-        if key.endswith(_MAMBA_SUFFIX):
+        if key.endswith(MAMBA_SUFFIX):
             return key + self.tp_config_suffix
         return key + self.config_suffix
 
@@ -143,7 +140,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
             return [None] * len(keys)
         began = time.perf_counter()
         outs = [None if target is None else self._as_page(target) for target in targets]
-        found = self._run(_get_all, [self._suffixed(key) for key in keys], outs, default=None)
+        found = self._run(get_all, [self._suffixed(key) for key in keys], outs, default=None)
         results = [
             None if data is None else (target if target is not None else data)
             for data, target in zip(found, targets, strict=True)
@@ -180,7 +177,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
             return False
         began = time.perf_counter()
         pages = [self._as_page(value) for value in values]
-        done = self._run(_put_all, [self._suffixed(key) for key in keys], pages, default=False)
+        done = self._run(put_all, [self._suffixed(key) for key in keys], pages, default=False)
         self._count(stored=sum(done), offered=len(keys))
         self._record("backup", done, began)
         return all(done)
@@ -194,7 +191,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         """How many of ``keys``, from the first, are stored: the count stops at the first miss."""
         suffixed = [self._suffixed(key) for key in keys]
         try:
-            hits: int = self._store.call(lambda store: _leading_hits(store, suffixed))
+            hits: int = self._store.call(lambda store: leading_hits(store, suffixed))
         except LmtierError as exc:
             log.warning("lmtier batch_exists failed: %s", exc)
             hits = 0
@@ -214,7 +211,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
             return [False] * len(keys)
         indices, pages = located
         began = time.perf_counter()
-        found = self._run(_get_all, [self._suffixed(key) for key in keys], pages, default=None)
+        found = self._run(get_all, [self._suffixed(key) for key in keys], pages, default=None)
         hits = [data is not None for data in found]
         self._count(loaded=sum(hits), asked=len(keys))
         if not self._pages_are_views:  # a copy of the page: hand it back to the pool
@@ -236,7 +233,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
             return [False] * len(keys)
         _, pages = located
         began = time.perf_counter()
-        done = self._run(_put_all, [self._suffixed(key) for key in keys], pages, default=False)
+        done = self._run(put_all, [self._suffixed(key) for key in keys], pages, default=False)
         self._count(stored=sum(done), offered=len(keys))
         self._record("backup", done, began)
         return done
@@ -270,7 +267,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         model its own ``namespace`` or ``key_prefix`` to keep a clear to one model)."""
         suffixes = (self.config_suffix, self.tp_config_suffix)
         try:
-            removed = self._store.call(lambda store: _delete_suffixed(store, suffixes))
+            removed = self._store.call(lambda store: delete_suffixed(store, suffixes))
         except LmtierError as exc:
             log.error("lmtier clear failed: %s", exc)
             return False
@@ -346,113 +343,6 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
             self._metrics[f"{direction}_pgs"].append(pages)
             if seconds > 0 and page_bytes:
                 self._metrics[f"{direction}_bandwidth"].append(pages * page_bytes / seconds / 1e9)
-
-
-async def _get_all(
-    store: TieredStore, keys: list[str], outs: list[torch.Tensor | None]
-) -> list[torch.Tensor | None]:
-    gets = (_get_one(store, key, out) for key, out in zip(keys, outs, strict=True))
-    return list(await asyncio.gather(*gets))
-
-
-async def _get_one(store: TieredStore, key: str, out: torch.Tensor | None) -> torch.Tensor | None:
-    try:
-        if out is None:
-            return await store.get(key, "cpu")
-        return await store.get(key, out=out)
-    except LmtierError as exc:  # e.g. a page of another shape: a miss, never wrong data
-        log.warning("lmtier get %r: %s", key, exc)
-        return None
-
-
-async def _put_all(store: TieredStore, keys: list[str], pages: list[torch.Tensor]) -> list[bool]:
-    puts = (_put_one(store, key, page) for key, page in zip(keys, pages, strict=True))
-    return list(await asyncio.gather(*puts))
-
-
-async def _put_one(store: TieredStore, key: str, page: torch.Tensor) -> bool:
-    try:
-        # A page's key names its tokens and their whole prefix: a stored one is already right.
-        if await store.contains(key) is not None:
-            return True
-        return await store.put(key, page) is PutStatus.LEGAL
-    except LmtierError as exc:
-        log.warning("lmtier put %r: %s", key, exc)
-        return False
-
-
-async def _leading_hits(store: TieredStore, keys: list[str]) -> int:
-    held = [await store.contains(key) is not None for key in keys]
-    count = held.index(False) if False in held else len(keys)
-    if count == len(keys) or not any(info.shared for info in store.tier_infos()):
-        return count
-    # What no index holds may be on the shared tier, stored by another instance: one get_many
-    # asks the server for all of it in one round trip (the tier batches the commands of one
-    # turn).  A page found is indexed here (and promoted), so the prefetch that follows reads
-    # it without asking again.
-    asked = [key for key, here in zip(keys[count:], held[count:], strict=True) if not here]
-    got = await store.get_many(asked, "cpu")
-    found = {key for key, data in zip(asked, got, strict=True) if data is not None}
-    for key, here in zip(keys[count:], held[count:], strict=True):
-        if not (here or key in found):
-            break
-        count += 1
-    return count
-
-
-async def _delete_suffixed(store: TieredStore, suffixes: tuple[str, ...]) -> int:
-    held = store.keys()  # the index's keys: no I/O
-    keys = {key for key in held if isinstance(key, str) and key.endswith(suffixes)}
-    removed = sum(await asyncio.gather(*(store.delete(key) for key in keys)))
-    # A shared tier's server names a value by a digest of its key: what other instances
-    # stored there is found by the namespace's key prefix alone, every model's and rank's.
-    return removed + await store.clear_shared()
-
-
-def _key_suffixes(config: HiCacheStorageConfig) -> tuple[str, str]:
-    """(suffix of most keys, suffix of TP-sharded keys), exactly as ``HiCacheFile`` builds them."""
-    model_name = "-".join(config.model_name.split("/")) if config.model_name else ""
-    shard = f"_{config.pp_size}_{config.pp_rank}" if config.pp_size > 1 else ""
-    if config.attn_cp_size > 1:
-        shard += f"_cp{config.attn_cp_rank}_{config.attn_cp_size}"
-    tp_suffix = f"_{model_name}_{config.tp_rank}_{config.tp_size}{shard}"
-    suffix = f"_{model_name}{shard}" if config.is_mla_model else tp_suffix
-    if getattr(config, "dcp_size", 1) > 1:
-        dcp = (
-            f"_tp{config.tp_size}_dcp{config.dcp_rank}_{config.dcp_size}"
-            f"_page{config.logical_page_size}"
-        )
-        suffix += dcp
-        tp_suffix += dcp
-    return suffix, tp_suffix
-
-
-def _store_config(extra: Mapping[str, Any], config: HiCacheStorageConfig) -> StoreConfig:
-    path, inline = extra.get("config_path"), extra.get("config")
-    if path is not None and inline is not None:
-        raise ConfigError("extra_config: give 'config_path' or 'config', not both")
-    if inline is not None and not isinstance(inline, Mapping):
-        raise ConfigError(
-            f"extra_config field 'config' must be a mapping, got {type(inline).__name__}"
-        )
-    # Neither: $LMTIER_CONFIG.  Tiers naming no evictor get the engines' default.
-    parsed = engine_config(path, inline, "extra_config['config']")
-    rank_dirs = extra.get("rank_dirs", True)
-    if not isinstance(rank_dirs, bool):
-        raise ConfigError(f"extra_config field 'rank_dirs' must be a bool, got {rank_dirs!r}")
-    if not rank_dirs:
-        return parsed
-    folder = (
-        f"rank-tp{config.tp_rank}-pp{config.pp_rank}-dp{getattr(config, 'dp_rank', 0)}"
-        f"-cp{config.attn_cp_rank}"
-    )
-    tiers = tuple(
-        dataclasses.replace(tier, path=os.path.join(tier.path, folder))
-        if isinstance(tier, DiskTierSpec)
-        else tier
-        for tier in parsed.tiers
-    )
-    return dataclasses.replace(parsed, tiers=tiers)
 
 
 _METRICS_MODULE = "sglang.srt.observability.metrics_collector"

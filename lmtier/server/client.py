@@ -21,7 +21,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,17 @@ from lmtier import errors
 from lmtier.errors import InvalidValueError, LmtierError, TierUnavailableError
 from lmtier.evictor import PutStatus
 from lmtier.keys import KeyLike, check_key
+from lmtier.server import client_async
 from lmtier.server import protocol as p
+from lmtier.server.client_wire import (
+    JobResult,
+    LoadResult,
+    StoreResult,
+    checked,
+    dtype_name,
+    error_text,
+    wire_keys,
+)
 from lmtier.server.nogil import Receiver, send_now
 from lmtier.server.paths import check_folder, default_socket_path
 from lmtier.server.regions import SharedRegion
@@ -44,8 +53,6 @@ log = logging.getLogger(__name__)
 
 # After a failed connect, calls fail at once for this long instead of trying again each time.
 _RECONNECT_BACKOFF_S = 0.05
-# Where blocks start in a region the client lays out itself: no dtype is misaligned there.
-_ALIGN = 64
 # The room a get gives an entry whose size it has not seen yet; a larger one is read again.
 _FIRST_SLOT_BYTES = 1 << 20
 # While jobs are in flight, poll reads the socket at least this often even when the completion
@@ -53,29 +60,6 @@ _FIRST_SLOT_BYTES = 1 << 20
 LIVENESS_S = 0.01
 # The region number of a connection's completion ring (the client numbers its own from 1).
 _RING_REGION = 0
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    """A finished load: ``found[i]`` describes key i's hit (None: a miss); its bytes are in
-    the region at the offset the job gave, if ``found[i].copied``.  ``error`` says why the
-    whole job failed (every key then a miss)."""
-
-    job_id: int
-    found: list[p.Found | None]
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class StoreResult:
-    """A finished store: ``placed[i]`` is True when key i was stored."""
-
-    job_id: int
-    placed: list[bool]
-    error: str | None = None
-
-
-JobResult = LoadResult | StoreResult
 
 
 class ServerClient:
@@ -155,7 +139,7 @@ class ServerClient:
         """Ask the server to copy each key's entry into ``region`` at ``offsets[i]`` (at most
         ``sizes[i]`` bytes); the job's id, at once.  ``poll`` returns its ``LoadResult``."""
         request = p.Load(
-            self._new_id(), _wire_keys(keys), self._number(region), list(offsets), list(sizes)
+            self._new_id(), wire_keys(keys), self._number(region), list(offsets), list(sizes)
         )
         return self._submit(request, LoadResult, len(request.keys))
 
@@ -173,11 +157,11 @@ class ServerClient:
         ``keys[i]``, as a tensor of ``dtypes[i]`` and ``shapes[i]`` (default: uint8 bytes);
         the job's id, at once.  The region's bytes must stay put until the job is polled."""
         count = len(keys)
-        names = ["uint8"] * count if dtypes is None else [_dtype_name(d) for d in dtypes]
+        names = ["uint8"] * count if dtypes is None else [dtype_name(d) for d in dtypes]
         dims = [[size] for size in sizes] if shapes is None else [list(s) for s in shapes]
         request = p.Store(
             self._new_id(),
-            _wire_keys(keys),
+            wire_keys(keys),
             self._number(region),
             list(offsets),
             list(sizes),
@@ -246,61 +230,14 @@ class ServerClient:
 
     async def put_many(self, items: Iterable[tuple[KeyLike, torch.Tensor]]) -> list[PutStatus]:
         """Store each tensor under its key; TierUnavailableError if the server is down."""
-        batch = [(check_key(key), _as_bytes(tensor)) for key, tensor in items]
-        if not batch:
-            return []
-        offsets, total = _layout(block.numel() for _, (block, _) in batch)
-        region = self.map_region(total)
-        try:
-            for offset, (_, (block, _)) in zip(offsets, batch, strict=True):
-                region.view(offset, block.numel()).copy_(block)
-            job = self.submit_store(
-                [key for key, _ in batch],
-                region,
-                offsets,
-                [block.numel() for _, (block, _) in batch],
-                dtypes=[tensor.dtype for _, (_, tensor) in batch],
-                shapes=[tensor.shape for _, (_, tensor) in batch],
-            )
-            outcome = await self._await_reply(job)
-        finally:
-            self.unmap_region(region)
-        self._jobs.pop(job, None)
-        reply = _checked(outcome)
-        assert isinstance(reply, p.Stored)
-        return [PutStatus.LEGAL if placed else PutStatus.ILLEGAL for placed in reply.placed]
+        return await client_async.put_many(self, items)
 
     async def get(self, key: KeyLike) -> torch.Tensor | None:
         return (await self.get_many([key]))[0]
 
     async def get_many(self, keys: Sequence[KeyLike]) -> list[torch.Tensor | None]:
         """A CPU copy of each key's entry, or None (a miss, or the server unreachable)."""
-        keys = [check_key(key) for key in keys]
-        results: list[torch.Tensor | None] = [None] * len(keys)
-        wanted = {i: self._slot_hint for i in range(len(keys))}
-        while wanted:  # a second round for the entries larger than the room first given
-            indexes = list(wanted)
-            offsets, total = _layout(wanted[i] for i in indexes)
-            region = self.map_region(max(total, 1))
-            try:
-                job = self.submit_load(
-                    [keys[i] for i in indexes], region, offsets, [wanted[i] for i in indexes]
-                )
-                result = self._result(job, await self._await_reply(job))
-                assert isinstance(result, LoadResult)
-                wanted = {}
-                for i, offset, found in zip(indexes, offsets, result.found, strict=True):
-                    if found is None:
-                        continue
-                    self._slot_hint = max(self._slot_hint, found.nbytes)
-                    if not found.copied:
-                        wanted[i] = found.nbytes
-                        continue
-                    data = region.view(offset, found.nbytes).clone()
-                    results[i] = data.view(_dtype(found.dtype)).reshape(found.shape)
-            finally:
-                self.unmap_region(region)
-        return results
+        return await client_async.get_many(self, keys)
 
     async def delete(self, key: KeyLike) -> bool:
         reply = await self._acall(p.Delete(self._new_id(), p.key_to_wire(check_key(key))))
@@ -353,45 +290,18 @@ class ServerClient:
         finally:
             with self._lock:
                 self._claimed.discard(request.id)
-        return _checked(outcome)
+        return checked(outcome)
 
     async def _acall(self, request: p.Request) -> p.Reply:
         with self._lock:
             self._pending.add(request.id)
             self._send(request)
-        return _checked(await self._await_reply(request.id))
+        return checked(await self._await_reply(request.id))
 
     async def _await_reply(self, job_id: int) -> p.Reply | LmtierError:
         """The reply to ``job_id``, awaited without blocking the loop: the socket's readiness
         wakes every waiter of this loop, and each one reads what came."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
-        with self._lock:
-            self._claimed.add(job_id)
-        try:
-            while True:
-                with self._lock:
-                    self._pump()
-                    if job_id in self._done:
-                        return self._done.pop(job_id)
-                    ready: asyncio.Future[None] = loop.create_future()
-                    self._async_waiters.setdefault(loop, []).append(ready)
-                    if self._sock is not None and loop not in self._reader_fd:
-                        fd = self._sock.fileno()
-                        loop.add_reader(fd, self._wake_loop, loop)
-                        self._reader_fd[loop] = fd
-                try:
-                    await asyncio.wait_for(ready, max(0.0, deadline - loop.time()))
-                except TimeoutError:
-                    return self._give_up(job_id)
-                finally:
-                    with self._lock:
-                        waiters = self._async_waiters.get(loop, [])
-                        if ready in waiters:
-                            waiters.remove(ready)
-        finally:
-            with self._lock:
-                self._claimed.discard(job_id)
+        return await client_async.await_reply(self, job_id)
 
     def _wait_reply(self, job_id: int, timeout: float) -> p.Reply | LmtierError:
         deadline = time.monotonic() + timeout
@@ -427,7 +337,7 @@ class ServerClient:
             return LoadResult(job_id, outcome.found)
         if isinstance(outcome, p.Stored):
             return StoreResult(job_id, outcome.placed)
-        error = _error_text(outcome)
+        error = error_text(outcome)
         if kind is LoadResult:
             return LoadResult(job_id, [None] * keys, error)
         return StoreResult(job_id, [False] * keys, error)
@@ -590,54 +500,3 @@ class ServerClient:
         for ready in waiters:
             if not ready.done():
                 ready.set_result(None)
-
-
-def _wire_keys(keys: Sequence[KeyLike]) -> list[p.WireKey]:
-    return [p.key_to_wire(check_key(key)) for key in keys]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise InvalidValueError(f"the server named an unknown dtype {name!r}")
-    return dtype
-
-
-def _as_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tensor's bytes as a flat uint8 CPU tensor, and the tensor."""
-    if not isinstance(tensor, torch.Tensor):
-        raise errors.LmtierTypeError(f"a value must be a torch.Tensor, got {type(tensor).__name__}")
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8), tensor
-
-
-def _layout(sizes: Iterable[int]) -> tuple[list[int], int]:
-    """Offsets for blocks of ``sizes`` placed one after another, each aligned; the total."""
-    offsets: list[int] = []
-    end = 0
-    for size in sizes:
-        offsets.append(end)
-        end += -(-size // _ALIGN) * _ALIGN
-    return offsets, end
-
-
-def _error_text(outcome: p.Reply | LmtierError) -> str:
-    if isinstance(outcome, p.Error):
-        return f"{outcome.kind}: {outcome.message}"
-    return str(outcome)
-
-
-def _checked(outcome: p.Reply | LmtierError) -> p.Reply:
-    """The reply, or the error it carries raised as the class the server named."""
-    if isinstance(outcome, LmtierError):
-        raise outcome
-    if isinstance(outcome, p.Error):
-        error_class = getattr(errors, outcome.kind, None)
-        if isinstance(error_class, type) and issubclass(error_class, LmtierError):
-            raise error_class(outcome.message)
-        raise LmtierError(f"{outcome.kind}: {outcome.message}")
-    return outcome
