@@ -18,8 +18,7 @@ import torch
 
 from lmtier import StorageError, StoreConfig, TierConfig, TieredStore
 from lmtier.cli import main
-from lmtier.tiers import DiskTier
-from lmtier.tiers import disk as disk_module
+from lmtier.tiers import DiskTier, disk_recovery
 from lmtier.tiers.disk_files import TEMP_PREFIX, key_digest
 
 from conftest import tensor_for
@@ -196,7 +195,7 @@ async def test_a_failed_open_releases_the_lock(
     def broken_scan(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(disk_module, "scan_folder", broken_scan)
+    monkeypatch.setattr(disk_recovery, "scan_folder", broken_scan)
     store = disk_only(tmp_path)
     with pytest.raises(StorageError, match="Input/output error"):
         await store.open()

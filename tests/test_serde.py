@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lmtier import CacheEngineKey, serde
+from lmtier import CacheEngineKey, checksums, serde
 from lmtier.errors import CorruptEntryError, InvalidValueError
 
 
@@ -203,7 +203,8 @@ def test_the_checksum_tells_a_str_key_from_an_engine_key_of_the_same_text() -> N
 
 def test_the_checksum_covers_the_format_version(monkeypatch: pytest.MonkeyPatch) -> None:
     before = _checksum()
-    monkeypatch.setattr(serde, "FORMAT_VERSION", serde.FORMAT_VERSION + 1)
+    # The checksum's field text reads the version where the checksum is defined.
+    monkeypatch.setattr(checksums, "FORMAT_VERSION", serde.FORMAT_VERSION + 1)
     assert _checksum() != before
 
 

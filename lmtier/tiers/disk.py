@@ -6,10 +6,9 @@ import asyncio
 import errno
 import logging
 import os
-import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ from lmtier.errors import CorruptEntryError, StorageError
 from lmtier.evictor import BaseEvictor
 from lmtier.keys import KeyLike
 from lmtier.metadata import DiskCacheMetadata
-from lmtier.sizes import human_bytes
 from lmtier.tiers.base import Tier
 from lmtier.tiers.batching import ThreadBatcher
 from lmtier.tiers.copies import check_out, copy_blocking
@@ -28,24 +26,25 @@ from lmtier.tiers.disk_files import (
     LOCK_NAME,
     SUFFIX,
     TEMP_PREFIX,
-    FoundEntry,
     key_digest,
     namespace_folder,
     open_regular,
     open_regular_stat,
     read_header,
     remove_own,
-    scan_folder,
     tensor_from,
-    try_lock,
+)
+from lmtier.tiers.disk_recovery import (
+    Recovery,
+    file_id,
+    lock_private_folder,
+    recover,
+    warn_if_short_of_room,
 )
 from lmtier.tiers.private_folder import (
     DEFAULT_MODE,
-    check_links,
     check_mode,
     folder_mode,
-    open_tier_folder,
-    secure_shards,
 )
 
 __all__ = ["DiskTier", "Recovery"]
@@ -65,18 +64,6 @@ LOOP_READ_BYTES = 4 << 20
 # skips the thread hop.
 KEYED_LOOP_READ_BYTES = 2 << 20
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-
-
-@dataclass
-class Recovery:
-    """What opening the tier found in its folder."""
-
-    indexed: int = 0  # entries adopted into the index
-    evicted: int = 0  # intact entries over the budget, oldest first, removed
-    duplicates: int = 0  # older files of a key that has a newer one, removed
-    unreadable: int = 0  # what is not an intact entry of this namespace (or a link), left alone
-    temp_removed: int = 0  # temporary files of interrupted writes, removed
-    seconds: float = 0.0
 
 
 class DiskTier(Tier):
@@ -143,7 +130,7 @@ class DiskTier(Tier):
     def _open_folder(self) -> None:
         started = time.perf_counter()
         try:
-            self._lock_fd = self._lock_private_folder()
+            self._lock_fd = lock_private_folder(self._given_path, self.root, self.mode)
         except StorageError as exc:
             raise StorageError(
                 exc.errno, f"disk tier {self.name!r} refuses {self.root}: {exc.strerror or exc}"
@@ -159,8 +146,11 @@ class DiskTier(Tier):
                 "that was never closed (use `async with store` or `await store.close()`)"
             )
         try:
-            self._lock_id = _file_id(os.fstat(self._lock_fd))
-            self._recover()
+            self._lock_id = file_id(os.fstat(self._lock_fd))
+            for key, meta in recover(
+                self.root, self.namespace, self.budget, self.name, self.recovery
+            ):
+                self.adopt(key, meta, meta.size)
         except BaseException as exc:
             os.close(self._lock_fd)  # a retry must not find the folder "in use"
             self._lock_fd = None
@@ -170,60 +160,9 @@ class DiskTier(Tier):
                 ) from exc
             raise
         self.recovery.seconds = time.perf_counter() - started
-        free = shutil.disk_usage(self.root).free
-        if self.budget - self.resident_bytes > free:
-            log.warning(
-                "disk tier %r: its budget (%s, %s held) exceeds the %s free on %s; "
-                "writes will fail (and fall through) once the disk is full",
-                self.name,
-                human_bytes(self.budget),
-                human_bytes(self.resident_bytes),
-                human_bytes(free),
-                self.root,
-            )
+        warn_if_short_of_room(self.name, self.budget, self.resident_bytes, self.root)
         if self.recovery.indexed or self.recovery.unreadable or self.recovery.temp_removed:
             log.info("disk tier %r reopened %s: %s", self.name, self.root, asdict(self.recovery))
-
-    def _lock_private_folder(self) -> int | None:
-        """Make or check the tier's folder, its parents and shards; its lock, or None if held."""
-        check_links(self._given_path)
-        folder_fd = open_tier_folder(self.root.parent, self.root, self.mode)
-        try:
-            lock_fd = try_lock(self.root, self.mode, folder_fd)
-            if lock_fd is not None:
-                try:
-                    secure_shards(folder_fd, self.root, self.mode)
-                except BaseException:
-                    os.close(lock_fd)
-                    raise
-            return lock_fd
-        finally:
-            os.close(folder_fd)
-
-    def _recover(self) -> None:
-        """Index the entries on disk, newest kept within the budget; clear interrupted writes."""
-        scan = scan_folder(self.root, self.namespace)
-        self.recovery.temp_removed = sum(remove_own(temp) for temp in scan.temp_files)
-        skipped = scan.corrupt + scan.left_alone
-        self.recovery.unreadable = len(skipped)
-        for path, why in skipped[:10]:
-            log.warning("disk tier %r skipped %s: %s", self.name, path, why)
-        newest_first = sorted(scan.entries, key=lambda e: e.mtime_ns, reverse=True)
-        kept: dict[KeyLike, FoundEntry] = {}
-        room = self.budget
-        for entry in newest_first:
-            if entry.key in kept:
-                self.recovery.duplicates += 1
-            elif entry.meta.size <= room:
-                kept[entry.key] = entry
-                room -= entry.meta.size
-                continue
-            else:
-                self.recovery.evicted += 1
-            remove_own(entry.meta.path)
-        for key, entry in reversed(kept.items()):  # least recent first, as LRU expects
-            self.adopt(key, entry.meta, entry.meta.size)
-        self.recovery.indexed = len(kept)
 
     async def close(self) -> None:
         if self._lock_fd is not None:
@@ -307,7 +246,7 @@ class DiskTier(Tier):
         """
         if self._lost is None:
             try:
-                found: tuple[int, int] | None = _file_id(os.lstat(self.root / LOCK_NAME))
+                found: tuple[int, int] | None = file_id(os.lstat(self.root / LOCK_NAME))
             except FileNotFoundError:
                 found = None
             if found is not None and found == self._lock_id:
@@ -468,10 +407,6 @@ def _remove_file(path: Path, fsync: bool) -> None:
     remove_own(path if os.path.lexists(path) else _staged_name(path))
     if fsync:
         _fsync_dir(path.parent)
-
-
-def _file_id(stat: os.stat_result) -> tuple[int, int]:
-    return stat.st_dev, stat.st_ino
 
 
 def _fsync_dir(folder: Path) -> None:
