@@ -57,13 +57,13 @@ def set_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[SetGate]:
     gate = SetGate(MOVED)
     original = RemoteTier._in_order
 
-    async def gated(self: RemoteTier, key: KeyLike, name: str, *args: Any) -> Any:
+    async def gated(self: RemoteTier, key: KeyLike, name: str, *args: Any, **kw: Any) -> Any:
         if key != gate.key or name != "SET" or gate.used:
-            return await original(self, key, name, *args)
+            return await original(self, key, name, *args, **kw)
         gate.used = True
         gate.held.set()
         await gate.issue.wait()
-        result = await original(self, key, name, *args)
+        result = await original(self, key, name, *args, **kw)
         gate.landed.set()
         await gate.wake.wait()
         return result
