@@ -3,10 +3,11 @@ after each restart, no put or delete that had returned is undone.
 
 Each scenario drives a cascade through one kind of removal of a key's older bytes: evictions
 from disk (one put evicting more than ``MAX_DISCARDS_BEHIND`` entries), moves out of a disk
-tier (into another disk tier), overwrites that land in memory while the old value
-is on disk.  The child slows every unlink (a slow disk), so a call that returned before its
-key's old file was gone is caught by the restart.  It reports over a pipe once it has done a
-round's share of calls and is killed right then, wherever its work is."""
+tier (into another disk tier, or onto a redis server, whose value is there before the move
+commits), overwrites that land in memory while the old value is on disk.  The child slows
+every unlink (a slow disk) and every DEL on the server, so a call that returned before its
+key's old file or value was gone is caught by the restart.  It reports over a pipe once it has
+done a round's share of calls and is killed right then, wherever its work is."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,7 +28,9 @@ from lmtier import StoreConfig, TierConfig, TieredStore
 from lmtier.keys import KeyLike
 from lmtier.store import MAX_DISCARDS_BEHIND
 from lmtier.tiers import disk as disk_module
+from lmtier.tiers.remote import RemoteTier
 
+from redis_helpers import RedisProcess, remote_spec
 from store_helpers import kill_after_report, report_once
 
 KIB = 1024
@@ -68,6 +72,15 @@ def cpu_disk(root: Path, _url: str) -> tuple[TierConfig, ...]:
     return TierConfig("cpu", "memory", 4 * KIB), disk(root, "disk", 48)
 
 
+def disk_redis(root: Path, url: str) -> tuple[TierConfig, ...]:
+    # Room for a put beside a move out: the put need not wait for the move to free its bytes.
+    return disk(root, "disk", 12), remote_spec(url, 48 * KIB)
+
+
+def cpu_disk_redis(root: Path, url: str) -> tuple[TierConfig, ...]:
+    return TierConfig("cpu", "memory", 4 * KIB), *disk_redis(root, url)
+
+
 SCENARIOS = {
     "cpu-disk": Scenario(cpu_disk, lambda root, _: (disk(root, "disk", 48),)),
     "write-ahead": Scenario(cpu_disk, lambda root, _: (disk(root, "disk", 48),), write_ahead=True),
@@ -93,7 +106,11 @@ SCENARIOS = {
         keys=12,
         shared=True,
     ),
+    # The server outlives the child: a stale move's SET left there is what a restart finds.
+    "disk-to-redis": Scenario(disk_redis, disk_redis, keys=12, shared=True),
+    "cpu-disk-redis": Scenario(cpu_disk_redis, disk_redis, keys=12, shared=True),
 }
+REDIS_SCENARIOS = ["disk-to-redis", "cpu-disk-redis"]
 
 
 def slow_unlinks() -> None:
@@ -107,12 +124,25 @@ def slow_unlinks() -> None:
     disk_module._remove_file = slow
 
 
+def slow_redis_deletes() -> None:
+    """In the child: every DEL on the server waits a little first, as on a slow server."""
+    command = RemoteTier._command
+
+    async def slow(self: RemoteTier, name: str, *args: Any) -> Any:
+        if name == "DEL":
+            await asyncio.sleep(SLOW_UNLINK_S)
+        return await command(self, name, *args)
+
+    RemoteTier._command = slow  # type: ignore[method-assign]
+
+
 def worker(root: Path, url: str, seed: int, name: str, calls: int, report: int) -> None:
     """Tasks overwrite and delete keys (their demotions race each other's puts); every call is
     logged before it starts and after it returns, and every drop.  Reports once ``calls``
     calls have returned."""
     torch.set_num_threads(1)
     slow_unlinks()
+    slow_redis_deletes()
     scenario = SCENARIOS[name]
     log_fd = os.open(root / f"ops-{seed}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     reported = report_once(report)
@@ -243,10 +273,21 @@ def run_rounds(tmp_path: Path, name: str, url: str = "") -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.parametrize("name", [name for name in SCENARIOS if name not in REDIS_SCENARIOS])
 def test_a_returned_put_or_delete_survives_sigkill_at_random_moments(
     tmp_path: Path, name: str
 ) -> None:
     """``write-ahead``: the disk holds copies of keys whose value lives in memory; a copy a
     later put or delete made stale must never be what a restart serves."""
     run_rounds(tmp_path, name)
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.parametrize("name", REDIS_SCENARIOS)
+def test_a_returned_put_or_delete_survives_sigkill_with_a_redis_tier(
+    tmp_path: Path, redis_server: RedisProcess, name: str
+) -> None:
+    """Entries move from disk onto the server while tasks overwrite and delete them; the
+    server keeps what the killed store left there, and the restart reads it."""
+    run_rounds(tmp_path, name, redis_server.url)

@@ -34,8 +34,8 @@ async def raw(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
 async def test_a_delete_wins_over_a_demotion_to_redis_in_flight(
     redis_server: RedisProcess, raw: aioredis.Redis
 ) -> None:
-    """The demotion's SET lands while the delete runs: the delete returns only once the value
-    is gone from the server, and no get finds it while the stale move cleans up."""
+    """The demotion's SET lands while the delete runs: the delete returns only once the stale
+    move removed what it wrote (held here), and no get finds the value meanwhile."""
     config = StoreConfig(
         (TierConfig("cpu", "memory", KIB), remote_spec(redis_server.url, 64 * KIB))
     )
@@ -52,8 +52,10 @@ async def test_a_delete_wins_over_a_demotion_to_redis_in_flight(
             return await command(verb, *args)
 
         discard = remote.discard
+        discarding = asyncio.Event()
 
         async def gated_discard(obj: Any) -> None:
+            discarding.set()
             await discard_gate.wait()
             await discard(obj)
 
@@ -66,11 +68,12 @@ async def test_a_delete_wins_over_a_demotion_to_redis_in_flight(
         delete = asyncio.ensure_future(store.delete("victim"))
         await asyncio.sleep(0.05)
         set_gate.set()  # the stale move's SET lands now, after the delete began
+        await asyncio.wait_for(discarding.wait(), 60)  # the move learnt it is stale
+        assert await store.get("victim") is None
+        assert not delete.done(), "the delete returned before the stale move's removal"
+        discard_gate.set()
         assert await delete is True
         assert await raw.get(name) is None, "the delete returned with the value on the server"
-        await raw.set("probe", b"")  # a round trip, so the move learns it is stale
-        assert await store.get("victim") is None
-        discard_gate.set()
         await spill
         assert await store.get("victim") is None
         assert await raw.get(name) is None

@@ -7,7 +7,7 @@ import asyncio
 import functools
 import logging
 from collections import Counter
-from collections.abc import Callable, Coroutine, Generator, Iterator
+from collections.abc import Callable, Coroutine, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,9 +58,11 @@ class KeyLedger:
         # Keys being copied down ahead of their eviction (``write_ahead``): what their
         # demotion waits for, so that it hands over to the copy instead of writing again.
         self.writing_ahead: dict[KeyLike, asyncio.Future[None]] = {}
-        # Removals of each key's stored bytes still running (see ``_remove``): a put or
-        # delete of the key waits for them, so no older value outlives its return.
-        self.discarding: dict[KeyLike, set[asyncio.Task[None]]] = {}
+        # Removals of each key's stored bytes still running (see ``_remove``), and moves of it
+        # whose write into a shared tier may be on the server before they commit (see
+        # ``move``): a put or delete of the key waits for them, so no older value outlives
+        # its return.
+        self.discarding: dict[KeyLike, set[asyncio.Future[None]]] = {}
         self.behind = 0  # of those, evictions' removals that no caller awaits
         self.deletes = 0  # deletes so far: a fetch that overlapped one adopts nothing
 
@@ -105,15 +107,29 @@ class KeyLedger:
 
     # ------------------------------------------------------------------ moves
     @contextmanager
-    def move(self, key: KeyLike) -> Iterator[None]:
-        """Mark ``key`` as moving for the duration."""
+    def move(self, key: KeyLike, into: Sequence[Tier] = ()) -> Iterator[None]:
+        """Mark ``key`` as moving for the duration (a move into one of the tiers ``into``).
+
+        A shared tier's write is on the server before the move commits, and a put or delete
+        that makes the move stale meanwhile would otherwise return with the move's bytes
+        still there (a restart or another store would find them).  So a move into a shared
+        tier counts as a pending removal of the key from the start: the key's next put or
+        delete waits until the move has committed, or gone stale and registered the removal
+        of what it wrote.  The move itself never waits for a put or delete of its key.
+        """
         self.moving[key] += 1
+        landing: asyncio.Future[None] | None = None
+        if any(tier.shared for tier in into):
+            landing = asyncio.get_running_loop().create_future()
+            self._register(key, landing)
         try:
             yield
         finally:
             self.moving[key] -= 1
             if not self.moving[key]:
                 del self.moving[key]
+            if landing is not None:  # after a stale write's removal was registered
+                landing.set_result(None)
 
     def start_copy(self, key: KeyLike) -> asyncio.Future[None]:
         """Register a copy of ``key`` written ahead of its eviction; resolved by ``end_copy``."""
@@ -143,9 +159,13 @@ class KeyLedger:
             log.exception("tier %r: removing the storage of %r failed", tier.name, key)
             return None
         task = self._spawn(_resumed(removal, first))
-        self.discarding.setdefault(key, set()).add(task)
-        task.add_done_callback(functools.partial(self._forget_discard, key))
+        self._register(key, task)
         return task
+
+    def _register(self, key: KeyLike, pending: asyncio.Future[None]) -> None:
+        """Have the key's next put or delete wait for ``pending``."""
+        self.discarding.setdefault(key, set()).add(pending)
+        pending.add_done_callback(functools.partial(self._forget_discard, key))
 
     async def discard(self, tier: Tier, key: KeyLike, obj: Any) -> None:
         """Remove ``key``'s entry ``obj`` from ``tier`` (replaced, deleted, moved, or a write
@@ -173,14 +193,15 @@ class KeyLedger:
     def _behind_done(self, _task: asyncio.Task[None]) -> None:
         self.behind -= 1
 
-    def _forget_discard(self, key: KeyLike, task: asyncio.Task[None]) -> None:
+    def _forget_discard(self, key: KeyLike, task: asyncio.Future[None]) -> None:
         pending = self.discarding[key]
         pending.discard(task)
         if not pending:
             del self.discarding[key]
 
     async def discarded(self, key: KeyLike) -> None:
-        """Wait until no removal of ``key``'s stored bytes is still running."""
+        """Wait until no removal of ``key``'s stored bytes is still running, and no move of it
+        into a shared tier."""
         while key in self.discarding:
             await asyncio.wait(self.discarding[key])
 

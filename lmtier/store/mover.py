@@ -214,7 +214,7 @@ class Mover:
         if candidates:
             data = staged if staged is not None else await self._loader.load_or_drop(tier, key, obj)
             if data is not None:
-                with ledger.move(key):
+                with ledger.move(key, candidates):
                     outcome = await self.placement.place(
                         key, data, candidates, cascade.source(tier, obj), Arrival.DEMOTION
                     )
@@ -252,11 +252,12 @@ class Mover:
     async def promote(self, key: KeyLike, source: Hit, data: torch.Tensor) -> None:
         """Copy a hit in a lower tier (``data``: its bytes) to the top; its source stays as a
         clean copy where the config keeps them."""
-        with self._ledger.move(key):
+        above = self._cascade.tiers[: source.index]
+        with self._ledger.move(key, above):
             outcome = await self.placement.place(
                 key,
                 data,
-                self._cascade.tiers[: source.index],
+                above,
                 source,
                 Arrival.PROMOTION,
                 wait=False,
@@ -303,7 +304,7 @@ class Mover:
         """Copy ``key``'s entry from ``source`` into ``into`` and keep it above: a clean copy,
         committed only while the entry above is still the key's authoritative one."""
         try:
-            with self._ledger.move(key):
+            with self._ledger.move(key, [into]):
                 await self.placement.place(
                     key, data, [into], source, Arrival.WRITE_AHEAD, wait=False
                 )

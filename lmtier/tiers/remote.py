@@ -49,6 +49,7 @@ import contextlib
 import hashlib
 import logging
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -250,8 +251,11 @@ class RemoteTier(RemoteConnection, Tier):
             self._wrote.popitem(last=False)
         return entry
 
-    async def _in_order(self, key: KeyLike, name: str, *args: Any) -> Any:
-        """Run a command on ``key``'s value once every earlier one on it has landed.
+    async def _in_order(
+        self, key: KeyLike, name: str, *args: Any, unless: Callable[[], bool] | None = None
+    ) -> Any:
+        """Run a command on ``key``'s value once every earlier one on it has landed (none if
+        ``unless()`` holds then).
 
         Batches go out on several connections at once, so two commands on one name could
         otherwise land in either order: a stale move's DEL after a newer SET (the new value
@@ -263,6 +267,8 @@ class RemoteTier(RemoteConnection, Tier):
         try:
             if earlier is not None:
                 await asyncio.wait([earlier])
+            if unless is not None and unless():
+                return None
             try:
                 result = await self._command(name, *args)
             except BaseException:
@@ -397,8 +403,15 @@ class RemoteTier(RemoteConnection, Tier):
         if obj in self._gone:
             self._gone.discard(obj)
             return
-        if obj.key in self.cache_dict or obj.key in self._writing:
-            return  # the key was written again: the name holds the newer value
+        if obj.key in self._writing:
+            return  # a SET in flight replaces the value under the name
+        indexed = self.cache_dict.get(obj.key)
+        if indexed is not None and (
+            indexed.checksum == obj.checksum or self._wrote.get(obj.key) != obj.checksum
+        ):
+            return  # the key was written again since: the name holds the newer value
+        # Else this entry's SET is the last that landed: a stale move's write that landed
+        # after the indexed value's overwrote it, and must not outlive the move.
         try:
             await self._in_order(obj.key, "DEL", obj.path)
         except StorageError as exc:  # the entry is gone from the index either way
@@ -406,10 +419,22 @@ class RemoteTier(RemoteConnection, Tier):
 
     async def forget(self, key: KeyLike) -> bool:
         try:
-            # After any SET of the key already issued (a move that this delete made stale).
-            return bool(await self._in_order(key, "DEL", self.name_for(key)))
+            # After any SET of the key already issued; not if this store's write of it
+            # committed meanwhile or is in flight: a put newer than the delete, whose value
+            # the name holds (an entry adopted from another store is deleted all the same).
+            return bool(
+                await self._in_order(key, "DEL", self.name_for(key), unless=self._written(key))
+            )
         except StorageError:
             return False
+
+    def _written(self, key: KeyLike) -> Callable[[], bool]:
+        def written() -> bool:
+            indexed = self.cache_dict.get(key)
+            ours = indexed is not None and self._wrote.get(key) == indexed.checksum
+            return ours or key in self._writing
+
+        return written
 
 
 def _decode_payload(
