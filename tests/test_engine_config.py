@@ -82,12 +82,15 @@ def test_a_bad_config_gets_the_parsers_error(data: Any, message: str) -> None:
         engine_config(None, data, "c")
 
 
-@pytest.mark.parametrize("module", ["vllm.py", "sglang.py"])
-def test_each_integration_builds_its_config_through_engine_config(module: str) -> None:
-    tree = ast.parse((INTEGRATIONS / module).read_text())
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_each_integration_builds_its_config_through_engine_config(engine: str) -> None:
+    """The integration's modules (``vllm.py`` and its ``vllm_*.py`` parts) build their store
+    config through engine_config, never by parsing one of their own."""
+    modules = [INTEGRATIONS / f"{engine}.py", *INTEGRATIONS.glob(f"{engine}_*.py")]
     called = {
         node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
-        for node in ast.walk(tree)
+        for module in modules
+        for node in ast.walk(ast.parse(module.read_text()))
         if isinstance(node, ast.Call)
     }
     assert "engine_config" in called
