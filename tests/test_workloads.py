@@ -146,7 +146,7 @@ def test_replay_command_on_a_window_and_on_the_generator(
 
 # ---------------------------------------------------------------------- the policy report
 def test_the_shipped_report_keeps_the_default_evictor_section_on_a_rerun() -> None:
-    from lmtier.cli.replay.policy_report import KEEP_MARKER
+    from lmtier.cli.replay.policy_pages import KEEP_MARKER
 
     text = (Path(__file__).parent.parent / "docs" / "policies.md").read_text()
     kept, marker, generated = text.partition(KEEP_MARKER)
@@ -154,7 +154,7 @@ def test_the_shipped_report_keeps_the_default_evictor_section_on_a_rerun() -> No
 
 
 def test_the_policy_report_covers_every_registered_policy(tmp_path: Path) -> None:
-    from lmtier.cli.replay.policy_report import KEEP_MARKER
+    from lmtier.cli.replay.policy_pages import KEEP_MARKER
     from lmtier.cli.replay.policy_report import main as report
     from lmtier.evictor.registry import evictor_names
 

@@ -71,14 +71,12 @@ from lmtier.tiers.remote_connection import (
     RemoteConnection,
     close_quietly,
 )
+from lmtier.tiers.value_buffers import ValueBuffers
 
 __all__ = ["RemoteEntry", "RemoteTier", "default_key_prefix"]
 
 log = logging.getLogger(__name__)
 
-# Value buffers kept for reuse where values are joined (a pipelined batch of 2 MiB chunks fits
-# 32 of them).
-MAX_POOLED_BYTES = 64 << 20
 # How many keys' last-written checksums are remembered (see ``fetch``); ~100 bytes each.
 MAX_REMEMBERED_KEYS = 1 << 20
 # Checking or decoding a value costs up to ~0.15 ms per MiB (a checksum, and a copy): up to this
@@ -159,8 +157,7 @@ class RemoteTier(RemoteConnection, Tier):
         self._suspect: OrderedDict[KeyLike, None] = OrderedDict()
         # The last command issued on each key's value, resolved when it lands (``_in_order``).
         self._last_command: dict[KeyLike, asyncio.Future[None]] = {}
-        self._buffers: dict[int, list[bytearray]] = {}  # value buffers for reuse, by size
-        self._pooled_bytes = 0
+        self._buffers = ValueBuffers()
         self._sends_parts = False  # whether the client sends ``ValueParts`` without joining
         self._gone: set[RemoteEntry] = set()  # removed entries whose value is not theirs to delete
 
@@ -196,8 +193,7 @@ class RemoteTier(RemoteConnection, Tier):
         while self._flushes:
             await asyncio.gather(*list(self._flushes), return_exceptions=True)
         client, self._client = self._client, None
-        self._buffers.clear()
-        self._pooled_bytes = 0
+        self._buffers = ValueBuffers()
         if client is not None:
             await close_quietly(client)
 
@@ -229,7 +225,7 @@ class RemoteTier(RemoteConnection, Tier):
         value: ValueParts | memoryview = parts
         buffer = None
         if not self._sends_parts:  # a client that takes only whole values: join them
-            buffer = self._take_buffer(parts.nbytes)
+            buffer = self._buffers.take(parts.nbytes)
             if large:
                 value = await asyncio.to_thread(parts.joined_into, memoryview(buffer))
             else:
@@ -244,7 +240,7 @@ class RemoteTier(RemoteConnection, Tier):
                 del self._writing[key]
         del value, parts  # the server has it all: nothing refers to the buffer any more
         if buffer is not None:
-            self._give_back(buffer)
+            self._buffers.give_back(buffer)
         self._wrote[key] = checksum
         self._wrote.move_to_end(key)
         if len(self._wrote) > MAX_REMEMBERED_KEYS:
@@ -289,20 +285,6 @@ class RemoteTier(RemoteConnection, Tier):
         self._suspect.move_to_end(key)
         if len(self._suspect) > MAX_REMEMBERED_KEYS:
             self._suspect.popitem(last=False)
-
-    # Fresh multi-MiB allocations page-fault on every write (measured: the value's copy ran at a
-    # fifth of the speed of a copy into reused memory), so value buffers are kept for reuse.
-    def _take_buffer(self, size: int) -> bytearray:
-        bucket = self._buffers.get(_bucket(size))
-        if not bucket:
-            return bytearray(_bucket(size))
-        self._pooled_bytes -= _bucket(size)
-        return bucket.pop()
-
-    def _give_back(self, buffer: bytearray) -> None:
-        if len(buffer) >= 1 << 16 and self._pooled_bytes + len(buffer) <= MAX_POOLED_BYTES:
-            self._buffers.setdefault(len(buffer), []).append(buffer)
-            self._pooled_bytes += len(buffer)
 
     async def load(self, obj: Any) -> torch.Tensor | None:
         assert isinstance(obj, RemoteEntry)
@@ -448,8 +430,3 @@ def _decode_payload(
     payload[:] = memoryview(value)[header.payload_offset :]
     checksums.check(header, checksums.payload_digest(payload), "value")
     return tensor
-
-
-def _bucket(size: int) -> int:
-    """Buffer sizes in steps of 4 KiB, so that entries of one shape share buffers."""
-    return -(-size // 4096) * 4096
