@@ -12,11 +12,35 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from lmtier.errors import LmtierError
-from lmtier.server import ServerClient
+from lmtier.server import ServerClient, SharedRegion
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_S = 90.0  # torch's import alone takes seconds on a loaded machine
+
+BLOCK = 256 * 1024
+BLOCKS = 64
+
+
+def blocks_for(tag: str, count: int = BLOCKS) -> torch.Tensor:
+    """``count`` distinct float16 blocks of 256 KiB, derived from ``tag``."""
+    generator = torch.Generator().manual_seed(sum(tag.encode()) * 7919)
+    return torch.randn(count, BLOCK // 2, generator=generator).to(torch.float16)
+
+
+def store_blocks(client: ServerClient, keys: list[str], data: torch.Tensor) -> SharedRegion:
+    region = client.map_region(data.numel() * data.element_size())
+    region.tensor.copy_(data.reshape(-1).view(torch.uint8))
+    offsets = [i * BLOCK for i in range(len(keys))]
+    shapes = [list(data[0].shape)] * len(keys)
+    job = client.submit_store(
+        keys, region, offsets, [BLOCK] * len(keys), dtypes=[data.dtype] * len(keys), shapes=shapes
+    )
+    result = client.wait(job)
+    assert result.error is None and all(result.placed), result
+    return region
 
 
 def disk_config(folder: Path) -> Path:

@@ -33,6 +33,7 @@ from lmtier.server import client_async
 from lmtier.server import protocol as p
 from lmtier.server.client_socket import ServerConnection
 from lmtier.server.client_wire import (
+    HoldsResult,
     JobResult,
     LoadResult,
     StoreResult,
@@ -46,7 +47,7 @@ from lmtier.server.paths import default_socket_path
 from lmtier.server.regions import SharedRegion
 from lmtier.server.ring import CompletionRing
 
-__all__ = ["LoadResult", "ServerClient", "StoreResult"]
+__all__ = ["HoldsResult", "LoadResult", "ServerClient", "StoreResult"]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,9 @@ class ServerClient(ServerConnection):
     def map_region(self, size: int) -> SharedRegion:
         """A new shared region of ``size`` bytes, mapped by the server (now, or at the next
         connection if the server is down)."""
-        region = SharedRegion(size, next(self._region_numbers))
+        return self._share(SharedRegion(size, next(self._region_numbers)))
+
+    def _share(self, region: SharedRegion) -> SharedRegion:
         with self._lock:
             self._regions[region.number] = region
             if self._sock is not None:
@@ -111,6 +114,13 @@ class ServerClient(ServerConnection):
                 with contextlib.suppress(TierUnavailableError):
                     self._send_map(region)
         return region
+
+    def share_file(self, fd: int, size: int) -> SharedRegion:
+        """The first ``size`` bytes of shared file ``fd`` (an engine's own shared memory, kept
+        open by the caller) as a region the server maps too; the file must never shrink
+        (``SharedRegion.adopt``)."""
+        region = SharedRegion.adopt(fd, size, next(self._region_numbers))
+        return self._share(region)
 
     def unmap_region(self, region: SharedRegion) -> None:
         """Stop sharing ``region`` and close it; jobs already sent finish first (server side)."""
@@ -164,6 +174,12 @@ class ServerClient(ServerConnection):
             dims,
         )
         return self._submit(request, StoreResult, count)
+
+    def submit_holds(self, keys: Sequence[KeyLike]) -> int:
+        """Ask which tier holds each key (no bytes move); the job's id, at once.  ``poll``
+        returns its ``HoldsResult``."""
+        request = p.Holds(self._new_id(), wire_keys(keys))
+        return self._submit(request, HoldsResult, len(request.keys))
 
     def poll(self) -> list[JobResult]:
         """The jobs that finished since the last poll; never blocks.  While the completion
@@ -259,7 +275,7 @@ class ServerClient(ServerConnection):
             raise InvalidValueError(f"{region!r} is not a region of this client (map_region)")
         return region.number
 
-    def _submit(self, request: p.Load | p.Store, kind: type[JobResult], keys: int) -> int:
+    def _submit(self, request: p.Load | p.Store | p.Holds, kind: type[JobResult], keys: int) -> int:
         with self._lock:
             self._pending.add(request.id)
             self._jobs[request.id] = (kind, keys)
@@ -332,9 +348,13 @@ class ServerClient(ServerConnection):
             return LoadResult(job_id, outcome.found)
         if isinstance(outcome, p.Stored):
             return StoreResult(job_id, outcome.placed)
+        if isinstance(outcome, p.Held):
+            return HoldsResult(job_id, outcome.tiers)
         error = error_text(outcome)
         if kind is LoadResult:
             return LoadResult(job_id, [None] * keys, error)
+        if kind is HoldsResult:
+            return HoldsResult(job_id, [None] * keys, error)
         return StoreResult(job_id, [False] * keys, error)
 
     def _quiet(self) -> bool:

@@ -100,7 +100,8 @@ class ServerConnection:
         self._send_unclaimed(p.Doorbell(self._ring_request, RING_REGION))
 
     def _send_map(self, region: SharedRegion) -> None:
-        self._send_unclaimed(p.MapRegion(next(self._ids), region.number, region.size), region.fd)
+        request = p.MapRegion(next(self._ids), region.number, region.size, not region.sealed)
+        self._send_unclaimed(request, region.fd)
 
     def _send_unclaimed(self, request: p.Request, fd: int | None = None) -> None:
         self._discard.add(request.id)

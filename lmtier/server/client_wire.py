@@ -19,6 +19,7 @@ from lmtier.keys import KeyLike, check_key
 from lmtier.server import protocol as p
 
 __all__ = [
+    "HoldsResult",
     "JobResult",
     "LoadResult",
     "StoreResult",
@@ -55,7 +56,16 @@ class StoreResult:
     error: str | None = None
 
 
-JobResult = LoadResult | StoreResult
+@dataclass(frozen=True)
+class HoldsResult:
+    """A finished ``submit_holds``: ``tiers[i]`` names the tier holding key i (None: none)."""
+
+    job_id: int
+    tiers: list[str | None]
+    error: str | None = None
+
+
+JobResult = LoadResult | StoreResult | HoldsResult
 
 
 def wire_keys(keys: Sequence[KeyLike]) -> list[p.WireKey]:

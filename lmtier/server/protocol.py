@@ -30,6 +30,8 @@ __all__ = [
     "Found",
     "FrameError",
     "FrameReader",
+    "Held",
+    "Holds",
     "Load",
     "Loaded",
     "MapRegion",
@@ -79,10 +81,14 @@ class Ping(_Message):
 
 
 class MapRegion(_Message):
-    """Map the region whose descriptor came with this frame, as number ``region``."""
+    """Map the region whose descriptor came with this frame, as number ``region``.
+
+    ``unsealed``: the descriptor is a shared file of the client's own that cannot be sealed
+    (an engine's shared-memory file), not a sealed memfd; see ``lmtier.server.regions``."""
 
     region: int
     size: int
+    unsealed: bool = False
 
 
 class UnmapRegion(_Message):
@@ -125,11 +131,19 @@ class Contains(_Message):
     key: WireKey
 
 
+class Holds(_Message):
+    """Which of ``keys`` the store holds (a batched ``Contains``); answered with ``Held``."""
+
+    keys: list[WireKey]
+
+
 class Stats(_Message):
     pass
 
 
-Request = Ping | MapRegion | UnmapRegion | Doorbell | Load | Store | Delete | Contains | Stats
+Request = (
+    Ping | MapRegion | UnmapRegion | Doorbell | Load | Store | Delete | Contains | Holds | Stats
+)
 
 
 # ---------------------------------------------------------------- replies
@@ -168,6 +182,12 @@ class Contained(_Message):
     tier: str | None
 
 
+class Held(_Message):
+    """Per key of a ``Holds``: the tier holding it, or None."""
+
+    tiers: list[str | None]
+
+
 class StatsReply(_Message):
     stats: dict[str, Any]
 
@@ -179,7 +199,7 @@ class Error(_Message):
     message: str
 
 
-Reply = Pong | Mapped | Loaded | Stored | Deleted | Contained | StatsReply | Error
+Reply = Pong | Mapped | Loaded | Stored | Deleted | Contained | Held | StatsReply | Error
 
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)

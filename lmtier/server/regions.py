@@ -5,6 +5,12 @@ the server over the socket (SCM_RIGHTS).  A memfd has no name another process co
 it is freed by the kernel once the last descriptor and mapping are gone, so a client killed
 at any moment leaks nothing once the server drops its mapping.  The size seals matter to the
 server: a region that could shrink under it would turn its next copy into a SIGBUS.
+
+An engine that keeps its blocks in a shared-memory file of its own (vLLM's CPU tier rows)
+shares that file instead (``SharedRegion.adopt``): no copy between the engine's memory and a
+region, at the price of the seals.  The server takes such a file only from its own user, who
+could stop the server anyway; the engine must not shrink it while it is shared (vLLM never
+does: it unlinks the file, and the pages live until the last mapping goes).
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ class SharedRegion:
     """A client's shared-memory region: a sealed memfd of ``size`` bytes, mapped as ``tensor``
     (uint8); the server reads and writes the same pages."""
 
+    #: False for a file adopted from the engine (``adopt``): the server maps it unsealed.
+    sealed = True
+
     def __init__(self, size: int, number: int = 0, name: str = _MEMFD_NAME) -> None:
-        if not isinstance(size, int) or size <= 0:
-            raise InvalidValueError(f"a shared region needs a size > 0 bytes, got {size!r}")
+        _check_size(size)
         self.size = size
         self.number = number
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -42,6 +50,30 @@ class SharedRegion:
             os.close(self.fd)
             raise
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
+
+    @classmethod
+    def adopt(cls, fd: int, size: int, number: int = 0) -> SharedRegion:
+        """The first ``size`` bytes of the caller's shared file ``fd`` (not closed: a duplicate
+        is kept) as a region; unsealed, so the caller must never shrink the file."""
+        _check_size(size)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidValueError(f"descriptor {fd} is not a file: it cannot be shared")
+        if info.st_size < size:
+            raise InvalidValueError(
+                f"a shared region of {size} bytes needs a file of that size, descriptor {fd}'s "
+                f"has {info.st_size}"
+            )
+        region = cls.__new__(cls)
+        region.size, region.number, region.sealed = size, number, False
+        region.fd = os.dup(fd)
+        try:
+            region._map = mmap.mmap(region.fd, size)
+        except BaseException:
+            os.close(region.fd)
+            raise
+        region.tensor = torch.frombuffer(region._map, dtype=torch.uint8)
+        return region
 
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
         """The bytes ``[offset, offset + nbytes)`` of the region, as a uint8 tensor (no copy)."""
@@ -61,10 +93,16 @@ class SharedRegion:
         return f"SharedRegion(number={self.number}, size={self.size})"
 
 
-def map_region(fd: int, size: int) -> torch.Tensor:
+def _check_size(size: object) -> None:
+    if not isinstance(size, int) or size <= 0:
+        raise InvalidValueError(f"a shared region needs a size > 0 bytes, got {size!r}")
+
+
+def map_region(fd: int, size: int, sealed: bool = True) -> torch.Tensor:
     """The server's view of a client's region (uint8, ``size`` bytes); the descriptor is
-    consumed.  A region that is not a regular file, is smaller than ``size``, or could shrink
-    is refused with StorageError."""
+    consumed.  A region that is not a regular file or is smaller than ``size`` is refused
+    with StorageError; so is one that could shrink, unless ``sealed`` is False and the file
+    is the server's own user's (an engine's shared file, see the module docstring)."""
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -77,7 +115,12 @@ def map_region(fd: int, size: int) -> torch.Tensor:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         except OSError:
             seals = 0
-        if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+        if not sealed and info.st_uid != os.geteuid():
+            raise StorageError(
+                f"an unsealed shared file must belong to the server's user ({os.geteuid()}), "
+                f"this one belongs to {info.st_uid}"
+            )
+        if sealed and seals & REQUIRED_SEALS != REQUIRED_SEALS:
             raise StorageError(
                 "a shared region must be a memfd sealed against shrinking and growing "
                 "(F_SEAL_SHRINK | F_SEAL_GROW), so that no copy can fault on a cut-off page"

@@ -56,6 +56,8 @@ class Server:
     def __init__(self, store: TieredStore, listener: socket.socket, path: Path) -> None:
         self.store = store
         self.path = path
+        # Whether a key no index holds may still be on a shared tier (another server's write).
+        self.shared = any(info.shared for info in store.tier_infos())
         self._listener = listener
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -299,7 +301,7 @@ class _Connection:
         if request.region in self.regions:
             os.close(fd)
             raise InvalidValueError(f"region {request.region} is mapped already")
-        self.regions[request.region] = map_region(fd, request.size)
+        self.regions[request.region] = map_region(fd, request.size, sealed=not request.unsealed)
         return p.Mapped(request.id, request.region)
 
     async def _handle(self, request: p.Request) -> p.Reply:
@@ -313,11 +315,25 @@ class _Connection:
             return p.Deleted(request.id, await self.store.delete(p.key_from_wire(request.key)))
         if isinstance(request, p.Contains):
             return p.Contained(request.id, await self.store.contains(p.key_from_wire(request.key)))
+        if isinstance(request, p.Holds):
+            return p.Held(request.id, await self._holders(request.keys))
         if isinstance(request, p.Stats):
             return p.StatsReply(
                 request.id, {"store": self.store.stats(), "server": self.server.stats()}
             )
         raise InvalidValueError(f"{type(request).__name__} is not a job this server runs")
+
+    async def _holders(self, wire: list[p.WireKey]) -> list[str | None]:
+        """Each key's tier; a key no index holds is looked for on the shared tiers (another
+        server's write), which index it when found."""
+        keys = [p.key_from_wire(key) for key in wire]
+        tiers = [self.store.holder(key) for key in keys]
+        if self.server.shared and None in tiers:
+            missing = [i for i, tier in enumerate(tiers) if tier is None]
+            await self.store.get_many([keys[i] for i in missing])
+            for i in missing:
+                tiers[i] = self.store.holder(keys[i])
+        return tiers
 
     def _blocks(
         self, region_number: int, keys: list[p.WireKey], offsets: list[int], sizes: list[int]
