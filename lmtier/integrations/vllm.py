@@ -71,8 +71,8 @@ from vllm.v1.kv_offload.base import (
 from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager
 
 from lmtier.config import StoreConfig
-from lmtier.errors import StoreClosedError
-from lmtier.integrations.activity import Activity, ActivityReporter, show_lmtier_logs
+from lmtier.errors import ConfigError, StoreClosedError
+from lmtier.integrations.activity import ActivityReporter, show_lmtier_logs
 from lmtier.integrations.blocking import BlockingStore
 from lmtier.integrations.engine_config import engine_config, in_namespace
 from lmtier.integrations.vllm_block_hashes import block_hash_warning
@@ -129,6 +129,22 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
 
     medium: ClassVar[Medium] = Medium.STORAGE
 
+    def __new__(cls, *args: Any, server: bool | str | None = None, **kwargs: Any) -> Any:
+        """With ``server`` set, the tier is a client of ``lmtier serve`` instead
+        (``lmtier.integrations.vllm_server``): one line in the tier's entry switches."""
+        if not server:
+            return super().__new__(cls)
+        in_process = sorted(set(kwargs) & {"config", "batch_blocks"})
+        if in_process:
+            raise ConfigError(
+                f"LmtierSecondaryTier: {', '.join(in_process)} configure the in-process store; "
+                "with a server, give config_path (the config it is started with) or leave "
+                "them out"
+            )
+        from lmtier.integrations.vllm_server import LmtierServerTier
+
+        return LmtierServerTier(*args, **{**kwargs, "server": server})
+
     def __init__(
         self,
         offloading_spec: Any,
@@ -141,6 +157,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         locality: str | None = None,
         backpressure_detector: Any = None,
         model_id: str | None = None,
+        server: bool | str | None = None,  # set: the tier is built by __new__, not here
     ) -> None:
         kwargs: dict[str, Any] = {}
         if backpressure_detector is not None:
@@ -215,7 +232,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         if self.store_config.report_interval_s > 0:
             reporter = ActivityReporter(
                 f"lmtier vLLM tier {tier_type!r}",
-                self._activity,
+                self._counters.activity,
                 self.store_config.report_interval_s,
             )
             reporter.start(self._blocking)
@@ -240,7 +257,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         if not self._probe_shared or self._closed:
             tally.lookups += 1
             return LookupResult.MISS
-        found = self._probes.answer(text, req_context.req_id, self._blocking.submit)
+        found = self._probes.answer(text, req_context.req_id, self._start_probe)
         if found is None:
             return LookupResult.RETRY
         tally.lookups += 1
@@ -361,17 +378,6 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
     async def _read_store_stats(self, store: TieredStore) -> None:
         self._readings.take(store)
 
-    def _activity(self) -> Activity:
-        tally = self._counters
-        return Activity(
-            lookups=tally.lookups,
-            hits=tally.hits,
-            stored=tally.stored,
-            store_failed=tally.store_failed,
-            loaded=tally.loaded,
-            load_failed=tally.load_failed,
-        )
-
     def stats(self) -> dict[str, Any]:
         """This tier's counters and the store's own stats, as one plain dict."""
         return {
@@ -388,6 +394,10 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
             self._finished.append(job_result(job_id, False))
             return
         self._in_flight[job_id] = self._blocking.submit(lambda store: work)
+
+    def _start_probe(self, text: str) -> None:
+        probes = self._probes
+        self._blocking.submit(lambda store: probes.probe_store(store, text))
 
     def _check_block_hashes(self, algorithm: str | None, seed: str | None) -> bool:
         """Warn if this engine's block hashes cannot match another process's; whether it did."""

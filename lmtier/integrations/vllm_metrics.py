@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lmtier.integrations.activity import Activity
 from lmtier.monitoring import CATALOGUE
 from lmtier.store import TieredStore
 
@@ -76,6 +77,17 @@ class Counters:
     load_failed: int = 0
     shared_hits: int = 0
     dropped: int = 0
+
+    def activity(self) -> Activity:
+        """The totals the periodic INFO line reports."""
+        return Activity(
+            lookups=self.lookups,
+            hits=self.hits,
+            stored=self.stored,
+            store_failed=self.store_failed,
+            loaded=self.loaded,
+            load_failed=self.load_failed,
+        )
 
 
 def metric_definitions() -> dict[str, Any]:

@@ -1,18 +1,18 @@
-"""Background probes of the shared tier for keys the vLLM secondary tier has not indexed.
+"""Background probes of shared storage for keys the vLLM secondary tier has not indexed.
 
 Kept apart from the tier (``lmtier.integrations.vllm``) because it is a small state machine of
-its own: a key another instance may have written on a shared (redis) tier is looked up once in
-the background while the scheduler's lookups answer RETRY; the answer is kept while a request
-waits on it and forgotten when none does, so a later request probes afresh.
+its own: a key another instance may have written (on a shared redis tier, or to the lmtier
+server both use) is looked up once in the background while the scheduler's lookups answer
+RETRY; the answer is kept while a request waits on it and forgotten when none does, so a later
+request probes afresh.  Who looks is the caller's: ``answer`` starts a look, ``settle`` ends it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from lmtier.integrations.vllm_keys import KeyIndex
 from lmtier.integrations.vllm_metrics import Counters
@@ -23,8 +23,8 @@ __all__ = ["SharedProbes"]
 # The integration's logger: its lines keep the name users filter on.
 log = logging.getLogger("lmtier.integrations.vllm")
 
-#: Runs a coroutine function on the store's thread (``BlockingStore.submit``).
-Submit = Callable[[Callable[[TieredStore], Coroutine[Any, Any, None]]], object]
+#: Starts looking for a key; whoever looks calls ``SharedProbes.settle`` with the answer.
+Start = Callable[[str], object]
 
 
 @dataclass
@@ -51,15 +51,15 @@ class SharedProbes:
         """Probes submitted whose answer has not come yet."""
         return self._in_flight
 
-    def answer(self, text: str, req_id: str, submit: Submit) -> bool | None:
-        """Whether the shared tier holds ``text`` (None while the probe, started here if need
-        be, is in flight); the request waits on the answer until it finishes."""
+    def answer(self, text: str, req_id: str, start: Start) -> bool | None:
+        """Whether shared storage holds ``text`` (None while the probe, started here with
+        ``start`` if need be, is in flight); the request waits on the answer until it ends."""
         probe = self._probes.get(text)
         if probe is None:
             probe = self._probes[text] = _Probe()
             with self._lock:
                 self._in_flight += 1
-            submit(lambda store: self._probe(store, text, probe))
+            start(text)
         if req_id not in probe.requests:
             probe.requests.add(req_id)
             self._request_probes.setdefault(req_id, set()).add(text)
@@ -76,15 +76,24 @@ class SharedProbes:
                 # An answer no request waits for is forgotten: the next request probes afresh.
                 del self._probes[text]
 
-    async def _probe(self, store: TieredStore, text: str, probe: _Probe) -> None:
+    def settle(self, text: str, found: bool) -> None:
+        """A probe of ``text`` ended (on any thread): a key found is indexed, and answers the
+        requests waiting on it (a probe forgotten meanwhile answers the next one's)."""
+        if found:
+            self._index.add_all([text])
+            self._counters.shared_hits += 1
+        probe = self._probes.get(text)
+        if probe is not None:
+            probe.found = found
+        with self._lock:
+            self._in_flight -= 1
+
+    async def probe_store(self, store: TieredStore, text: str) -> None:
+        """Look for ``text`` in ``store`` (on its thread): a get that finds it on a shared
+        tier indexes it there."""
         try:
             found = await store.get(text) is not None
         except Exception:
             log.warning("lmtier shared-tier probe of %s failed", text, exc_info=True)
             found = False
-        if found:
-            self._index.add_all([text])
-            self._counters.shared_hits += 1
-        probe.found = found
-        with self._lock:
-            self._in_flight -= 1
+        self.settle(text, found)
