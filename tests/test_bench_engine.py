@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lmtier.cli import main
-from lmtier.cli.bench.engine import SHARED_NOT_AVAILABLE, ModeResult, format_results
+from lmtier.cli.bench.engine import ModeResult, format_results
 from lmtier.cli.bench.engine_prompts import (
     PromptPlan,
     build_prompts,
@@ -59,14 +59,19 @@ def _mode(wall: float, tokens: list[list[int]], cached: int, p99: float, tier: b
     return ModeResult(cached, 1000, [0.01, 0.02, 0.04], wall, tokens, {"p99_ms": p99}, counters)
 
 
-def test_the_table_gives_same_run_ratios_identity_and_the_missing_mode() -> None:
+def test_the_table_gives_same_run_ratios_identity_and_what_each_engine_shared() -> None:
     same, other = [[1, 2], [3]], [[1, 2], [4]]
+    shared = _mode(7.0, same, 800, 2.0, True)
+    assert shared.tier is not None
+    shared.tier["shared_hits_each"] = [12, 1034]
     run = {
         "alone": _mode(10.0, same, 100, 1.0, False),
         "cpu": _mode(8.0, same, 200, 2.0, False),
         "cold": _mode(12.0, other, 600, 3.0, True),
         "warm": _mode(4.0, same, 990, 4.0, True),
-        "shared": ModeResult(note=SHARED_NOT_AVAILABLE),
+        "served-cold": _mode(9.0, same, 600, 1.0, True),
+        "served-warm": _mode(3.0, same, 990, 1.0, True),
+        "shared": shared,
     }
     slower = {**run, "warm": _mode(6.0, same, 990, 6.0, True)}
     lines = format_results([run, slower]).splitlines()
@@ -75,7 +80,8 @@ def test_the_table_gives_same_run_ratios_identity_and_the_missing_mode() -> None
     assert "0.600" in cold and "1.20x" in cold and "NO" in cold and "0.25" in cold
     warm = " ".join(cells["new engine on lmtier's folder (warm)"])
     assert "0.50x (0.40x-0.60x)" in warm and "yes" in warm and "5.00 (4.00-6.00) (1.00)" in warm
-    assert lines[-1] == f"two engines sharing one set of tiers: {SHARED_NOT_AVAILABLE}"
+    assert "two engines sharing one lmtier serve" in lines[-2]
+    assert lines[-1].endswith("stored: 12 and 1,034; 12 and 1,034")
 
 
 def test_the_stall_probe_reports_its_lateness_in_milliseconds() -> None:

