@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,13 +28,13 @@ from typing import Any
 
 import torch
 
+from lmtier.cli.bench.stall import StallProbe
 from lmtier.errors import LmtierError
 from lmtier.integrations.blocking import BlockingStore
 from lmtier.server import ServerClient, SharedRegion
 
 BLOCK = 256 * 1024
 STEP_S = 1e-3
-PROBE_S = 1e-3
 
 
 class BusyLoop:
@@ -60,32 +59,10 @@ class BusyLoop:
         self._thread.join()
 
 
-class StallProbe:
-    """A thread that sleeps ``PROBE_S`` in a loop and records how late each wake-up is."""
-
-    def __init__(self) -> None:
-        self.late_s: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            start = time.perf_counter()
-            time.sleep(PROBE_S)
-            self.late_s.append(time.perf_counter() - start - PROBE_S)
-
-    def __enter__(self) -> StallProbe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def percentiles_ms(self) -> tuple[float, float, float]:
-        ordered = sorted(self.late_s)
-        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-        return statistics.median(ordered) * 1e3, p99 * 1e3, ordered[-1] * 1e3
+def probe_ms(probe: StallProbe) -> tuple[float, float, float]:
+    """The probe's lateness: p50, p99 and max, in ms."""
+    summary = probe.summary()
+    return summary["p50_ms"], summary["p99_ms"], summary["max_ms"]
 
 
 def engine_step() -> None:
@@ -133,9 +110,7 @@ def measure(load: Load, rounds: int, blocks: int) -> Result:
             wall_quiet += time.perf_counter() - start
             assert ok, "a block was missing"
     per_block = rounds * blocks
-    return Result(
-        in_calls / per_block, wall / per_block, wall_quiet / per_block, probe.percentiles_ms()
-    )
+    return Result(in_calls / per_block, wall / per_block, wall_quiet / per_block, probe_ms(probe))
 
 
 def idle_load(steps: int) -> Load:

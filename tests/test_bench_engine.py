@@ -16,7 +16,7 @@ from lmtier.cli.bench.engine_prompts import (
     conversation_requests,
     reuse_ceiling,
 )
-from lmtier.cli.bench.engine_run import StallProbe
+from lmtier.cli.bench.stall import StallProbe
 from lmtier.cli.replay.traces import Request, Trace
 from lmtier.errors import TraceError
 

@@ -9,9 +9,7 @@ JSON object: per request its cached tokens, output tokens and time to first toke
 time of all requests; the stall probe's lateness; and, with lmtier, the tier's counters, the
 time the engine's thread spent inside the tier's methods and the load jobs' own times.
 
-The stall probe is a thread that sleeps 1 ms in a loop and records how late it wakes: the
-time it waited for the interpreter's lock on top of the kernel's timer slack, a direct measure
-of how long other threads of this process held the engine's interpreter.
+The stall probe (``lmtier.cli.bench.stall``) runs in this process while the requests run.
 """
 
 from __future__ import annotations
@@ -20,14 +18,15 @@ import functools
 import json
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from lmtier.cli.bench.stall import StallProbe
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-__all__ = ["StallProbe", "main"]
+__all__ = ["main"]
 
 RESULT_PREFIX = "RESULT "
 #: The tier methods vLLM's scheduler calls on its own thread.
@@ -42,41 +41,6 @@ ENGINE_THREAD_METHODS = (
     "on_request_finished",
     "on_schedule_end",
 )
-
-
-class StallProbe:
-    """A thread that sleeps ``period`` seconds in a loop and records how late it wakes."""
-
-    def __init__(self, period: float = 0.001) -> None:
-        self.period = period
-        self.lateness: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stall-probe", daemon=True)
-
-    def _run(self) -> None:
-        clock, sleep, period, record = time.perf_counter, time.sleep, self.period, self.lateness
-        while not self._stop.is_set():
-            before = clock()
-            sleep(period)
-            record.append(clock() - before - period)
-
-    def __enter__(self) -> StallProbe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self) -> dict[str, float]:
-        """p50, p99 and max lateness in milliseconds, and the number of samples."""
-        ordered = sorted(self.lateness) or [0.0]
-
-        def at(q: float) -> float:
-            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-        return {"p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": ordered[-1] * 1000,
-                "samples": len(self.lateness)}  # fmt: skip
 
 
 class TierTimer:

@@ -6,6 +6,13 @@ from a disk tier through ``LmtierSecondaryTier``, against raw ``os.write`` / ``r
 same bytes to new files with an xxh3-64 checksum of each (lmtier checksums every entry), and
 the time the scheduler thread spends per job: ``submit_store`` plus one ``lookup`` per block.
 
+Each job runs twice over: with the store in the engine's process, and through ``lmtier serve``
+(the tier's ``server`` line; the rows then live in a shared-memory file, as vLLM keeps them).
+While a job runs, the scheduler thread polls ``get_finished_jobs`` and sleeps 0.5 ms between
+polls (an engine waiting on its device), and a stall probe (``lmtier.cli.bench.stall``) sleeps
+1 ms in a loop: its p99 lateness is how long lmtier held the engine's interpreter, beside the
+probe's p99 over the same time with no job in flight.
+
 vLLM is imported lazily: this module imports without it, ``vllm_tier_rows`` needs it.
 """
 
@@ -14,8 +21,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
+import mmap
 import os
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -28,6 +38,7 @@ import torch
 import xxhash
 
 from lmtier.cli.bench.core import Goal, MiB, Row, Scale, Side, format_rows, timed
+from lmtier.cli.bench.stall import StallProbe
 from lmtier.sizes import human_bytes
 
 __all__ = ["vllm_tier_rows"]
@@ -64,23 +75,95 @@ def _job(job_id: int, keys: list[bytes], slots: range, promotion: bool) -> Any:
     )
 
 
+def _shared_rows(blocks: int, row_bytes: int) -> tuple[np.ndarray, int]:
+    """Rows in a shared-memory file, as vLLM keeps its CPU tier's (created, mapped, unlinked);
+    the array and the file's descriptor."""
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    path = Path(folder) / f"lmtier-bench-rows-{uuid.uuid4().hex}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    path.unlink()
+    os.ftruncate(fd, blocks * row_bytes)
+    memory = mmap.mmap(fd, blocks * row_bytes)
+    return np.frombuffer(memory, dtype=np.int8).reshape(blocks, row_bytes), fd
+
+
+def _run_job(tier: Any, job: Any, load: bool) -> tuple[float, float, list[float]]:
+    """Submit ``job`` and poll until it ends, as a scheduler waiting on its device: the job's
+    seconds, the submit's, and the stall probe's lateness meanwhile."""
+    with StallProbe() as probe:
+        started = time.perf_counter()
+        (tier.submit_load if load else tier.submit_store)(job)
+        submitted = time.perf_counter()
+        results = list(tier.get_finished_jobs())
+        while not results:
+            time.sleep(0.0005)
+            results = list(tier.get_finished_jobs())
+        ended = time.perf_counter()
+    assert [r.success for r in results] == [True], results
+    return ended - started, submitted - started, probe.lateness
+
+
+def _idle_lateness(seconds: float) -> list[float]:
+    """The probe's lateness over ``seconds`` of the same polling with no job in flight."""
+    with StallProbe() as probe:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            time.sleep(0.0005)
+    return probe.lateness
+
+
+def _p99(samples: list[float]) -> float:
+    ordered = sorted(samples) or [0.0]
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
 def vllm_tier_rows(
     folder: Path | None = None, blocks: int = 64, row_bytes: int = 2 * MiB, repeats: int = 5
 ) -> list[Row]:
-    """Store and load rows of the vLLM tier (disk) beside raw writes and reads of the bytes."""
+    """The rows of the vLLM tier in process and through ``lmtier serve``."""
+    from lmtier.server.launch import ensure_server
+
+    work = Path(tempfile.mkdtemp(prefix="lmtier-bench-vllm-", dir=folder))
+    budget_gb = (repeats + 2) * blocks * row_bytes / 1024**3 * 1.5
+    config = {"tiers": [{"name": "disk", "kind": "disk", "path": str(work / "tier"),
+                         "max_size_gb": budget_gb}]}  # fmt: skip
+    try:
+        rows = np.random.default_rng(0).integers(-128, 128, (blocks, row_bytes), dtype=np.int8)
+        found = _tier_rows(rows, {"config": config}, work, repeats, "")
+        served = config | {"tiers": [{**config["tiers"][0], "path": str(work / "served")}]}
+        config_path = work / "server.yaml"
+        config_path.write_text(json.dumps(served))
+        # A short path: a Unix socket's is limited to 107 bytes.
+        socket_folder = Path(tempfile.mkdtemp(prefix="lmtier-bench-"))
+        socket = socket_folder / "s.sock"
+        pid = ensure_server(socket, config_path)
+        shared, fd = _shared_rows(blocks, row_bytes)
+        try:
+            shared[:] = rows
+            tier = {"server": str(socket)}
+            return found + _tier_rows(shared, tier, work, repeats, " (lmtier serve)")
+        finally:
+            os.close(fd)
+            os.kill(pid, signal.SIGTERM)
+            shutil.rmtree(socket_folder, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _tier_rows(
+    rows: np.ndarray, tier_config: dict[str, Any], work: Path, repeats: int, label: str
+) -> list[Row]:
+    """Store and load jobs of one tier over ``rows``, beside raw writes and reads of them."""
     from vllm.v1.kv_offload.base import LookupResult, make_offload_key
 
     from lmtier.integrations.vllm import LmtierSecondaryTier
 
-    work = Path(tempfile.mkdtemp(prefix="lmtier-bench-vllm-", dir=folder))
-    rows = np.random.default_rng(0).integers(-128, 128, (blocks, row_bytes), dtype=np.int8)
-    budget_gb = (repeats + 2) * blocks * row_bytes / 1024**3 * 1.5
-    config = {"tiers": [{"name": "disk", "kind": "disk", "path": str(work / "tier"),
-                         "max_size_gb": budget_gb}]}  # fmt: skip
-    view = memoryview(rows.data)
-    tier = LmtierSecondaryTier(_spec(row_bytes), view, "lmtier", config=config)
+    blocks, row_bytes = rows.shape
+    view = rows.data
+    tier = LmtierSecondaryTier(_spec(row_bytes), view, "lmtier", **tier_config)
+    in_process = "config" in tier_config
     tier_rows = torch.from_numpy(rows)
-    raw_folder = work / "raw"
+    raw_folder = work / ("raw-served" if label else "raw")
     raw_folder.mkdir()
     store_s: list[float] = []
     load_s: list[float] = []
@@ -89,21 +172,20 @@ def vllm_tier_rows(
     raw_write_s: list[float] = []
     raw_read_s: list[float] = []
     alone_s: list[float] = []  # the store's own put_many of the same rows: the adapter's cost
+    stall_p99: list[float] = []  # per round, while its store and load jobs ran
+    idle_p99: list[float] = []  # per round, the same polling with nothing in flight
     try:
         expected = rows.copy()
         for round_ in range(repeats):
             keys = [make_offload_key(uuid.uuid4().bytes * 2, 0) for _ in range(blocks)]
             items = [(f"alone-{round_}-{i}", tier_rows[i]) for i in range(blocks)]
-            if round_ % 2:  # who writes first pays for the other's writeback: take turns
+            if in_process and round_ % 2:  # who writes first pays for the other's writeback
                 alone_s.append(timed(functools.partial(tier.blocking.put_many, items)))
-            started = time.perf_counter()
-            tier.submit_store(_job(2 * round_, keys, range(blocks), promotion=False))
-            submitted = time.perf_counter()
-            tier.drain_jobs()
-            store_s.append(time.perf_counter() - started)
-            submit_s.append(submitted - started)
-            assert all(r.success for r in tier.get_finished_jobs())
-            if not round_ % 2:
+            store = _job(2 * round_, keys, range(blocks), promotion=False)
+            took, submitted, late = _run_job(tier, store, load=False)
+            store_s.append(took)
+            submit_s.append(submitted)
+            if in_process and not round_ % 2:
                 alone_s.append(timed(functools.partial(tier.blocking.put_many, items)))
 
             looked = time.perf_counter()
@@ -111,12 +193,12 @@ def vllm_tier_rows(
             lookup_s.append(time.perf_counter() - looked)
 
             rows[:] = 0
-            started = time.perf_counter()
-            tier.submit_load(_job(2 * round_ + 1, keys, range(blocks), promotion=True))
-            tier.drain_jobs()
-            load_s.append(time.perf_counter() - started)
-            assert all(r.success for r in tier.get_finished_jobs())
+            load = _job(2 * round_ + 1, keys, range(blocks), promotion=True)
+            took, _, late_loading = _run_job(tier, load, load=True)
+            load_s.append(took)
             assert np.array_equal(rows, expected)
+            stall_p99.append(_p99(late + late_loading))
+            idle_p99.append(_p99(_idle_lateness(store_s[-1] + took)))
 
             paths = [raw_folder / uuid.uuid4().hex for _ in range(blocks)]
             started = time.perf_counter()
@@ -136,24 +218,30 @@ def vllm_tier_rows(
             raw_read_s.append(time.perf_counter() - started)
     finally:
         tier.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(raw_folder, ignore_errors=True)
 
     gbs = Scale.throughput(blocks * row_bytes)
+    milliseconds = Scale(lambda s: s * 1e3, "ms", ".2f")
     size = f"{blocks} x {human_bytes(row_bytes)}"
     store = Side(tuple(store_s), gbs)
     scheduler = Side(tuple(s + u for s, u in zip(submit_s, lookup_s, strict=True)), Scale.latency())
     submit, lookup = Side(tuple(submit_s), Scale.latency()), Side(tuple(lookup_s), Scale.latency())
-    return [
-        Row(f"vllm tier store job {size} (disk)", store,
+    made = [
+        Row(f"vllm tier{label} store job {size} (disk)", store,
             Side(tuple(raw_write_s), gbs, "raw write+xxh3"), Goal.ratio(0.8)),
-        Row(f"vllm tier store job {size} vs the store's put_many", store,
-            Side(tuple(alone_s), gbs, "put_many"), Goal.ratio(0.9)),
-        Row(f"vllm tier load job {size} (disk, checksum)", Side(tuple(load_s), gbs),
+        Row(f"vllm tier{label} load job {size} (disk, checksum)", Side(tuple(load_s), gbs),
             Side(tuple(raw_read_s), gbs, "raw read+xxh3"), Goal.ratio(0.8)),
-        Row(f"vllm scheduler thread per job (submit + {blocks} lookups)", scheduler,
+        Row(f"vllm scheduler thread{label} per job (submit + {blocks} lookups)", scheduler,
             goal=Goal.figure_at_most(1000, "<= 1000 us"),
             detail=f"submit {submit.text()}, lookups {lookup.text()}"),
+        Row(f"vllm engine-thread stall p99{label} during the jobs", Side(tuple(stall_p99),
+            milliseconds), Side(tuple(idle_p99), milliseconds, "no job"),
+            Goal.figure_at_most(1.0, "<= 1 ms")),
     ]  # fmt: skip
+    if in_process:
+        made.insert(1, Row(f"vllm tier store job {size} vs the store's put_many", store,
+                           Side(tuple(alone_s), gbs, "put_many"), Goal.ratio(0.9)))  # fmt: skip
+    return made
 
 
 def main(argv: list[str] | None = None) -> int:
