@@ -17,8 +17,10 @@ ROWS = ["cpu", "disk", "gpu", "peers", "redis", "vllm"]
 PACKAGE = Path(lmtier.cli.bench.__file__).parent
 # What importing the lmtier.cli package brings along: the bench command, over the core.
 COMMAND = {"lmtier.cli.bench", "lmtier.cli.bench.core", "lmtier.cli.bench.command"}
-# What a row module may bring along besides itself: the above, and the peers' LMCache loader.
-SHARED = COMMAND | {"lmtier.cli.bench.lmcache_peer"}
+# What a row module may bring along besides itself: the above, the peers' LMCache loader and
+# the stall probe.
+HELPERS = {"lmtier.cli.bench.lmcache_peer", "lmtier.cli.bench.stall"}
+SHARED = COMMAND | HELPERS
 
 
 def _bench_modules_after(statement: str) -> set[str]:
@@ -57,7 +59,7 @@ def test_the_core_imports_no_row_module() -> None:
 
 def test_row_modules_import_only_the_core_of_the_package() -> None:
     # Static as well as at run time: a row module's lazy import would not show above.
-    helpers = {"lmtier.cli.bench.core", "lmtier.cli.bench.lmcache_peer"}
+    helpers = {"lmtier.cli.bench.core", *HELPERS}
     for row in ROWS:
         tree = ast.parse((PACKAGE / f"{row}.py").read_text())
         modules = {
