@@ -102,6 +102,25 @@ async def test_the_newest_file_of_a_key_wins_and_older_ones_go(tmp_path: Path) -
     assert entry_files(tmp_path) == [newer]
 
 
+async def test_a_restart_keeps_the_file_of_a_key_published_last(tmp_path: Path) -> None:
+    """Two files of one key (the older one's removal failed): whatever stamps the file system
+    gave their bytes (one clock tick of several ms often stamps both alike), a restart keeps
+    the one published last."""
+    async with disk_only(tmp_path) as store:
+        tier = disk_of(store)
+        older = await tier.write("a", tensor_for("a", 1))  # staged, under temporary names
+        newer = await tier.write("a", tensor_for("a", 2))
+        for meta, stamp in ((older, 10**18 + 10**9), (newer, 10**18)):
+            path = Path(meta.path)
+            os.utime(path.with_name(TEMP_PREFIX + path.name), ns=(stamp, stamp))
+        tier.publish(older)
+        tier.publish(newer)
+    async with disk_only(tmp_path) as store:
+        assert disk_of(store).recovery.duplicates == 1
+        got = await store.get("a")
+        assert got is not None and torch.equal(got, tensor_for("a", 2))
+
+
 async def test_the_index_reads_headers_only_and_reads_verify_payloads(tmp_path: Path) -> None:
     await fill(tmp_path, ["a", "b"])
     path = next(p for p in entry_files(tmp_path))

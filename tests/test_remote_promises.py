@@ -163,3 +163,38 @@ async def test_a_get_overlapping_a_put_to_redis_never_deletes_the_put(
         got = await store.get("k")
         assert got is not None and torch.equal(got, tensor_for("k", 1))
         assert store.audit() == []
+
+
+async def test_an_older_put_to_redis_never_replaces_a_newer_one(redis_server: RedisProcess) -> None:
+    """Two puts of a key: the first's SET is held before it is issued until the second has
+    landed, committed and returned.  The first then sends nothing: the server keeps the
+    second's value (its SET would replace it, and its discard, the put being overtaken,
+    would delete it)."""
+    config = StoreConfig((remote_spec(redis_server.url, 64 * KIB),), room_timeout_s=ROOM_TIMEOUT_S)
+    async with TieredStore(config) as store:
+        remote = store.tiers[0]
+        assert isinstance(remote, RemoteTier)
+        held, release = asyncio.Event(), asyncio.Event()
+        in_order = remote._in_order
+
+        async def gated(key: Any, name: str, *args: Any, **kw: Any) -> Any:
+            if key == "k" and name == "SET" and not held.is_set():
+                held.set()
+                await release.wait()
+            return await in_order(key, name, *args, **kw)
+
+        remote._in_order = gated  # type: ignore[method-assign]
+        try:
+            older = asyncio.ensure_future(store.put("k", tensor_for("k", 1)))
+            await asyncio.wait_for(held.wait(), ROOM_TIMEOUT_S)
+            assert await store.put("k", tensor_for("k", 2)) is PutStatus.LEGAL
+        finally:
+            release.set()
+        assert await asyncio.wait_for(older, ROOM_TIMEOUT_S) is PutStatus.LEGAL
+        await store.settle()
+        got = await store.get("k")
+        assert got is not None and torch.equal(got, tensor_for("k", 2)), "the newer put is lost"
+        async with TieredStore(config) as other:
+            got = await other.get("k")
+            assert got is not None and torch.equal(got, tensor_for("k", 2))
+        assert store.audit() == []

@@ -150,3 +150,52 @@ async def test_a_stale_move_into_redis_never_outlives_the_call_that_made_it_stal
             assert result is PutStatus.LEGAL
             assert got is not None and torch.equal(got, new)
         assert store.audit() == []
+
+
+async def committed(tier: RemoteTier, key: KeyLike) -> None:
+    """Wait until ``tier`` indexes ``key`` (a commit wakes the tier's waiters)."""
+    while tier.lookup(key) is None:
+        await tier.changed()
+
+
+@pytest.mark.parametrize("landed_first", [False, True], ids=["before-set", "after-set-landed"])
+async def test_a_stale_move_into_redis_never_replaces_a_newer_put_there(
+    tmp_path: Path, redis_server: RedisProcess, set_gate: SetGate, landed_first: bool
+) -> None:
+    """A disk -> redis move of ``k0`` is held at its SET (before it is issued, or after it
+    landed) while a put of a new value of ``k0``, too large for the disk tier, lands on the
+    server and commits.  Then the move goes on and learns it is stale: the server keeps the
+    put's value, for this store and another one on the server alike."""
+    old = tensor_for(MOVED, numel=512)  # 2 KiB: evicted first
+    new = tensor_for(MOVED, version=1, numel=2048)  # 8 KiB: more than the disk tier holds
+    config = StoreConfig(
+        (disk_spec(tmp_path, 4 * KIB), remote_spec(redis_server.url, 64 * KIB)),
+        room_timeout_s=ROOM_TIMEOUT_S,
+        promote_on_hit=False,
+    )
+    async with TieredStore(config) as store:
+        remote = store.tiers[1]
+        assert isinstance(remote, RemoteTier)
+        assert await store.put(MOVED, old) is PutStatus.LEGAL
+        assert await store.put("k1", tensor_for("k1")) is PutStatus.LEGAL
+        try:
+            spill = asyncio.ensure_future(store.put("k2", tensor_for("k2", numel=512)))
+            await asyncio.wait_for(set_gate.held.wait(), WAIT_S)  # the move of k0 to redis
+            if landed_first:
+                set_gate.issue.set()
+                await asyncio.wait_for(set_gate.landed.wait(), WAIT_S)
+            put = asyncio.ensure_future(store.put(MOVED, new))
+            await asyncio.wait_for(committed(remote, MOVED), WAIT_S)  # its SET landed first
+            set_gate.issue.set()
+            await asyncio.wait_for(set_gate.landed.wait(), WAIT_S)
+            set_gate.wake.set()
+            assert await asyncio.wait_for(put, WAIT_S) is PutStatus.LEGAL
+            assert await asyncio.wait_for(spill, WAIT_S) is PutStatus.LEGAL
+        finally:
+            set_gate.open()  # a failed check must not leave the store's close waiting
+        await store.settle()
+        got = await store.get(MOVED)
+        assert got is not None and torch.equal(got, new), "the put's value is lost"
+        served = await served_elsewhere(redis_server.url, MOVED)
+        assert served is not None and torch.equal(served, new)
+        assert store.audit() == []

@@ -58,6 +58,37 @@ class _Attempt:
         self.failed.append(tier)
 
 
+class _Currency:
+    """Whether one placement's write into ``tier`` may still commit: a move's ``source`` still
+    holds the key's authoritative entry and ``tier`` no copy of it; a put's ``ticket`` is not
+    overtaken by a later put that committed.  Once false, false for good: a tier that sent
+    nothing on that word (``Tier.write``) and the commit that follows it agree."""
+
+    __slots__ = ("_cascade", "_key", "_ledger", "_source", "_stale", "_ticket", "_tier")
+
+    def __init__(
+        self,
+        cascade: Cascade,
+        ledger: KeyLedger,
+        tier: Tier,
+        key: KeyLike,
+        source: Hit | None,
+        ticket: int,
+    ) -> None:
+        self._cascade, self._ledger, self._tier = cascade, ledger, tier
+        self._key, self._source, self._ticket = key, source, ticket
+        self._stale = False
+
+    def __call__(self) -> bool:
+        if not self._stale:
+            if self._source is not None:
+                current = self._cascade.still_current(self._key, self._source, self._tier)
+            else:
+                current = not self._ledger.superseded(self._key, self._ticket)
+            self._stale = not current
+        return not self._stale
+
+
 class Placement:
     """Puts and moves: each is written into one tier and committed there, or not at all.
 
@@ -185,17 +216,17 @@ class Placement:
                 await self._make_room(slot)
             except TimeoutError:
                 return _Verdict.TIMED_OUT
+            current = _Currency(cascade, ledger, tier, key, source, ticket)
             try:
-                obj = await slot.write(data)
+                obj = await slot.write(data, current)
             except Exception as exc:
                 self._count_failure(tier, f"could not write {key!r}", exc)
                 return _Verdict.FAILED
             # From the currency check to the commit nothing awaits: a delete or put of the key
             # comes wholly before (the move goes stale) or wholly after.
-            if source is not None and not cascade.still_current(key, source, tier):
-                return _Verdict.STALE
-            if source is None and ledger.superseded(key, ticket):
-                return _Verdict.PLACED  # a later put's value is in: this one came before it
+            if not current():
+                # A move: stale.  A put: a later put's value is in; this one came before it.
+                return _Verdict.STALE if source is not None else _Verdict.PLACED
             try:
                 slot.publish()
             except OSError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -221,7 +221,18 @@ class Tier(TierEvents, abc.ABC):
         self._reserved -= size
         self.cancel(key, size)
 
-    async def write(self, key: KeyLike, tensor: torch.Tensor) -> Any:
+    async def write(
+        self, key: KeyLike, tensor: torch.Tensor, current: Callable[[], bool] | None = None
+    ) -> Any:
+        """Stage a copy of ``tensor`` under ``key`` (``_write``); the object for ``commit``.
+
+        ``current``, where given, says whether the write is still wanted: false once a newer
+        put or a delete of the key has made it stale (it will then never commit, and its
+        object is discarded).  A tier whose storage others share asks it right before the
+        bytes land where they can replace a newer value under the same name, and sends
+        nothing once it is false; a tier whose writes are private until published may ignore
+        it, as the default does.
+        """
         return await self._write(key, tensor)
 
     def publish(self, obj: Any) -> None:

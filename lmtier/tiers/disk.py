@@ -118,6 +118,7 @@ class DiskTier(Tier):
         # Removals have their own queue: a file unlinked must never wait behind a slow write.
         self._removals = ThreadBatcher()
         self._nowait_reads = _NOWAIT != 0  # cleared on a filesystem that cannot do them
+        self._last_published_ns = 0  # the mtime ``publish`` gave the last file it published
 
     @property
     def home_device(self) -> torch.device:
@@ -227,10 +228,19 @@ class DiskTier(Tier):
         return meta
 
     def publish(self, obj: Any) -> None:
-        """Rename the staged file into place: from here a restart indexes it."""
+        """Rename the staged file into place: from here a restart indexes it.
+
+        Its mtime becomes the time of publication, later than any earlier publication's: a
+        restart that finds two files of one key (the older one's removal failed) keeps the
+        one published last, which the file system's own stamp (a clock tick of several ms,
+        taken when the bytes were written) does not always tell apart.
+        """
         assert isinstance(obj, DiskCacheMetadata)
         path = Path(obj.path)
-        os.replace(_staged_name(path), path)
+        staged = _staged_name(path)
+        stamp = self._last_published_ns = max(time.time_ns(), self._last_published_ns + 1)
+        os.utime(staged, ns=(stamp, stamp), follow_symlinks=False)
+        os.replace(staged, path)
 
     async def make_durable(self, obj: Any) -> None:
         """With ``durability: fsync``, sync the folder that a publish or removal changed."""

@@ -9,6 +9,7 @@ not commit.  Both undo themselves on exit without a commit.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -194,11 +195,12 @@ class Slot:
         await self.tier.reserve(self.size, timeout)
         self._placing.reserved()
 
-    async def write(self, data: torch.Tensor) -> Any:
-        """Stage a copy of ``data`` in the tier (not visible yet); the tier's object for it."""
+    async def write(self, data: torch.Tensor, current: Callable[[], bool] | None = None) -> Any:
+        """Stage a copy of ``data`` in the tier (not visible yet); the tier's object for it.
+        ``current``: whether the write is still wanted (see ``Tier.write``)."""
         if not self._placing.holds_room:
             raise RuntimeError(f"{self.key!r}: write before reserve in tier {self.tier.name!r}")
-        self._written = await self.tier.write(self.key, data)
+        self._written = await self.tier.write(self.key, data, current)
         return self._written
 
     def publish(self) -> None:

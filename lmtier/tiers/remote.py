@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 from collections import Counter, OrderedDict
@@ -201,7 +202,15 @@ class RemoteTier(RemoteConnection, Tier):
         return {**super().stats(), "available": self.available, "round_trips": self.round_trips}
 
     # ------------------------------------------------------------------ primitives
-    async def _write(self, key: KeyLike, tensor: torch.Tensor) -> RemoteEntry:
+    async def write(
+        self, key: KeyLike, tensor: torch.Tensor, current: Callable[[], bool] | None = None
+    ) -> RemoteEntry:
+        """``_write``, whose SET is not sent once ``current()`` is false."""
+        return await self._write(key, tensor, current)
+
+    async def _write(
+        self, key: KeyLike, tensor: torch.Tensor, current: Callable[[], bool] | None = None
+    ) -> RemoteEntry:
         host = await copy_to(tensor, _CPU, private=True)
         payload = serde.payload_view(host)
         large = payload.nbytes > self._inline_codec_bytes()
@@ -230,36 +239,64 @@ class RemoteTier(RemoteConnection, Tier):
                 value = await asyncio.to_thread(parts.joined_into, memoryview(buffer))
             else:
                 value = parts.joined_into(memoryview(buffer))
+        # Asked once the key's earlier commands have landed: a write gone stale meanwhile (a
+        # newer put of the key landed and committed, or a delete ran) sends nothing, since its
+        # SET would replace the newer value, and its discard then DEL the name.
+        skipped = False
+
+        def stale() -> bool:
+            nonlocal skipped
+            skipped = current is not None and not current()
+            return skipped
+
         # A removed entry of this key must not delete the value being written (same name).
         self._writing[key] += 1
         try:
-            await self._in_order(key, "SET", entry.path, value)
+            await self._in_order(
+                key,
+                "SET",
+                entry.path,
+                value,
+                unless=stale,
+                landed=functools.partial(self._remember, key, checksum),
+            )
         finally:
             self._writing[key] -= 1
             if not self._writing[key]:
                 del self._writing[key]
-        del value, parts  # the server has it all: nothing refers to the buffer any more
+        del value, parts  # sent whole, or not at all: nothing refers to the buffer any more
         if buffer is not None:
             self._buffers.give_back(buffer)
+        if skipped:
+            self._mark_gone(entry)  # nothing of it is on the server: its discard deletes nothing
+        return entry
+
+    def _remember(self, key: KeyLike, checksum: str) -> None:
+        """Note the checksum of the value this store's SET of ``key`` just landed."""
         self._wrote[key] = checksum
         self._wrote.move_to_end(key)
         if len(self._wrote) > MAX_REMEMBERED_KEYS:
             self._wrote.popitem(last=False)
-        return entry
 
     async def _in_order(
-        self, key: KeyLike, name: str, *args: Any, unless: Callable[[], bool] | None = None
+        self,
+        key: KeyLike,
+        name: str,
+        *args: Any,
+        unless: Callable[[], bool] | None = None,
+        landed: Callable[[], None] | None = None,
     ) -> Any:
         """Run a command on ``key``'s value once every earlier one on it has landed (none if
-        ``unless()`` holds then).
+        ``unless()`` holds then); ``landed()`` runs once it succeeded, before any later command
+        on the key is let through, so what it notes follows the server's order.
 
         Batches go out on several connections at once, so two commands on one name could
         otherwise land in either order: a stale move's DEL after a newer SET (the new value
         vanishes), or its SET after a delete's DEL (the deleted value comes back).
         """
         earlier = self._last_command.get(key)
-        landed = asyncio.get_running_loop().create_future()
-        self._last_command[key] = landed
+        done = asyncio.get_running_loop().create_future()
+        self._last_command[key] = done
         try:
             if earlier is not None:
                 await asyncio.wait([earlier])
@@ -271,10 +308,12 @@ class RemoteTier(RemoteConnection, Tier):
                 self._suspect_value(key)
                 raise
             self._suspect.pop(key, None)  # the server holds this store's latest word on it
+            if landed is not None:
+                landed()
             return result
         finally:
-            landed.set_result(None)
-            if self._last_command.get(key) is landed:
+            done.set_result(None)
+            if self._last_command.get(key) is done:
                 del self._last_command[key]
 
     def _suspect_value(self, key: KeyLike) -> None:
