@@ -68,7 +68,9 @@ log = logging.getLogger(__name__)
 
 
 class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
-    """HiCache's L3 tier kept in a ``TieredStore`` (memory -> disk -> redis, as configured)."""
+    """HiCache's L3 tier kept in a ``TieredStore`` (memory -> disk -> redis, as configured): one
+    of its own, or an lmtier server's with ``"server"`` in extra_config (``rank_dirs``,
+    ``config_path`` and ``config`` then do not apply: the server owns its config and folders)."""
 
     def __init__(
         self, storage_config: HiCacheStorageConfig, kwargs: Mapping[str, Any] | Any = None

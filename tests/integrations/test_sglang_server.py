@@ -75,6 +75,12 @@ def test_no_store_runs_in_the_sglang_process(tmp_path: Path, server: ServerProce
         assert not (tmp_path / "l3").exists()  # the inline config's disk folder: unused
     finally:
         backend.close()
+    backend.close()
+    # closed: misses and failures, nothing raised
+    assert backend.exists("k") is False and backend.batch_exists(["k"]) == 0
+    assert backend.get("k", torch.zeros(PAGE_NUMEL, dtype=DTYPE)) is None
+    assert backend.set("k2", page_for("k2")) is False
+    assert backend.clear() is False
 
 
 @pytest.mark.parametrize("layout", ["layer_first", "page_first", "page_first_direct"])
