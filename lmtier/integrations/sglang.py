@@ -16,14 +16,22 @@ extra_config keys read here: ``config_path`` (an lmtier YAML file) or ``config``
 content inline); with neither, ``$LMTIER_CONFIG``.  ``rank_dirs`` (default true) gives each rank
 its own sub-folder of every disk tier's path, since a disk folder belongs to one store.
 
+``"server": true`` (this user's default socket) or ``"server": "/path/to/socket"`` keeps the
+pages in an lmtier server (``lmtier serve``) instead: no store runs in SGLang's process, and
+several SGLang processes share the server's tiers (``sglang_server``).  The server reads its
+own config and owns its folders: ``config_path`` (else ``$LMTIER_CONFIG``) is only the config
+a server is started with when none answers (``lmtier.server.launch``), and ``config`` and
+``rank_dirs`` do not apply; ``report_interval_s`` (60 s by default) sets the activity line's
+interval.
+
 Keys carry the model and rank suffixes of SGLang's own file backend (``HiCacheFile``), so another
 model, or another shard of the same model, never hits.  Instances share through a redis tier:
 ``batch_exists`` asks it for the pages no index here holds, and ``clear`` deletes what is under
 the store's key prefix there.  Pages are stored in the host pool's page
 shape; a page stored under another layout has another shape and reads as a miss.
 
-The key suffixes and config parsing live in ``sglang_config``, the batch operations run on the
-store's loop in ``sglang_ops``.
+The key suffixes and config parsing live in ``sglang_config``; the batch operations run on the
+store's loop in ``sglang_ops``, or through a server client in ``sglang_server``.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -44,11 +53,18 @@ from sglang.srt.mem_cache.hicache_storage import (
     HiCacheStorageExtraInfo,
 )
 
-from lmtier.errors import LmtierError
 from lmtier.integrations.activity import Activity, ActivityReporter, show_lmtier_logs
 from lmtier.integrations.blocking import BlockingStore
-from lmtier.integrations.sglang_config import MAMBA_SUFFIX, key_suffixes, store_config
-from lmtier.integrations.sglang_ops import delete_suffixed, get_all, leading_hits, put_all
+from lmtier.integrations.sglang_config import (
+    MAMBA_SUFFIX,
+    key_suffixes,
+    report_interval,
+    server_socket,
+    store_config,
+)
+from lmtier.integrations.sglang_ops import PageMover, StorePages
+from lmtier.integrations.sglang_server import ServerPages
+from lmtier.server.launch import ensure_server
 
 __all__ = ["LmtierHiCacheStorage"]
 
@@ -56,7 +72,9 @@ log = logging.getLogger(__name__)
 
 
 class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
-    """HiCache's L3 tier kept in a ``TieredStore`` (memory -> disk -> redis, as configured)."""
+    """HiCache's L3 tier kept in a ``TieredStore`` (memory -> disk -> redis, as configured): one
+    of its own, or an lmtier server's with ``"server"`` in extra_config (see the module
+    docstring)."""
 
     def __init__(
         self, storage_config: HiCacheStorageConfig, kwargs: Mapping[str, Any] | Any = None
@@ -75,20 +93,38 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
             "prefetch_bandwidth": [],
             "backup_bandwidth": [],
         }
-        config = store_config(extra, storage_config)
-        self._store = BlockingStore(
-            config, thread_name=f"lmtier-hicache-tp{storage_config.tp_rank}"
-        )
-        log.info(
-            "lmtier HiCache storage: tiers %s, keys suffixed %r",
-            [info.name for info in self._store.store.tier_infos()],
-            self.config_suffix,
-        )
         self._activity = Activity()
         self._activity_lock = threading.Lock()  # SGLang's prefetch and backup threads count
-        if config.report_interval_s > 0:
-            label = f"lmtier HiCache storage tp{storage_config.tp_rank}"
-            ActivityReporter(label, self._activity_now, config.report_interval_s).start(self._store)
+        label = f"lmtier HiCache storage tp{storage_config.tp_rank}"
+        socket_path = server_socket(extra)
+        self._store: BlockingStore | None = None  # the store of its own, without a server
+        self._pages: PageMover
+        if socket_path is not None:
+            interval = report_interval(extra)
+            reporter = ActivityReporter(label, self._activity_now, interval) if interval else None
+            start_with = extra.get("config_path") or os.environ.get("LMTIER_CONFIG")
+            if start_with:
+                ensure_server(socket_path, start_with)
+            self._pages = ServerPages(socket_path, reporter)
+            log.info(
+                "lmtier HiCache storage: the server at %s, keys suffixed %r",
+                socket_path,
+                self.config_suffix,
+            )
+        else:
+            config = store_config(extra, storage_config)
+            self._store = BlockingStore(
+                config, thread_name=f"lmtier-hicache-tp{storage_config.tp_rank}"
+            )
+            self._pages = StorePages(self._store)
+            log.info(
+                "lmtier HiCache storage: tiers %s, keys suffixed %r",
+                [info.name for info in self._store.store.tier_infos()],
+                self.config_suffix,
+            )
+            if config.report_interval_s > 0:
+                interval = config.report_interval_s
+                ActivityReporter(label, self._activity_now, interval).start(self._store)
         # The built-in constructors' shape, (storage_config, mem_pool_host), works too.
         if kwargs is not None and not isinstance(kwargs, Mapping):
             self.register_mem_pool_host(kwargs)
@@ -140,7 +176,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
             return [None] * len(keys)
         began = time.perf_counter()
         outs = [None if target is None else self._as_page(target) for target in targets]
-        found = self._run(get_all, [self._suffixed(key) for key in keys], outs, default=None)
+        found = self._pages.get_all([self._suffixed(key) for key in keys], outs)
         results = [
             None if data is None else (target if target is not None else data)
             for data, target in zip(found, targets, strict=True)
@@ -177,7 +213,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
             return False
         began = time.perf_counter()
         pages = [self._as_page(value) for value in values]
-        done = self._run(put_all, [self._suffixed(key) for key in keys], pages, default=False)
+        done = self._pages.put_all([self._suffixed(key) for key in keys], pages)
         self._count(stored=sum(done), offered=len(keys))
         self._record("backup", done, began)
         return all(done)
@@ -189,12 +225,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None
     ) -> int:
         """How many of ``keys``, from the first, are stored: the count stops at the first miss."""
-        suffixed = [self._suffixed(key) for key in keys]
-        try:
-            hits: int = self._store.call(lambda store: leading_hits(store, suffixed))
-        except LmtierError as exc:
-            log.warning("lmtier batch_exists failed: %s", exc)
-            hits = 0
+        hits = self._pages.leading_hits([self._suffixed(key) for key in keys])
         self._count(lookups=len(keys), hits=hits)  # the pages of the prefix SGLang can use
         return hits
 
@@ -211,7 +242,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
             return [False] * len(keys)
         indices, pages = located
         began = time.perf_counter()
-        found = self._run(get_all, [self._suffixed(key) for key in keys], pages, default=None)
+        found = self._pages.get_all([self._suffixed(key) for key in keys], pages)
         hits = [data is not None for data in found]
         self._count(loaded=sum(hits), asked=len(keys))
         if not self._pages_are_views:  # a copy of the page: hand it back to the pool
@@ -233,7 +264,7 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
             return [False] * len(keys)
         _, pages = located
         began = time.perf_counter()
-        done = self._run(put_all, [self._suffixed(key) for key in keys], pages, default=False)
+        done = self._pages.put_all([self._suffixed(key) for key in keys], pages)
         self._count(stored=sum(done), offered=len(keys))
         self._record("backup", done, began)
         return done
@@ -264,15 +295,9 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         """Delete this backend's entries (this model's and rank's keys) from every tier, and
         every value on a shared (redis) tier under the store's key prefix: all the entries of
         this lmtier namespace there, whichever model, rank or instance stored them (give each
-        model its own ``namespace`` or ``key_prefix`` to keep a clear to one model)."""
-        suffixes = (self.config_suffix, self.tp_config_suffix)
-        try:
-            removed = self._store.call(lambda store: delete_suffixed(store, suffixes))
-        except LmtierError as exc:
-            log.error("lmtier clear failed: %s", exc)
-            return False
-        log.info("lmtier HiCache storage cleared: %d entries", removed)
-        return True
+        model its own ``namespace`` or ``key_prefix`` to keep a clear to one model).  On a
+        server, the keys this backend stored or found there since it started (``ServerPages``)."""
+        return self._pages.clear((self.config_suffix, self.tp_config_suffix))
 
     def get_stats(self) -> Any:
         """SGLang's ``StorageMetrics`` of the transfers since the last call, when storage
@@ -290,11 +315,13 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
         return metrics
 
     def lmtier_stats(self) -> dict[str, Any]:
-        return self._store.stats()
+        """The store's ``stats()`` (on a server: the server's whole store)."""
+        return self._pages.stats()
 
     def close(self) -> None:
-        """Finish the transfers in flight and close the store; later calls do nothing."""
-        self._store.close()
+        """Finish the transfers in flight and close the store (or the server connection);
+        later calls do nothing."""
+        self._pages.close()
 
     # ------------------------------------------------------------------ helpers
     def _count(
@@ -319,16 +346,6 @@ class LmtierHiCacheStorage(HiCacheStorage):  # type: ignore[misc]
     def _activity_now(self) -> Activity:
         with self._activity_lock:
             return dataclasses.replace(self._activity)
-
-    def _run(self, fn: Any, keys: list[str], tensors: list[Any], default: Any) -> list[Any]:
-        """``fn(store, keys, tensors)`` on the store's loop; every key ``default`` if the store
-        failed as a whole (a key's own failure is handled, and logged, by ``fn``)."""
-        try:
-            result: list[Any] = self._store.call(lambda store: fn(store, keys, tensors))
-            return result
-        except LmtierError as exc:
-            log.error("lmtier HiCache storage: %s", exc)
-            return [default] * len(keys)
 
     def _record(self, direction: str, results: Sequence[object], began: float) -> None:
         if not self.storage_config.enable_storage_metrics:

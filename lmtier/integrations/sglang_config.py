@@ -3,14 +3,16 @@
 Kept apart from the backend (``lmtier.integrations.sglang``) because both are pure functions of
 SGLang's ``HiCacheStorageConfig`` and the backend's ``extra_config``: the key suffixes that
 keep models and shards apart, exactly as SGLang's own file backend builds them, and the store
-config with each rank's own disk folder.
+config with each rank's own disk folder, or the lmtier server that keeps the pages instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
@@ -18,8 +20,9 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 from lmtier.config import DiskTierSpec, StoreConfig
 from lmtier.errors import ConfigError
 from lmtier.integrations.engine_config import engine_config
+from lmtier.server.paths import default_socket_path
 
-__all__ = ["MAMBA_SUFFIX", "key_suffixes", "store_config"]
+__all__ = ["MAMBA_SUFFIX", "key_suffixes", "report_interval", "server_socket", "store_config"]
 
 MAMBA_SUFFIX = ".mamba"  # SGLang's PoolName.MAMBA: TP-sharded even for MLA models
 
@@ -68,3 +71,34 @@ def store_config(extra: Mapping[str, Any], config: HiCacheStorageConfig) -> Stor
         for tier in parsed.tiers
     )
     return dataclasses.replace(parsed, tiers=tiers)
+
+
+def server_socket(extra: Mapping[str, Any]) -> Path | None:
+    """The socket of the lmtier server that keeps the pages (``"server": true`` for this user's
+    default one, or a path), or None: the backend runs a store of its own."""
+    server = extra.get("server", False)
+    if server is True:
+        return default_socket_path()
+    if server is False or server is None:
+        return None
+    if isinstance(server, str) and server:
+        return Path(server)
+    raise ConfigError(
+        f"extra_config field 'server' must be true, false or a socket path, got {server!r}"
+    )
+
+
+def report_interval(extra: Mapping[str, Any]) -> float:
+    """The activity line's interval on a server (whose config the backend does not read):
+    ``report_interval_s``, 60 s by default, 0 for no line."""
+    interval = extra.get("report_interval_s", 60.0)
+    if (
+        isinstance(interval, bool)
+        or not isinstance(interval, int | float)
+        or not math.isfinite(interval)
+        or interval < 0
+    ):
+        raise ConfigError(
+            f"extra_config field 'report_interval_s' must be a number >= 0, got {interval!r}"
+        )
+    return float(interval)
