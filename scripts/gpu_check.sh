@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, for a machine with CUDA and no network (under 10 minutes):
-# the tests marked `cuda`, then only the GPU rows of `lmtier bench` (the GPU tier, and the
-# batched GPU <-> pinned CPU path at 2 and 32 MiB, single chunks and batches of 64).
+# the tests marked `cuda` (among them tests/test_server_cuda.py: blocks from the device through
+# pinned shared memory into `lmtier serve` and back), then only the GPU rows of `lmtier bench`
+# (the GPU tier, and the batched GPU <-> pinned CPU path at 2 and 32 MiB, single chunks and
+# batches of 64).
 #
 #   scripts/gpu_check.sh            # from the repository root, lmtier installed or not
 set -euo pipefail
