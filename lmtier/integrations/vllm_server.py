@@ -52,6 +52,7 @@ from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager
 
 from lmtier.errors import ConfigError
 from lmtier.integrations.activity import ActivityReporter, show_lmtier_logs
+from lmtier.integrations.server_activity import ServerActivity
 from lmtier.integrations.vllm_jobs import job_result
 from lmtier.integrations.vllm_keys import KeyIndex, job_slots, kv_namespace, offload_key_text
 from lmtier.integrations.vllm_metrics import Counters, connector_stats, counter_deltas
@@ -151,11 +152,12 @@ class LmtierServerTier(SecondaryTierManager):  # type: ignore[misc]
         self._jobs: dict[int, _Job] = {}  # by the server's job id
         self._finished: deque[JobResult] = deque()
         self._closed = False
-        self._reporter = (
-            ActivityReporter(
-                f"lmtier vLLM tier {tier_type!r} (through {socket_path})",
-                self._counters.activity,
-                report_interval_s,
+        self._activity = (
+            ServerActivity(
+                ActivityReporter(
+                    f"lmtier vLLM tier {tier_type!r}", self._counters.activity, report_interval_s
+                ),
+                self._client,
             )
             if report_interval_s > 0
             else None
@@ -232,8 +234,6 @@ class LmtierServerTier(SecondaryTierManager):  # type: ignore[misc]
         if self._jobs or self._probes.in_flight:
             for result in self._client.poll():
                 self._settle(result)
-        if self._reporter is not None:
-            self._reporter.tick(())
         done = list(self._finished)
         self._finished.clear()
         return done
@@ -268,8 +268,8 @@ class LmtierServerTier(SecondaryTierManager):  # type: ignore[misc]
         try:
             self.drain_jobs()
         finally:
-            if self._reporter is not None:
-                self._reporter.report(())
+            if self._activity is not None:
+                self._activity.stop()
             self._client.unmap_region(self._region)
             self._client.close()
             self._index.clear()

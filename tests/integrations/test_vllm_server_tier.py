@@ -7,6 +7,7 @@ server is a real child process, killed and restarted where the test says so.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from collections.abc import Iterator
@@ -151,3 +152,20 @@ def test_in_process_options_with_a_server_are_refused(
     socket_path, _ = served
     with pytest.raises(ConfigError, match="batch_blocks"):
         engines({"server": str(socket_path), "batch_blocks": 8})
+
+
+def test_the_activity_line_counts_the_tiers_jobs_and_the_servers_tiers(
+    served: tuple[Path, Path], engines: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "lmtier.integrations.activity")
+    socket_path, config = served
+    engine = engines({"server": str(socket_path), "config_path": str(config)})
+    fill(engine, "activity", 2, engine.ctx("w"))
+    engine.close()  # the close writes the last line
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    # The server's tiers, as its stats give them: two 4 KiB blocks on its disk tier.
+    assert lines[0].startswith(
+        "lmtier vLLM tier 'LmtierSecondaryTier': 0 lookups, no hits; 2 blocks stored, 0 loaded; "
+        "disk 8.0 KiB of "
+    ), lines[0]
