@@ -23,6 +23,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# A child imports torch, starts a run and cleans it up: on a machine loaded 4-6x over its
+# cores each step took minutes.  The waits below allow for that; the verdict never times.
+WAIT_S = 300
+pytestmark = pytest.mark.timeout(4 * WAIT_S)
 # A bar that has counted at least one op, request or key: "stress:   3%|...| 170/6000 [...".
 PROGRESS = re.compile(r"([1-9]\d*)/\d+ \[")
 
@@ -60,7 +64,7 @@ class Child:
         self.stderr += chunk
         return bool(chunk)
 
-    def wait_for_progress(self, timeout: float = 120) -> int:
+    def wait_for_progress(self, timeout: float = WAIT_S) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             counts = [int(n) for n in PROGRESS.findall(self.stderr.decode(errors="replace"))]
@@ -70,7 +74,7 @@ class Child:
                 break
         raise AssertionError(f"no progress reported: {self.stderr.decode(errors='replace')}")
 
-    def interrupt(self, timeout: float = 120) -> tuple[int, str, str]:
+    def interrupt(self, timeout: float = WAIT_S) -> tuple[int, str, str]:
         """SIGINT; the exit status, stdout and stderr."""
         self.process.send_signal(signal.SIGINT)
         deadline = time.monotonic() + timeout
@@ -171,7 +175,7 @@ def test_a_job_schedulers_signal_ends_a_config_stress_as_ctrl_c_does(
         try:
             _wait_for_entry_files(disk / "keep", disk, process)
             process.send_signal(ending)
-            code = process.wait(timeout=120)
+            code = process.wait(timeout=WAIT_S)
         finally:
             if process.poll() is None:
                 process.kill()
@@ -187,7 +191,7 @@ def test_a_job_schedulers_signal_ends_a_config_stress_as_ctrl_c_does(
 
 
 def _wait_for_entry_files(
-    keep: Path, disk: Path, process: subprocess.Popen[bytes], timeout: float = 120
+    keep: Path, disk: Path, process: subprocess.Popen[bytes], timeout: float = WAIT_S
 ) -> None:
     """Return once the run has committed entries under ``disk`` (files beside its LOCK)."""
     deadline = time.monotonic() + timeout
