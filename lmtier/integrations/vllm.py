@@ -57,27 +57,24 @@ import os
 import time
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
-import numpy as np
 import torch
 from vllm.v1.kv_offload.base import (
-    LookupResult,
-    Medium,
     OffloadKey,
     ReqContext,
-    RequestOffloadingContext,
 )
-from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager
+from vllm.v1.kv_offload.tiering.base import JobResult
 
 from lmtier.config import StoreConfig
 from lmtier.errors import ConfigError, StoreClosedError
-from lmtier.integrations.activity import ActivityReporter, show_lmtier_logs
+from lmtier.integrations.activity import ActivityReporter
 from lmtier.integrations.blocking import BlockingStore
 from lmtier.integrations.engine_config import engine_config, in_namespace
+from lmtier.integrations.vllm_base import IndexedTier, primary_rows
 from lmtier.integrations.vllm_block_hashes import block_hash_warning
 from lmtier.integrations.vllm_jobs import JobRunner, job_result
-from lmtier.integrations.vllm_keys import KeyIndex, job_slots, kv_namespace, offload_key_text
+from lmtier.integrations.vllm_keys import job_slots, kv_namespace, offload_key_text
 from lmtier.integrations.vllm_metrics import (
     LMTIER_TIER_LABEL,
     METRIC_DROPPED,
@@ -88,14 +85,10 @@ from lmtier.integrations.vllm_metrics import (
     METRIC_STORED_BLOCKS,
     STORE_METRICS,
     STORE_STATS_INTERVAL_S,
-    Counters,
     StoreChange,
     StoreReadings,
-    connector_stats,
-    counter_deltas,
     metric_definitions,
 )
-from lmtier.integrations.vllm_probe import SharedProbes
 from lmtier.keys import KeyLike
 from lmtier.store import TieredStore
 
@@ -124,10 +117,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_BLOCKS = 32
 
 
-class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
+class LmtierSecondaryTier(IndexedTier):
     """A vLLM secondary tier backed by an lmtier ``TieredStore`` (see the module docstring)."""
-
-    medium: ClassVar[Medium] = Medium.STORAGE
 
     def __new__(cls, *args: Any, server: bool | str | None = None, **kwargs: Any) -> Any:
         """With ``server`` set, the tier is a client of ``lmtier serve`` instead
@@ -159,28 +150,16 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         model_id: str | None = None,
         server: bool | str | None = None,  # set: the tier is built by __new__, not here
     ) -> None:
-        kwargs: dict[str, Any] = {}
-        if backpressure_detector is not None:
-            kwargs["backpressure_detector"] = backpressure_detector
-        super().__init__(offloading_spec, primary_kv_view, tier_type, **kwargs)
-        show_lmtier_logs()
-        if locality is not None:
-            try:
-                from vllm.v1.kv_offload.base import Locality
-
-                self.locality = Locality(locality)
-            except ImportError:  # older releases have no locality
-                pass
+        super().__init__(
+            offloading_spec, primary_kv_view, tier_type, locality, backpressure_detector
+        )
         if config_path is not None and config is not None:
             raise ValueError("LmtierSecondaryTier: give config_path or config, not both")
         if batch_blocks < 1:
             raise ValueError(f"LmtierSecondaryTier: batch_blocks must be >= 1, got {batch_blocks}")
         # Neither: $LMTIER_CONFIG.  Tiers naming no evictor get the engines' default.
         base = engine_config(config_path, config, "config", env_overrides=False)
-        assert primary_kv_view.strides is not None
-        rows = np.asarray(primary_kv_view)
-        if rows.ndim != 2:
-            raise ValueError(f"primary_kv_view must be 2-D (rows, bytes), got shape {rows.shape}")
+        rows = primary_rows(primary_kv_view)
         self._rows: torch.Tensor | None = torch.from_numpy(rows).view(torch.uint8)
         self._row_bytes = int(rows.shape[1])
         derived = kv_namespace(offloading_spec, self._row_bytes, model_id)
@@ -188,18 +167,13 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         self.store_config: StoreConfig = in_namespace(base, namespace)
         self.namespace = namespace
 
-        self._index = KeyIndex()
         self._finished: deque[JobResult] = deque()
         self._in_flight: dict[int, concurrent.futures.Future[None]] = {}
-        self._counters = Counters()
-        self._reported = Counters()
-        self._probes = SharedProbes(self._index, self._counters)
         # The store's tier stats: the readings (taken on the store's thread when a job ends and
         # between, see _store_changes), the read in flight and when the next is due.
         self._readings = StoreReadings()
         self._store_read: concurrent.futures.Future[None] | None = None
         self._store_read_due = 0.0
-        self._closed = False
         self._hashes_checked = self._check_block_hashes(_hash_algorithm(), None)
         self._blocking = BlockingStore(
             self.store_config, on_drop=self._on_drop, thread_name=f"lmtier-{tier_type}"
@@ -246,25 +220,6 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
     @property
     def blocking(self) -> BlockingStore:
         return self._blocking
-
-    def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
-        text = offload_key_text(key)
-        tally = self._counters
-        if text in self._index:
-            tally.lookups += 1
-            tally.hits += 1
-            return LookupResult.HIT
-        if not self._probe_shared or self._closed:
-            tally.lookups += 1
-            return LookupResult.MISS
-        found = self._probes.answer(text, req_context.req_id, self._start_probe)
-        if found is None:
-            return LookupResult.RETRY
-        tally.lookups += 1
-        if found and text in self._index:
-            tally.hits += 1
-            return LookupResult.HIT
-        return LookupResult.MISS
 
     def submit_store(self, job_metadata: Any) -> None:
         if not self._hashes_checked:  # vLLM has seeded its block hashes by now
@@ -313,14 +268,6 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
         if held:
             self._blocking.submit(lambda store: _touch(store, held))
 
-    def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
-        return RequestOffloadingContext()
-
-    def on_request_finished(self, req_context: ReqContext) -> None:
-        self._probes.request_finished(req_context.req_id)
-
-    request_finished = on_request_finished  # the name in older vLLM
-
     def drain_jobs(self) -> None:
         """Wait until every submitted job has finished (its result queued for get_finished_jobs)."""
         for future in list(self._in_flight.values()):
@@ -345,15 +292,7 @@ class LmtierSecondaryTier(SecondaryTierManager):  # type: ignore[misc]
     def get_stats(self) -> Any:
         """Counters since the last call, as vLLM's OffloadingConnectorStats (None if none):
         this tier's, and what changed in the store's tiers (see the module docstring)."""
-        store_changes = self._store_changes()
-        now = dataclasses.replace(self._counters)
-        deltas = counter_deltas(now, self._reported)
-        if not any(deltas.values()) and not store_changes:
-            return None
-        stats = connector_stats(self.tier_type, deltas, store_changes)
-        if stats is not None:
-            self._reported = now
-        return stats
+        return self._stats_since_reported(self._store_changes())
 
     def _store_changes(self) -> list[StoreChange]:
         """What changed in the store's tier stats since they were last reported, as (vLLM

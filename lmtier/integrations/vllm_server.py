@@ -36,27 +36,22 @@ import os
 import time
 from collections import deque
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import numpy as np
 from vllm.v1.kv_offload.base import (
-    LookupResult,
-    Medium,
     OffloadKey,
     ReqContext,
-    RequestOffloadingContext,
 )
-from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager
+from vllm.v1.kv_offload.tiering.base import JobResult
 
 from lmtier.errors import ConfigError
-from lmtier.integrations.activity import ActivityReporter, show_lmtier_logs
+from lmtier.integrations.activity import ActivityReporter
 from lmtier.integrations.server_activity import ServerActivity
+from lmtier.integrations.vllm_base import IndexedTier, primary_rows
 from lmtier.integrations.vllm_jobs import job_result
-from lmtier.integrations.vllm_keys import KeyIndex, job_slots, kv_namespace, offload_key_text
-from lmtier.integrations.vllm_metrics import Counters, connector_stats, counter_deltas
-from lmtier.integrations.vllm_probe import SharedProbes
+from lmtier.integrations.vllm_keys import job_slots, kv_namespace, offload_key_text
 from lmtier.server.client import HoldsResult, LoadResult, ServerClient, StoreResult
 from lmtier.server.launch import ensure_server
 from lmtier.server.mapped_files import mapped_file
@@ -81,10 +76,8 @@ class _Job:
     keys: list[OffloadKey] | None = None  # a load's vLLM keys, for its successful_keys
 
 
-class LmtierServerTier(SecondaryTierManager):  # type: ignore[misc]
+class LmtierServerTier(IndexedTier):
     """A vLLM secondary tier served by ``lmtier serve`` (see the module docstring)."""
-
-    medium: ClassVar[Medium] = Medium.STORAGE
 
     def __init__(
         self,
@@ -101,21 +94,10 @@ class LmtierServerTier(SecondaryTierManager):  # type: ignore[misc]
         backpressure_detector: Any = None,
         timeout_s: float = 60.0,
     ) -> None:
-        kwargs: dict[str, Any] = {}
-        if backpressure_detector is not None:
-            kwargs["backpressure_detector"] = backpressure_detector
-        super().__init__(offloading_spec, primary_kv_view, tier_type, **kwargs)
-        show_lmtier_logs()
-        if locality is not None:
-            try:
-                from vllm.v1.kv_offload.base import Locality
-
-                self.locality = Locality(locality)
-            except ImportError:  # older releases have no locality
-                pass
-        rows = np.asarray(primary_kv_view)
-        if rows.ndim != 2:
-            raise ValueError(f"primary_kv_view must be 2-D (rows, bytes), got shape {rows.shape}")
+        super().__init__(
+            offloading_spec, primary_kv_view, tier_type, locality, backpressure_detector
+        )
+        rows = primary_rows(primary_kv_view)
         self._row_bytes = int(rows.shape[1])
         self._row_stride = int(rows.strides[0])
         extent = (rows.shape[0] - 1) * self._row_stride + self._row_bytes
@@ -143,15 +125,10 @@ class LmtierServerTier(SecondaryTierManager):  # type: ignore[misc]
         finally:
             os.close(shared.fd)
 
-        self._index = KeyIndex()
-        self._counters = Counters()
-        self._reported = Counters()
-        self._probes = SharedProbes(self._index, self._counters)
         self._probe_shared = probe_shared
         self._to_probe: list[str] = []
         self._jobs: dict[int, _Job] = {}  # by the server's job id
         self._finished: deque[JobResult] = deque()
-        self._closed = False
         self._activity = (
             ServerActivity(
                 ActivityReporter(
@@ -168,25 +145,6 @@ class LmtierServerTier(SecondaryTierManager):  # type: ignore[misc]
         )  # fmt: skip
 
     # ------------------------------------------------------------------ scheduler side
-    def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
-        text = offload_key_text(key)
-        tally = self._counters
-        if text in self._index:
-            tally.lookups += 1
-            tally.hits += 1
-            return LookupResult.HIT
-        if not self._probe_shared or self._closed:
-            tally.lookups += 1
-            return LookupResult.MISS
-        found = self._probes.answer(text, req_context.req_id, self._to_probe.append)
-        if found is None:
-            return LookupResult.RETRY
-        tally.lookups += 1
-        if found and text in self._index:
-            tally.hits += 1
-            return LookupResult.HIT
-        return LookupResult.MISS
-
     def on_schedule_end(self, context: Any) -> None:
         self._send_probes()
 
@@ -246,14 +204,6 @@ class LmtierServerTier(SecondaryTierManager):  # type: ignore[misc]
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
         """Nothing: the server's evictors see this engine's loads, not its own cache's hits."""
 
-    def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
-        return RequestOffloadingContext()
-
-    def on_request_finished(self, req_context: ReqContext) -> None:
-        self._probes.request_finished(req_context.req_id)
-
-    request_finished = on_request_finished  # the name in older vLLM
-
     def drain_jobs(self) -> None:
         """Wait until every submitted job has finished (its result queued)."""
         self._send_probes()
@@ -277,20 +227,16 @@ class LmtierServerTier(SecondaryTierManager):  # type: ignore[misc]
     def get_stats(self) -> Any:
         """This tier's block counters since the last call (the server's tiers report on its
         own metrics endpoint)."""
-        now = replace(self._counters)
-        deltas = counter_deltas(now, self._reported)
-        if not any(deltas.values()):
-            return None
-        stats = connector_stats(self.tier_type, deltas, [])
-        if stats is not None:
-            self._reported = now
-        return stats
+        return self._stats_since_reported([])
 
     def stats(self) -> dict[str, Any]:
         return {"indexed_keys": len(self._index), "jobs_in_flight": len(self._jobs),
                 **self._counters.__dict__}  # fmt: skip
 
     # ------------------------------------------------------------------ results
+    def _start_probe(self, text: str) -> None:
+        self._to_probe.append(text)  # sent with the step's others at its end
+
     def _send_probes(self) -> None:
         if not self._to_probe:
             return
