@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from vllm_helpers import Engine, keys, need_engine, payload, wait_for
+from vllm_helpers import Engine, as_bytes, fill, need_engine, payload, wait_for
 
 need_engine("vllm.v1.kv_offload.tiering.spec")
 
@@ -64,24 +63,13 @@ def engines() -> Iterator[Any]:
         engine.close()
 
 
-def row_bytes(row: np.ndarray) -> bytes:
-    return np.ascontiguousarray(row).view(np.uint8).tobytes()
-
-
-def fill(engine: Engine, prefix: str, count: int, req: Any) -> list[bytes]:
-    blocks = keys(prefix, count)
-    engine.store(blocks, [payload(k, engine.row_bytes) for k in blocks], req)
-    engine.settle()
-    return blocks
-
-
 def load_back(engine: Engine, key: bytes, req: Any) -> tuple[list[Any], bytes | None]:
     """Look ``key`` up until settled (a promotion runs on a hit); the answers and the bytes."""
     seen = engine.lookup_until_settled(key, req)
     if seen[-1] is not LookupResult.HIT:
         return seen, None
     (data,) = engine.read([key], req)
-    return seen, row_bytes(data)
+    return seen, as_bytes(data)
 
 
 def test_the_first_engine_starts_a_server_and_blocks_round_trip(
@@ -98,7 +86,7 @@ def test_the_first_engine_starts_a_server_and_blocks_round_trip(
     for key in first:
         seen, data = load_back(engine, key, engine.ctx(f"r3-{key.hex()}"))
         assert seen[0] is LookupResult.HIT_PENDING and seen[-1] is LookupResult.HIT
-        assert data == row_bytes(payload(key, engine.row_bytes))
+        assert data == as_bytes(payload(key, engine.row_bytes))
     assert engine.tier.stats()["stored"] == 8 and engine.tier.stats()["loaded"] == 4
 
 
@@ -113,7 +101,7 @@ def test_two_engines_on_one_server_hit_each_others_blocks(
         seen, data = load_back(reader, key, reader.ctx(f"read-{key.hex()}"))
         assert seen[0] is LookupResult.RETRY  # asked of the server, not known here
         assert seen[-1] is LookupResult.HIT
-        assert data == row_bytes(payload(key, reader.row_bytes))
+        assert data == as_bytes(payload(key, reader.row_bytes))
     assert reader.tier.stats()["shared_hits"] == 3
 
 
@@ -143,7 +131,7 @@ def test_a_killed_server_gives_misses_and_the_engine_reconnects(
     ensure_server(socket_path, config)  # the next engine on the node starts it again
     # The disk tier kept its files: the block stored before the kill is found again.
     seen, data = load_back(engine, held[1], engine.ctx("back"))
-    assert data == row_bytes(payload(held[1], engine.row_bytes)), seen
+    assert data == as_bytes(payload(held[1], engine.row_bytes)), seen
 
 
 def test_in_process_options_with_a_server_are_refused(

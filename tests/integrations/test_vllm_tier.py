@@ -16,6 +16,8 @@ import prometheus_client
 import pytest
 from vllm_helpers import (
     Engine,
+    as_bytes,
+    fill,
     keys,
     kv_transfer_extra,
     need_engine,
@@ -67,17 +69,6 @@ def engines() -> Any:
     yield make
     for engine in reversed(made):
         engine.close()
-
-
-def as_bytes(row: np.ndarray) -> bytes:
-    return np.ascontiguousarray(row).view(np.uint8).tobytes()
-
-
-def fill(engine: Engine, prefix: str, count: int, req: Any) -> list[bytes]:
-    blocks = keys(prefix, count)
-    engine.store(blocks, [payload(k, engine.row_bytes) for k in blocks], req)
-    engine.settle()
-    return blocks
 
 
 def test_spec_from_kv_transfer_config_through_vllm_factory(tmp_path: Path, engines: Any) -> None:

@@ -236,6 +236,18 @@ def payload(key: bytes, row_bytes: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, row_bytes, dtype=np.uint8).view(np.int8)
 
 
+def as_bytes(row: np.ndarray) -> bytes:
+    return np.ascontiguousarray(row).view(np.uint8).tobytes()
+
+
+def fill(engine: Engine, prefix: str, count: int, req: Any) -> list[bytes]:
+    """Store ``count`` blocks named from ``prefix`` and let every job finish; their keys."""
+    blocks = keys(prefix, count)
+    engine.store(blocks, [payload(k, engine.row_bytes) for k in blocks], req)
+    engine.settle()
+    return blocks
+
+
 def wait_for(predicate: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
