@@ -67,13 +67,13 @@ REPORT_INTERVAL_S = 60.0
 
 @dataclass
 class _Job:
-    """A job sent to the server: vLLM's id, the tier's keys, and their rows' offsets."""
+    """A job sent to the server: vLLM's id (-1: a lookup of the tier's own), the keys it
+    names, when it was sent, and a load's vLLM keys (for its ``successful_keys``)."""
 
     vllm_id: int
     texts: list[str]
     started: float
-    store: bool
-    keys: list[OffloadKey] | None = None  # a load's vLLM keys, for its successful_keys
+    keys: list[OffloadKey] | None = None
 
 
 class LmtierServerTier(IndexedTier):
@@ -168,7 +168,7 @@ class LmtierServerTier(IndexedTier):
             [self._row_bytes] * len(todo),
         )
         texts_sent = [text for text, _ in todo]
-        self._jobs[job] = _Job(job_metadata.job_id, texts_sent, time.monotonic(), store=True)
+        self._jobs[job] = _Job(job_metadata.job_id, texts_sent, time.monotonic())
 
     def submit_load(self, job_metadata: Any) -> None:
         slots = job_slots(job_metadata)
@@ -185,7 +185,7 @@ class LmtierServerTier(IndexedTier):
             [self._offset(int(slot)) for slot in slots],
             [self._row_bytes] * len(texts),
         )
-        self._jobs[job] = _Job(job_metadata.job_id, texts, time.monotonic(), False, keys)
+        self._jobs[job] = _Job(job_metadata.job_id, texts, time.monotonic(), keys)
 
     def get_finished_jobs(self) -> Iterable[JobResult]:
         self._send_probes()
@@ -242,7 +242,7 @@ class LmtierServerTier(IndexedTier):
             return
         texts, self._to_probe = self._to_probe, []
         job = self._client.submit_holds([self._key_prefix + text for text in texts])
-        self._jobs[job] = _Job(-1, texts, time.monotonic(), store=False)
+        self._jobs[job] = _Job(-1, texts, time.monotonic())
 
     def _settle(self, result: StoreResult | LoadResult | HoldsResult) -> None:
         job = self._jobs.pop(result.job_id, None)
