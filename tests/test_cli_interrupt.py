@@ -23,9 +23,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# A child imports torch, starts a run and cleans it up: on a machine loaded 4-6x over its
-# cores each step took minutes.  The waits below allow for that; the verdict never times.
+# A child imports torch, starts a run and cleans it up: up to 38 s on a machine loaded 13.5
+# (2 cores).  The waits leave a wide margin; the verdict never times anything.
 WAIT_S = 300
+#: The signals the tests send, as a user's shell leaves them to a command it starts.
+SENT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _as_from_a_terminal() -> None:
+    """In the child: the sent signals at their defaults.  A suite started in the background
+    (``cmd &`` in a script, ``nohup``) passes SIGINT or SIGHUP on ignored, and a command that
+    finds a signal ignored keeps it so, as it should: the test would then wait on a signal the
+    child never sees."""
+    for number in SENT:
+        signal.signal(number, signal.SIG_DFL)
+
+
 pytestmark = pytest.mark.timeout(4 * WAIT_S)
 # A bar that has counted at least one op, request or key: "stress:   3%|...| 170/6000 [...".
 PROGRESS = re.compile(r"([1-9]\d*)/\d+ \[")
@@ -49,6 +62,7 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=slave,
             stdin=subprocess.DEVNULL,
+            preexec_fn=_as_from_a_terminal,
         )
         os.close(slave)  # the child holds it: reads end (EIO) once the child is gone
 
@@ -171,6 +185,7 @@ def test_a_job_schedulers_signal_ends_a_config_stress_as_ctrl_c_does(
         process = subprocess.Popen(
             [sys.executable, "-m", "lmtier", *args, "--no-progress"],
             cwd=REPO, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            preexec_fn=_as_from_a_terminal,
         )  # fmt: skip
         try:
             _wait_for_entry_files(disk / "keep", disk, process)
