@@ -7,6 +7,8 @@ skipped, unless REQUIRE_ENGINE_TESTS=1, where a missing SGLang fails the run.
 from __future__ import annotations
 
 import os
+import random
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -163,3 +165,35 @@ def host_pool(layout: str, pages: int = 16) -> Any:
 
 def indices_of(pages: list[int]) -> torch.Tensor:
     return torch.tensor([p * PAGE_SIZE + t for p in pages for t in range(PAGE_SIZE)])
+
+
+def from_threads(backend: Any, keys: list[str], threads: int, rounds: int) -> None:
+    """``threads`` threads, as SGLang's prefetch and backup ones, each ``rounds`` times setting
+    or checking and getting six of ``keys`` at random; every page got is the key's own."""
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        rng = random.Random(index)
+        try:
+            for _ in range(rounds):
+                batch = rng.sample(keys, 6)
+                if rng.random() < 0.5:
+                    assert backend.batch_set(batch, [page_for(k) for k in batch])
+                else:
+                    backend.batch_exists(batch)
+                    targets = [torch.zeros(PAGE_NUMEL, dtype=DTYPE) for _ in batch]
+                    for key, target, got in zip(
+                        batch, targets, backend.batch_get(batch, targets), strict=True
+                    ):
+                        if got is not None:
+                            assert torch.equal(target, page_for(key)), key
+        except BaseException as exc:
+            errors.append(exc)
+
+    running = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join(120)
+    assert not any(thread.is_alive() for thread in running)
+    assert not errors, errors[:3]

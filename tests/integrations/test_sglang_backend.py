@@ -9,8 +9,6 @@ Skipped elsewhere, unless REQUIRE_ENGINE_TESTS=1, where a missing SGLang fails t
 
 from __future__ import annotations
 
-import random
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from sglang_helpers import (
     HiCacheStorage,
     build,
     disk_config,
+    from_threads,
     host_pool,
     indices_of,
     inner,
@@ -265,33 +264,7 @@ def test_pages_another_instance_stored_on_redis_are_counted_and_cleared(
 
 # ---------------------------------------------------------------------------- threads
 def test_prefetch_and_backup_threads_share_the_backend(backend: Any) -> None:
-    keys = [f"c{i}" for i in range(48)]
-    errors: list[BaseException] = []
-
-    def worker(index: int) -> None:
-        rng = random.Random(index)
-        try:
-            for _ in range(40):
-                batch = rng.sample(keys, 6)
-                if rng.random() < 0.5:
-                    assert backend.batch_set(batch, [page_for(k) for k in batch])
-                else:
-                    backend.batch_exists(batch)
-                    targets = [torch.zeros(PAGE_NUMEL, dtype=DTYPE) for _ in batch]
-                    for key, target, got in zip(
-                        batch, targets, backend.batch_get(batch, targets), strict=True
-                    ):
-                        if got is not None:
-                            assert torch.equal(target, page_for(key)), key
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors[:3]
+    from_threads(backend, [f"c{i}" for i in range(48)], threads=8, rounds=40)
     assert inner(backend)._store.audit() == []
 
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from sglang_helpers import (
     PAGE_NUMEL,
     PAGE_SIZE,
     build,
+    from_threads,
     host_pool,
     indices_of,
     inner,
@@ -208,37 +207,10 @@ def test_prefetch_and_backup_threads_share_the_server(
     tmp_path: Path, server: ServerProcess
 ) -> None:
     backend = on_server(tmp_path, server, model_name="org/threads")
-    keys = [f"t{i}" for i in range(48)]
-    errors: list[BaseException] = []
-
-    def worker(index: int) -> None:
-        rng = random.Random(index)
-        try:
-            for _ in range(20):
-                batch = rng.sample(keys, 6)
-                if rng.random() < 0.5:
-                    assert backend.batch_set(batch, [page_for(k) for k in batch])
-                else:
-                    backend.batch_exists(batch)
-                    targets = zeros(len(batch))
-                    for key, target, got in zip(
-                        batch, targets, backend.batch_get(batch, targets), strict=True
-                    ):
-                        if got is not None:
-                            assert torch.equal(target, page_for(key)), key
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-        assert not any(thread.is_alive() for thread in threads)
-        assert not errors, errors[:3]
+        from_threads(backend, [f"t{i}" for i in range(48)], threads=4, rounds=20)
         # each caller had a region of its own, and gave it back
-        assert 1 <= len(pages_of(backend).staging.sizes()) <= len(threads)
+        assert 1 <= len(pages_of(backend).staging.sizes()) <= 4
     finally:
         backend.close()
 
