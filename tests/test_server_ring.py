@@ -26,7 +26,7 @@ _GATED_SERVER = textwrap.dedent(
     """
     import argparse, asyncio, pathlib, sys
     from lmtier.config import load_config
-    from lmtier.server import service
+    from lmtier.server import process, service
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--config")
@@ -48,7 +48,7 @@ _GATED_SERVER = textwrap.dedent(
     def ready(path):
         print(f"lmtier: serving on {path}", file=sys.stderr, flush=True)
 
-    asyncio.run(service.serve(load_config(args.config), pathlib.Path(args.socket), ready))
+    asyncio.run(process.serve(load_config(args.config), pathlib.Path(args.socket), ready))
     """
 )
 

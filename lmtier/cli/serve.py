@@ -10,7 +10,7 @@ from pathlib import Path
 from lmtier.cli.argtypes import user_path
 from lmtier.config import load_config
 from lmtier.server.paths import default_socket_path
-from lmtier.server.service import serve
+from lmtier.server.process import serve
 
 __all__ = ["add_serve_parser", "run_serve"]
 

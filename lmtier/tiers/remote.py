@@ -49,7 +49,7 @@ import contextlib
 import functools
 import hashlib
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,14 +72,13 @@ from lmtier.tiers.remote_connection import (
     RemoteConnection,
     close_quietly,
 )
+from lmtier.tiers.remote_order import OrderedCommands
 from lmtier.tiers.value_buffers import ValueBuffers
 
 __all__ = ["RemoteEntry", "RemoteTier", "default_key_prefix"]
 
 log = logging.getLogger(__name__)
 
-# How many keys' last-written checksums are remembered (see ``fetch``); ~100 bytes each.
-MAX_REMEMBERED_KEYS = 1 << 20
 # Checking or decoding a value costs up to ~0.15 ms per MiB (a checksum, and a copy): up to this
 # size that holds the loop for less than a worker thread's hop takes on a busy machine.
 INLINE_CODEC_BYTES = 4 << 20
@@ -101,7 +100,7 @@ def default_key_prefix(namespace: str) -> str:
     return f"lmtier:{digest.hexdigest()}"
 
 
-class RemoteTier(RemoteConnection, Tier):
+class RemoteTier(RemoteConnection, OrderedCommands, Tier):
     """Entries are values on a Redis/Valkey server or cluster; ``cache_dict`` holds
     ``RemoteEntry`` objects.  See the module docstring for sharing, accounting and faults."""
 
@@ -151,13 +150,7 @@ class RemoteTier(RemoteConnection, Tier):
         self._queue = []
         self._flushes = set()
         self._writing: Counter[KeyLike] = Counter()  # keys with a SET in flight
-        # The checksum of the last value this store wrote under each key (bounded, oldest
-        # first): ``fetch`` serves what other stores wrote, never this store's own leftovers.
-        self._wrote: OrderedDict[KeyLike, str] = OrderedDict()
-        # Keys whose value on the server may be stale (see ``_suspect_value``), oldest first.
-        self._suspect: OrderedDict[KeyLike, None] = OrderedDict()
-        # The last command issued on each key's value, resolved when it lands (``_in_order``).
-        self._last_command: dict[KeyLike, asyncio.Future[None]] = {}
+        self._init_order()
         self._buffers = ValueBuffers()
         self._sends_parts = False  # whether the client sends ``ValueParts`` without joining
         self._gone: set[RemoteEntry] = set()  # removed entries whose value is not theirs to delete
@@ -270,60 +263,6 @@ class RemoteTier(RemoteConnection, Tier):
         if skipped:
             self._mark_gone(entry)  # nothing of it is on the server: its discard deletes nothing
         return entry
-
-    def _remember(self, key: KeyLike, checksum: str) -> None:
-        """Note the checksum of the value this store's SET of ``key`` just landed."""
-        self._wrote[key] = checksum
-        self._wrote.move_to_end(key)
-        if len(self._wrote) > MAX_REMEMBERED_KEYS:
-            self._wrote.popitem(last=False)
-
-    async def _in_order(
-        self,
-        key: KeyLike,
-        name: str,
-        *args: Any,
-        unless: Callable[[], bool] | None = None,
-        landed: Callable[[], None] | None = None,
-    ) -> Any:
-        """Run a command on ``key``'s value once every earlier one on it has landed (none if
-        ``unless()`` holds then); ``landed()`` runs once it succeeded, before any later command
-        on the key is let through, so what it notes follows the server's order.
-
-        Batches go out on several connections at once, so two commands on one name could
-        otherwise land in either order: a stale move's DEL after a newer SET (the new value
-        vanishes), or its SET after a delete's DEL (the deleted value comes back).
-        """
-        earlier = self._last_command.get(key)
-        done = asyncio.get_running_loop().create_future()
-        self._last_command[key] = done
-        try:
-            if earlier is not None:
-                await asyncio.wait([earlier])
-            if unless is not None and unless():
-                return None
-            try:
-                result = await self._command(name, *args)
-            except BaseException:
-                self._suspect_value(key)
-                raise
-            self._suspect.pop(key, None)  # the server holds this store's latest word on it
-            if landed is not None:
-                landed()
-            return result
-        finally:
-            done.set_result(None)
-            if self._last_command.get(key) is done:
-                del self._last_command[key]
-
-    def _suspect_value(self, key: KeyLike) -> None:
-        """A SET or DEL of ``key`` failed or timed out: the server may hold an older value of
-        it (a DEL that never ran) or a value this store gave up on (a SET that landed after
-        its timeout).  Until a later SET or DEL of it succeeds, ``fetch`` does not serve it."""
-        self._suspect[key] = None
-        self._suspect.move_to_end(key)
-        if len(self._suspect) > MAX_REMEMBERED_KEYS:
-            self._suspect.popitem(last=False)
 
     async def load(self, obj: Any) -> torch.Tensor | None:
         assert isinstance(obj, RemoteEntry)

@@ -35,22 +35,28 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lmtier.cli.bench.core import layout
 from lmtier.cli.bench.engine_prompts import (
     PromptPlan,
     build_prompts,
     conversation_requests,
     reuse_ceiling,
+)
+from lmtier.cli.bench.engine_results import (
+    MODES,
+    ModeResult,
+    format_results,
+    mode_result,
+    shared_result,
+    stall_lines,
 )
 from lmtier.cli.replay.traces import read_trace
 from lmtier.errors import ConfigError
@@ -74,16 +80,6 @@ NEEDS_ENGINE = (
     "$VLLM_CPU_TEST_VENV points)"
 )
 
-#: (key, name) of each mode, in the order they run.
-MODES = (
-    ("alone", "vLLM alone"),
-    ("cpu", "+ vLLM's CPU tier"),
-    ("cold", "+ lmtier disk (cold)"),
-    ("warm", "new engine on lmtier's folder (warm)"),
-    ("served-cold", "+ lmtier serve (cold)"),
-    ("served-warm", "new engine, same lmtier serve (warm)"),
-    ("shared", "two engines sharing one lmtier serve"),
-)
 #: The modes whose tier is a client of the bench's ``lmtier serve``.
 SERVED = ("served-cold", "served-warm", "shared")
 
@@ -124,23 +120,6 @@ class EngineOptions:
         return PromptPlan(
             self.requests, self.tokens_per_id, self.max_prompt_tokens, self.vocab, self.min_turns
         )
-
-
-@dataclass
-class ModeResult:
-    """One mode's figures in one run."""
-
-    cached: int = 0
-    prompt_tokens: int = 0
-    ttft: list[float] = field(default_factory=list)
-    wall: float = 0.0
-    tokens: list[list[int]] = field(default_factory=list)
-    stall: dict[str, float] = field(default_factory=dict)
-    tier: dict[str, Any] | None = None
-
-    @property
-    def hit_ratio(self) -> float:
-        return self.cached / max(self.prompt_tokens, 1)
 
 
 def engine_missing() -> str | None:
@@ -257,34 +236,6 @@ def run_engine(spec: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
     return run_engines({name: spec}, work)[name]
 
 
-def _mode_result(raw: dict[str, Any]) -> ModeResult:
-    runs = raw["runs"]
-    return ModeResult(
-        cached=sum(r["cached"] for r in runs),
-        prompt_tokens=sum(r["prompt"] for r in runs),
-        ttft=[r["ttft"] for r in runs],
-        wall=raw["wall"],
-        tokens=[r["tokens"] for r in runs],
-        stall=raw["stall"],
-        tier=raw["tier"],
-    )
-
-
-def _shared_result(halves: list[dict[str, Any]]) -> ModeResult:
-    """Two engines' results as one mode: requests back in trace order (even, odd), the wall
-    of the slower, the worse stall, the tiers' times summed and each one's shared hits."""
-    runs: list[dict[str, Any]] = [{}] * sum(len(half["runs"]) for half in halves)
-    for first, half in enumerate(halves):
-        runs[first::2] = half["runs"]
-    tiers = [half["tier"] or {} for half in halves]
-    tier = {key: sum(t.get(key, 0) for t in tiers) for key in ("stored", "loaded", "call_s",
-                                                               "load_job_s")}  # fmt: skip
-    tier["shared_hits_each"] = [t.get("shared_hits", 0) for t in tiers]
-    worst = max((half["stall"] for half in halves), key=lambda s: s.get("p99_ms", 0.0))
-    wall = max(half["wall"] for half in halves)
-    return _mode_result({"runs": runs, "wall": wall, "stall": worst, "tier": tier})
-
-
 def run_modes(
     options: EngineOptions,
     prompts: list[list[int]],
@@ -319,10 +270,10 @@ def run_modes(
                     },
                     work,
                 )
-                results[mode] = _shared_result([halves["shared-a"], halves["shared-b"]])
+                results[mode] = shared_result([halves["shared-a"], halves["shared-b"]])
             else:
                 spec = _engine_spec(options, model, prompts, transfer)
-                results[mode] = _mode_result(run_engine(spec, work, mode))
+                results[mode] = mode_result(run_engine(spec, work, mode))
     finally:
         if server is not None:
             server.stop()
@@ -370,75 +321,6 @@ class BenchServer:
         while self.socket.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         shutil.rmtree(self.socket.parent, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------- the table
-def _quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
-
-
-def _spread(values: Sequence[float], text: Callable[[float], str]) -> str:
-    """The median of ``values``, and their range when there are several."""
-    middle = text(statistics.median(values))
-    if len(values) < 2 or min(values) == max(values):
-        return middle
-    return f"{middle} ({text(min(values))}-{text(max(values))})"
-
-
-def identical(result: ModeResult, alone: ModeResult) -> bool:
-    return bool(result.tokens) and result.tokens == alone.tokens
-
-
-def format_results(runs: Sequence[dict[str, ModeResult]]) -> str:
-    """The table over one or several runs: medians, with ranges (min-max) over several."""
-    head = ["mode", "cached tokens", "hit ratio", "TTFT p50 ms", "TTFT p90 ms", "wall s",
-            "wall vs alone", "tokens = alone", "in lmtier calls s", "load jobs s",
-            "stall p99 ms (alone)"]  # fmt: skip
-    table = [head]
-    for mode, name in MODES:
-        results = [run[mode] for run in runs]
-        alone = [run["alone"] for run in runs]
-        tiers = [r.tier for r in results if r.tier is not None]
-        same = all(identical(r, a) for r, a in zip(results, alone, strict=True))
-        table.append([
-            name,
-            _spread([r.cached for r in results], lambda v: f"{v:,.0f}"),
-            _spread([r.hit_ratio for r in results], lambda v: f"{v:.3f}"),
-            _spread([_quantile(r.ttft, 0.5) * 1000 for r in results], lambda v: f"{v:.0f}"),
-            _spread([_quantile(r.ttft, 0.9) * 1000 for r in results], lambda v: f"{v:.0f}"),
-            _spread([r.wall for r in results], lambda v: f"{v:.1f}"),
-            _spread([r.wall / a.wall for r, a in zip(results, alone, strict=True)],
-                    lambda v: f"{v:.2f}x"),
-            "yes" if same else "NO",
-            _spread([t["call_s"] for t in tiers], lambda v: f"{v:.2f}") if tiers else "",
-            _spread([t["load_job_s"] for t in tiers], lambda v: f"{v:.2f}") if tiers else "",
-            _spread([r.stall.get("p99_ms", 0.0) for r in results], lambda v: f"{v:.2f}")
-            + ("" if mode == "alone" else
-               f" ({statistics.median(a.stall.get('p99_ms', 0.0) for a in alone):.2f})"),
-        ])  # fmt: skip
-    shared = [run["shared"].tier for run in runs if run["shared"].tier is not None]
-    each = [t["shared_hits_each"] for t in shared]
-    lines = [layout(table)]
-    if each:
-        lines.append(
-            "two engines sharing one lmtier serve: blocks each engine found that the other "
-            "stored: " + "; ".join(f"{a:,} and {b:,}" for a, b in each)
-        )
-    return "\n".join(lines)
-
-
-def stall_lines(runs: Sequence[dict[str, ModeResult]]) -> str:
-    """The stall probe's lateness per mode: p50, p99 and max (medians over the runs)."""
-    lines = ["stall probe (a 1 ms sleep in a thread of the engine process; lateness, ms):"]
-    for mode, name in MODES:
-        results = [run[mode] for run in runs]
-        p50, p99, worst = (
-            statistics.median(r.stall.get(k, 0.0) for r in results)
-            for k in ("p50_ms", "p99_ms", "max_ms")
-        )
-        lines.append(f"  {name}: p50 {p50:.3f}, p99 {p99:.2f}, max {worst:.1f}")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- the command
