@@ -96,6 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------- stress
+def _add_no_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (shown on a terminal)"
+    )
+
+
 def _add_stress(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     stress = commands.add_parser(
         "stress",
@@ -159,7 +165,7 @@ def _add_stress(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="--shared-keys: share of calls given up on (%(default)s)")  # fmt: skip
     add("--rounds", type=positive_int, default=defaults.rounds,
         help="--shared-keys: quiet points where every key is read back (%(default)s)")  # fmt: skip
-    add("--no-progress", action="store_true", help="no progress bars (shown on a terminal)")
+    _add_no_progress(stress)
     stress.set_defaults(run=stress_command)
 
 
@@ -243,9 +249,7 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     replay.add_argument(
         "--plot", type=output_path, help="plot hit ratio vs capacity to this PNG (needs matplotlib)"
     )
-    replay.add_argument(
-        "--no-progress", action="store_true", help="no progress bars (shown on a terminal)"
-    )
+    _add_no_progress(replay)
     replay.set_defaults(run=replay_command)
 
 
@@ -262,9 +266,7 @@ def _add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "path", type=user_path, help="a disk tier's folder, or one of its ns-* folders"
     )
     inspect.add_argument("--repair", action="store_true", help="remove corrupt and temporary files")
-    inspect.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (shown on a terminal)"
-    )
+    _add_no_progress(inspect)
     inspect.set_defaults(run=inspect_command)
 
 
@@ -364,9 +366,7 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="only the GPU rows: the GPU tier and the batched GPU<->pinned CPU path "
         "(needs CUDA; scripts/gpu_check.sh runs it)",
     )
-    bench.add_argument(
-        "--no-progress", action="store_true", help="no progress bars (shown on a terminal)"
-    )
+    _add_no_progress(bench)
     bench.set_defaults(run=bench_command)
 
 
