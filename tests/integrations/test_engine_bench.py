@@ -2,9 +2,9 @@
 
 Ten requests of the conversation trace, prompts of at most 1024 tokens, vLLM's KV and its CPU
 tier each about one prompt, so that the reuse of older requests is served by lmtier's disk.
-Asserts what the bench reports, never its timings: hits in the lmtier modes, identical tokens,
-the warm runs above the cold ones, and two engines on one ``lmtier serve`` each hitting blocks
-the other stored.
+Asserts what the bench reports, never its timings: hits in the lmtier modes, identical tokens
+in every mode (the two engines on one ``lmtier serve`` included), the warm runs above the cold
+ones.
 """
 
 from __future__ import annotations
@@ -62,9 +62,12 @@ def test_a_short_replay_hits_in_lmtier_with_identical_tokens(tmp_path: Path) -> 
         assert warm.hit_ratio > cold.hit_ratio, warm_mode
 
     shared = results["shared"].tier
-    assert shared is not None
-    # Each engine loaded blocks that only the other engine had stored.
-    assert all(hits > 0 for hits in shared["shared_hits_each"]), shared
+    assert shared is not None and shared["stored"] > 0, shared
+    # How many blocks each of the two engines found that the other stored depends on how far
+    # each had run when the other looked (two processes at once): reported, never asserted
+    # here. tests/integrations/test_vllm_server_tier.py asserts that two engines on one server
+    # hit each other's blocks, with the order fixed.
+    assert len(shared["shared_hits_each"]) == 2, shared
 
     table = format_results([results])
     assert "+ lmtier serve (cold)" in table and "blocks each engine found" in table
