@@ -14,8 +14,9 @@ own (``engine_run``) over the same prompts (``engine_prompts``):
 * ``+ lmtier serve (cold)`` and ``new engine, same lmtier serve (warm)``: the same through an
   ``lmtier serve`` process the bench starts (the tier's ``server`` line), whose disk tier
   starts empty; the warm engine is a new process on the same running server;
-* ``two engines sharing one lmtier serve``: two engine processes at once on a new server with
-  an empty disk tier, one taking the even requests and one the odd: a conversation's turns
+* ``two engines sharing one lmtier serve``: two engine processes on a new server with an
+  empty disk tier, one taking the even requests and one the odd, in turns (each request starts
+  once the one before it has ended and its blocks are in lmtier): a conversation's turns
   alternate between them, so each can hit only what the other stored for the turn before.
 
 Per mode: the cached tokens and their share of all prompt tokens, the time to first token
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -200,22 +201,31 @@ def _environment() -> dict[str, str]:
     )
 
 
-def run_engines(specs: dict[str, dict[str, Any]], work: Path) -> dict[str, dict[str, Any]]:
-    """One engine process per spec, all at once; each one's RESULT object, by name (logs kept
-    in ``work``)."""
+def run_engines(
+    specs: dict[str, dict[str, Any]], work: Path, fds: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """One engine process per spec, all at once, each given its ``fds`` (then closed here);
+    each one's RESULT object, by name (logs kept in ``work``)."""
     from lmtier.cli.bench.engine_run import RESULT_PREFIX
 
+    fds = fds or {}
     running = {}
-    for name, spec in specs.items():
-        path = work / f"{name}.json"
-        path.write_text(json.dumps(spec))
-        running[name] = subprocess.Popen(
-            [sys.executable, "-m", "lmtier.cli.bench.engine_run", str(path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=_environment(),
-        )
+    try:
+        for name, spec in specs.items():
+            path = work / f"{name}.json"
+            path.write_text(json.dumps(spec))
+            running[name] = subprocess.Popen(
+                [sys.executable, "-m", "lmtier.cli.bench.engine_run", str(path)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=_environment(),
+                pass_fds=fds.get(name, ()),
+            )
+    finally:
+        # Only the children hold the pipes: one that ends gives the other an end of file.
+        for fd in {fd for held in fds.values() for fd in held}:
+            os.close(fd)
     results = {}
     for name, process in running.items():
         output, _ = process.communicate()
@@ -263,14 +273,12 @@ def run_modes(
                 mode, options, disk, server.socket if server is not None else None
             )
             if mode == "shared":
-                halves = run_engines(
-                    {
-                        "shared-a": _engine_spec(options, model, prompts[0::2], transfer),
-                        "shared-b": _engine_spec(options, model, prompts[1::2], transfer),
-                    },
+                halves = _run_in_turns(
+                    _engine_spec(options, model, prompts[0::2], transfer),
+                    _engine_spec(options, model, prompts[1::2], transfer),
                     work,
                 )
-                results[mode] = shared_result([halves["shared-a"], halves["shared-b"]])
+                results[mode] = shared_result(halves)
             else:
                 spec = _engine_spec(options, model, prompts, transfer)
                 results[mode] = mode_result(run_engine(spec, work, mode))
@@ -278,6 +286,19 @@ def run_modes(
         if server is not None:
             server.stop()
     return results
+
+
+def _run_in_turns(
+    first: dict[str, Any], second: dict[str, Any], work: Path
+) -> list[dict[str, Any]]:
+    """Two engine processes taking turns, ``first`` before ``second`` (engine_run's
+    ``turns``); their RESULT objects in that order."""
+    to_second, to_first = os.pipe(), os.pipe()  # (read, write) each
+    first["turns"] = {"wait": to_first[0], "signal": to_second[1], "first": True}
+    second["turns"] = {"wait": to_second[0], "signal": to_first[1], "first": False}
+    fds = {"shared-a": (to_first[0], to_second[1]), "shared-b": (to_second[0], to_first[1])}
+    halves = run_engines({"shared-a": first, "shared-b": second}, work, fds)
+    return [halves["shared-a"], halves["shared-b"]]
 
 
 def _engine_spec(

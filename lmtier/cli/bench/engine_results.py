@@ -72,6 +72,7 @@ def shared_result(halves: list[dict[str, Any]]) -> ModeResult:
     tier = {key: sum(t.get(key, 0) for t in tiers) for key in ("stored", "loaded", "call_s",
                                                                "load_job_s")}  # fmt: skip
     tier["shared_hits_each"] = [t.get("shared_hits", 0) for t in tiers]
+    tier["step_ms"] = max((t.get("step_ms", {}) for t in tiers), key=lambda s: s.get("p99_ms", 0.0))
     worst = max((half["stall"] for half in halves), key=lambda s: s.get("p99_ms", 0.0))
     wall = max(half["wall"] for half in halves)
     return mode_result({"runs": runs, "wall": wall, "stall": worst, "tier": tier})
@@ -98,7 +99,7 @@ def format_results(runs: Sequence[dict[str, ModeResult]]) -> str:
     """The table over one or several runs: medians, with ranges (min-max) over several."""
     head = ["mode", "cached tokens", "hit ratio", "TTFT p50 ms", "TTFT p90 ms", "wall s",
             "wall vs alone", "tokens = alone", "in lmtier calls s", "load jobs s",
-            "stall p99 ms (alone)"]  # fmt: skip
+            "lmtier per step p99 ms", "stall p99 ms (alone)"]  # fmt: skip
     table = [head]
     for mode, name in MODES:
         results = [run[mode] for run in runs]
@@ -117,6 +118,7 @@ def format_results(runs: Sequence[dict[str, ModeResult]]) -> str:
             "yes" if same else "NO",
             _spread([t["call_s"] for t in tiers], lambda v: f"{v:.2f}") if tiers else "",
             _spread([t["load_job_s"] for t in tiers], lambda v: f"{v:.2f}") if tiers else "",
+            _spread([_step(t, "p99_ms") for t in tiers], lambda v: f"{v:.3f}") if tiers else "",
             _spread([r.stall.get("p99_ms", 0.0) for r in results], lambda v: f"{v:.2f}")
             + ("" if mode == "alone" else
                f" ({statistics.median(a.stall.get('p99_ms', 0.0) for a in alone):.2f})"),
@@ -132,14 +134,29 @@ def format_results(runs: Sequence[dict[str, ModeResult]]) -> str:
     return "\n".join(lines)
 
 
+def _step(tier: dict[str, Any], key: str) -> float:
+    return float(tier.get("step_ms", {}).get(key, 0.0))
+
+
+def _quantile_text(figures: Sequence[dict[str, float]], digits: int) -> str:
+    """``p50, p99, max`` of ``figures`` (a quantiles_ms summary per run), medians over runs."""
+    p50, p99, worst = (
+        statistics.median(f.get(k, 0.0) for f in figures) for k in ("p50_ms", "p99_ms", "max_ms")
+    )
+    return f"p50 {p50:.3f}, p99 {p99:.{digits}f}, max {worst:.{digits - 1}f}"
+
+
 def stall_lines(runs: Sequence[dict[str, ModeResult]]) -> str:
-    """The stall probe's lateness per mode: p50, p99 and max (medians over the runs)."""
+    """Per mode (medians over the runs): the stall probe's lateness, p50, p99 and max; and
+    the engine thread's time inside the tier's methods per engine step, p50, p99 and max."""
     lines = ["stall probe (a 1 ms sleep in a thread of the engine process; lateness, ms):"]
     for mode, name in MODES:
-        results = [run[mode] for run in runs]
-        p50, p99, worst = (
-            statistics.median(r.stall.get(k, 0.0) for r in results)
-            for k in ("p50_ms", "p99_ms", "max_ms")
-        )
-        lines.append(f"  {name}: p50 {p50:.3f}, p99 {p99:.2f}, max {worst:.1f}")
+        lines.append(f"  {name}: {_quantile_text([run[mode].stall for run in runs], 2)}")
+    lines.append("the engine thread's time inside lmtier's tier per engine step (ms):")
+    for mode, name in MODES:
+        tiers = [t for t in (run[mode].tier for run in runs) if t is not None]
+        if tiers:
+            steps = statistics.median(_step(t, "samples") for t in tiers)
+            text = _quantile_text([t.get("step_ms", {}) for t in tiers], 3)
+            lines.append(f"  {name}: {text} ({steps:,.0f} steps)")
     return "\n".join(lines)

@@ -7,13 +7,21 @@ after another through vLLM's ``LLMEngine`` with its core in this process
 thread, and this process can read lmtier's tier afterwards.  Prints one line, ``RESULT`` and a
 JSON object: per request its cached tokens, output tokens and time to first token; the wall
 time of all requests; the stall probe's lateness; and, with lmtier, the tier's counters, the
-time the engine's thread spent inside the tier's methods and the load jobs' own times.
+time the engine's thread spent inside the tier's methods (in all, and per engine step) and the
+load jobs' own times.
 
 The stall probe (``lmtier.cli.bench.stall``) runs in this process while the requests run.
+
+With ``turns`` in SPEC (two pipe descriptors), the process takes turns with another: before a
+request it waits for a byte on ``turns["wait"]`` (not before its first when ``turns["first"]``),
+and after it, once the engine has no work left (its offloading jobs included, so the request's
+blocks are in lmtier), it writes one to ``turns["signal"]``.  Two engines replaying alternate
+requests thus see, each time, everything the other stored for the request before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -22,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lmtier.cli.bench.stall import StallProbe
+from lmtier.cli.bench.stall import StallProbe, quantiles_ms
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -49,6 +57,7 @@ class TierTimer:
     def __init__(self) -> None:
         self.tiers: list[Any] = []
         self.call_seconds = 0.0
+        self.step_seconds: list[float] = []  # the time inside the tier's methods, per step
         self.load_jobs: set[int] = set()
         self.load_job_seconds = 0.0
 
@@ -86,8 +95,34 @@ class TierTimer:
         return timed
 
 
-def run_requests(llm: Any, prompts: list[list[int]], output_tokens: int) -> list[dict[str, Any]]:
-    """Each prompt in turn: its cached tokens, greedy output tokens and time to first token."""
+class Turns:
+    """Taking turns with another engine process through two pipes (see the module's text)."""
+
+    def __init__(self, wait: int, signal: int, first: bool) -> None:
+        self.wait_fd, self.signal_fd, self.skip = wait, signal, first
+
+    def wait(self) -> None:
+        if self.skip:
+            self.skip = False
+            return
+        if not os.read(self.wait_fd, 1):
+            raise RuntimeError("the other engine process ended before its turn was over")
+
+    def signal(self) -> None:
+        # Broken: the other engine has run all of its requests.
+        with contextlib.suppress(BrokenPipeError):
+            os.write(self.signal_fd, b"t")
+
+
+def run_requests(
+    llm: Any,
+    prompts: list[list[int]],
+    output_tokens: int,
+    timer: TierTimer | None = None,
+    turns: Turns | None = None,
+) -> list[dict[str, Any]]:
+    """Each prompt in turn: its cached tokens, greedy output tokens and time to first token;
+    ``timer`` gets the time inside the tier per engine step."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
@@ -99,18 +134,34 @@ def run_requests(llm: Any, prompts: list[list[int]], output_tokens: int) -> list
         output_kind=RequestOutputKind.CUMULATIVE,
     )
     engine = llm.llm_engine
+    steps = timer.step_seconds if timer is not None else []
+
+    def step() -> list[Any]:
+        before = timer.call_seconds if timer is not None else 0.0
+        outputs: list[Any] = engine.step()
+        if timer is not None:
+            steps.append(timer.call_seconds - before)
+        return outputs
+
     runs = []
     for number, prompt in enumerate(prompts):
+        if turns is not None:
+            turns.wait()
         started = time.perf_counter()
         first: float | None = None
         engine.add_request(str(number), TokensPrompt(prompt_token_ids=prompt), params)
         done = None
         while done is None:
-            for out in engine.step():
+            for out in step():
                 if first is None and out.outputs and out.outputs[0].token_ids:
                     first = time.perf_counter() - started
                 if out.finished:
                     done = out
+        if turns is not None:
+            # The request's store jobs keep the scheduler busy until their blocks are placed.
+            while engine.engine_core.engine_core.scheduler.has_requests():
+                step()
+            turns.signal()
         runs.append({
             "cached": done.num_cached_tokens or 0,
             "prompt": len(prompt),
@@ -150,14 +201,18 @@ def main(path: str) -> None:
     )
     probe = StallProbe()
     started = time.perf_counter()
+    turns = None
+    if spec.get("turns"):
+        turns = Turns(spec["turns"]["wait"], spec["turns"]["signal"], spec["turns"]["first"])
     with probe:
-        runs = run_requests(llm, spec["prompts"], spec["output_tokens"])
+        runs = run_requests(llm, spec["prompts"], spec["output_tokens"], timer, turns)
     wall = time.perf_counter() - started
     tier = None
     if timer.tiers:
         counters = timer.tiers[-1].stats()
         tier = {k: v for k, v in counters.items() if k != "store"}
         tier["call_s"] = timer.call_seconds
+        tier["step_ms"] = quantiles_ms(timer.step_seconds)
         tier["load_job_s"] = timer.load_job_seconds
     result = {"runs": runs, "wall": wall, "stall": probe.summary(), "tier": tier,
               "lmtier": integration.__file__}  # fmt: skip

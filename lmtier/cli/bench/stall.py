@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 
-__all__ = ["StallProbe"]
+__all__ = ["StallProbe", "quantiles_ms"]
 
 
 class StallProbe:
@@ -40,10 +40,15 @@ class StallProbe:
 
     def summary(self) -> dict[str, float]:
         """p50, p99 and max lateness in milliseconds, and the number of samples."""
-        ordered = sorted(self.lateness) or [0.0]
+        return quantiles_ms(self.lateness)
 
-        def at(q: float) -> float:
-            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
-        return {"p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": ordered[-1] * 1000,
-                "samples": len(self.lateness)}  # fmt: skip
+def quantiles_ms(seconds: list[float]) -> dict[str, float]:
+    """p50, p99 and max of ``seconds`` in milliseconds, and how many there are."""
+    ordered = sorted(seconds) or [0.0]
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    return {"p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": ordered[-1] * 1000,
+            "samples": len(seconds)}  # fmt: skip

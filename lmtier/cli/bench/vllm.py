@@ -11,7 +11,10 @@ Each job runs twice over: with the store in the engine's process, and through ``
 While a job runs, the scheduler thread polls ``get_finished_jobs`` and sleeps 0.5 ms between
 polls (an engine waiting on its device), and a stall probe (``lmtier.cli.bench.stall``) sleeps
 1 ms in a loop: its p99 lateness is how long lmtier held the engine's interpreter, beside the
-probe's p99 over the same time with no job in flight.
+probe's p99 over the same time with no job in flight.  ``--pin-server`` gives the server a core
+of its own (its threads on the last CPU, this process on the others, as ``taskset`` or
+systemd's ``CPUAffinity`` would): what the probe then sees is the engine's process alone, not
+the scheduler's sharing of too few cores between it and the server.
 
 vLLM is imported lazily: this module imports without it, ``vllm_tier_rows`` needs it.
 """
@@ -19,6 +22,7 @@ vLLM is imported lazily: this module imports without it, ``vllm_tier_rows`` need
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -29,6 +33,7 @@ import signal
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -117,8 +122,36 @@ def _p99(samples: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process ``pid`` on ``cpus`` (threads it starts later inherit them)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+@contextlib.contextmanager
+def _own_core(server: int, pin: bool) -> Iterator[str]:
+    """With ``pin``, the server on the last CPU and this process on the others meanwhile; the
+    rows' label for it."""
+    cpus = os.sched_getaffinity(0)
+    if not pin or len(cpus) < 2:
+        yield ""
+        return
+    last = max(cpus)
+    _pin(server, {last})
+    _pin(os.getpid(), cpus - {last})
+    try:
+        yield ", on its own core"
+    finally:
+        _pin(os.getpid(), cpus)
+
+
 def vllm_tier_rows(
-    folder: Path | None = None, blocks: int = 64, row_bytes: int = 2 * MiB, repeats: int = 5
+    folder: Path | None = None,
+    blocks: int = 64,
+    row_bytes: int = 2 * MiB,
+    repeats: int = 5,
+    pin_server: bool = False,
 ) -> list[Row]:
     """The rows of the vLLM tier in process and through ``lmtier serve``."""
     from lmtier.server.launch import ensure_server
@@ -141,7 +174,8 @@ def vllm_tier_rows(
         try:
             shared[:] = rows
             tier = {"server": str(socket)}
-            return found + _tier_rows(shared, tier, work, repeats, " (lmtier serve)")
+            with _own_core(pid, pin_server) as where:
+                return found + _tier_rows(shared, tier, work, repeats, f" (lmtier serve{where})")
         finally:
             os.close(fd)
             os.kill(pid, signal.SIGTERM)
@@ -250,8 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=64)
     parser.add_argument("--row-mib", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--pin-server", action="store_true", help="give lmtier serve a core of its own"
+    )
     args = parser.parse_args(argv)
-    rows = vllm_tier_rows(args.folder, args.blocks, args.row_mib * MiB, args.repeats)
+    rows = vllm_tier_rows(
+        args.folder, args.blocks, args.row_mib * MiB, args.repeats, args.pin_server
+    )
     print(format_rows(rows))
     return 0
 
