@@ -60,6 +60,20 @@ class TierTimer:
         self.step_seconds: list[float] = []  # the time inside the tier's methods, per step
         self.load_jobs: set[int] = set()
         self.load_job_seconds = 0.0
+        self.copy_seconds: list[float] = []  # each KV <-> CPU tier copy job's own time
+
+    def install_copies(self, cls: type) -> None:
+        """Collect the copy jobs' own times from ``cls``'s ``get_finished`` (the worker that
+        moves blocks between vLLM's KV and its CPU tier), by direction."""
+        get_finished = cls.get_finished  # type: ignore[attr-defined]
+
+        def collected(worker: Any) -> Any:
+            results = get_finished(worker)
+            for result in results:
+                self.copy_seconds.append(float(getattr(result, "transfer_time", 0.0) or 0.0))
+            return results
+
+        cls.get_finished = collected  # type: ignore[attr-defined]
 
     def install(self, cls: type) -> None:
         init = cls.__init__  # type: ignore[misc]
@@ -173,11 +187,13 @@ def run_requests(
 
 def main(path: str) -> None:
     import lmtier.integrations.vllm as integration
+    from lmtier.integrations.vllm_cpu import TorchCopyWorker
     from lmtier.integrations.vllm_server import LmtierServerTier
 
     timer = TierTimer()
     timer.install(integration.LmtierSecondaryTier)
     timer.install(LmtierServerTier)  # what LmtierSecondaryTier with "server" builds
+    timer.install_copies(TorchCopyWorker)
 
     from vllm import LLM
     from vllm.config import KVTransferConfig
@@ -207,6 +223,8 @@ def main(path: str) -> None:
     with probe:
         runs = run_requests(llm, spec["prompts"], spec["output_tokens"], timer, turns)
     wall = time.perf_counter() - started
+    copies = {"jobs": len(timer.copy_seconds), "s": sum(timer.copy_seconds),
+              **quantiles_ms(timer.copy_seconds)}  # fmt: skip
     tier = None
     if timer.tiers:
         counters = timer.tiers[-1].stats()
@@ -214,7 +232,7 @@ def main(path: str) -> None:
         tier["call_s"] = timer.call_seconds
         tier["step_ms"] = quantiles_ms(timer.step_seconds)
         tier["load_job_s"] = timer.load_job_seconds
-    result = {"runs": runs, "wall": wall, "stall": probe.summary(), "tier": tier,
+    result = {"runs": runs, "wall": wall, "stall": probe.summary(), "tier": tier, "copies": copies,
               "lmtier": integration.__file__}  # fmt: skip
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     del llm
