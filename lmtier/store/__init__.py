@@ -313,6 +313,26 @@ class TieredStore:
         async with Operation(self):
             return await self._reader.get_many(keys, target)
 
+    async def get_into_many(
+        self, keys: Sequence[KeyLike], outs: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor | None]:
+        """``get(key, out=out)`` for each pair, as one call; None where an entry is missing or
+        no longer of its ``out``'s shape and dtype (replaced meanwhile: look again)."""
+        keys = [check_key(key) for key in keys]
+        if len(outs) != len(keys):
+            raise InvalidValueError(f"get_into_many: {len(keys)} keys, {len(outs)} outs")
+        for out in outs:
+            if serde.check_storable(out).requires_grad:
+                raise InvalidValueError("out requires grad: pass a tensor without autograd")
+        async with Operation(self):
+            return await self._reader.get_into_many(keys, outs, self._get_into)
+
+    async def _get_into(self, key: KeyLike, out: torch.Tensor) -> torch.Tensor | None:
+        try:
+            return await self.get(key, out=out)
+        except InvalidValueError:
+            return None  # replaced by an entry of another layout
+
     async def contains(self, key: KeyLike) -> str | None:
         """The name of the tier holding ``key``, or None."""
         key = check_key(key)
