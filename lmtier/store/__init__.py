@@ -7,7 +7,7 @@ The store is a facade over small parts, each in its own module::
     placement.py  writing an entry into the first tier that takes it
     mover.py      puts, demotion, promotion, write-ahead
     loading.py    reading an entry's bytes; dropping wrong ones
-    reads.py      get, get_many, fetches from shared storage
+    reads.py      get, get_many, get_into_many, fetches from shared storage
     tasks.py      background work and the calls in flight
 """
 
