@@ -7,7 +7,7 @@ The store is a facade over small parts, each in its own module::
     placement.py  writing an entry into the first tier that takes it
     mover.py      puts, demotion, promotion, write-ahead
     loading.py    reading an entry's bytes; dropping wrong ones
-    reads.py      get, get_many, fetches from shared storage
+    reads.py      get, get_many, get_into_many, fetches from shared storage
     tasks.py      background work and the calls in flight
 """
 
@@ -312,6 +312,26 @@ class TieredStore:
         target = as_device(device)
         async with Operation(self):
             return await self._reader.get_many(keys, target)
+
+    async def get_into_many(
+        self, keys: Sequence[KeyLike], outs: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor | None]:
+        """``get(key, out=out)`` for each pair, as one call; None where an entry is missing or
+        no longer of its ``out``'s shape and dtype (replaced meanwhile: look again)."""
+        keys = [check_key(key) for key in keys]
+        if len(outs) != len(keys):
+            raise InvalidValueError(f"get_into_many: {len(keys)} keys, {len(outs)} outs")
+        for out in outs:
+            if serde.check_storable(out).requires_grad:
+                raise InvalidValueError("out requires grad: pass a tensor without autograd")
+        async with Operation(self):
+            return await self._reader.get_into_many(keys, outs, self._get_into)
+
+    async def _get_into(self, key: KeyLike, out: torch.Tensor) -> torch.Tensor | None:
+        try:
+            return await self.get(key, out=out)
+        except InvalidValueError:
+            return None  # replaced by an entry of another layout
 
     async def contains(self, key: KeyLike) -> str | None:
         """The name of the tier holding ``key``, or None."""

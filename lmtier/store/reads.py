@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import torch
@@ -23,9 +23,16 @@ __all__ = ["Reader", "as_device"]
 
 # A get whose entry moved or was replaced while it read looks again, at most this often.
 _MAX_LOOKUPS = 4
+# A get_into_many hands the loop back after reading this much on it in one pass (~1 ms).
+_YIELD_BYTES = 8 << 20
+# The reads of a get_into_many that wait on storage run this many at a time: each takes a
+# thread, and more than a few on a node's spare cores only take turns.
+_WAITING_READS = 4
 
 #: Copies ``key``'s hit (its bytes read out) to the top of the cascade.
 Promote = Callable[[KeyLike, Hit, torch.Tensor], Coroutine[Any, Any, None]]
+#: A store's ``get(key, out=out)``: the fallback of a get_into_many.
+GetInto = Callable[[KeyLike, torch.Tensor], Awaitable[torch.Tensor | None]]
 
 
 class Reader:
@@ -212,6 +219,48 @@ class Reader:
             for (i, _), result in zip(later, done[1:], strict=True):
                 results[i] = result
         await self._promote_hits(keys, promoting, results)
+        return results
+
+    async def get_into_many(
+        self, keys: Sequence[KeyLike], outs: Sequence[torch.Tensor], get_into: GetInto
+    ) -> list[torch.Tensor | None]:
+        """``get_into(key, out)`` for each pair, but a hit that its tier copies on the spot
+        (``load_now_into``: no wait, so no pin) is read in one pass with no task of its own;
+        the others, and hits due for promotion, go to ``get_into``, a few at a time."""
+        results: list[torch.Tensor | None] = [None] * len(keys)
+        later: list[int] = []
+        timed, gets = self._metrics.timed_loads, self._metrics.gets
+        since_yield = 0
+        for i, (key, out) in enumerate(zip(keys, outs, strict=True)):
+            if since_yield >= _YIELD_BYTES:  # other connections' requests wait meanwhile
+                await asyncio.sleep(0)
+                since_yield = 0
+            hit = self._cascade.find(key)  # after the yield: the entry as it is now
+            if hit is None or self._promotes(key, hit):
+                later.append(i)
+                continue
+            tier = hit.tier
+            started = time.perf_counter()
+            if tier.load_now_into(hit.obj, out) is None:
+                later.append(i)
+                continue
+            since_yield += out.nbytes
+            results[i] = out
+            self.record_hit(key, hit)
+            if tier.name in timed or gets is not None:
+                seconds = time.perf_counter() - started
+                if tier.name in timed:
+                    self._metrics.observe_load(tier.name, seconds, out.nbytes)
+                if gets is not None:
+                    gets[tier.name].observe(seconds, out.nbytes)
+        if later:
+            turns = asyncio.Semaphore(_WAITING_READS)
+
+            async def read(i: int) -> None:
+                async with turns:
+                    results[i] = await get_into(keys[i], outs[i])
+
+            await asyncio.gather(*(read(i) for i in later))
         return results
 
     def _batches(self, stored: torch.Tensor, target: torch.device | None) -> bool:

@@ -45,9 +45,8 @@ class Tier(TierEvents, abc.ABC):
     * ``committed + reserved <= budget``: bytes the tier holds or is writing never exceed it.
 
     The store reports what happened to the entries through the ``record_*`` methods
-    (``TierEvents``): only the tier writes its counters.
-
-    Backends implement ``_write``, ``load``, ``discard`` and may override ``open``/``close``.
+    (``TierEvents``): only the tier writes its counters.  Backends implement ``_write``,
+    ``load``, ``discard`` and may override ``open``/``close``, ``load_into``, ``load_now_into``.
 
     A *shared* tier's storage is written by other stores too (a remote server).  Its index
     holds only what this store charged, so a key it does not index may still be in storage:
@@ -116,6 +115,10 @@ class Tier(TierEvents, abc.ABC):
         or None if it vanished.  Backends that can read straight into ``out`` override this."""
         data = await self.load(obj)
         return None if data is None else await copy_into(out, data)
+
+    def load_now_into(self, obj: Any, out: torch.Tensor) -> torch.Tensor | None:
+        """``out`` filled and verified at once (unpinned), or None where ``load_into`` must."""
+        return None
 
     async def stage(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         """Copy a batch into this tier's memory ahead of its placements, as one batch where the

@@ -329,6 +329,15 @@ class DiskTier(Tier):
             return out
         return await asyncio.to_thread(self._read_file, obj, out)
 
+    def load_now_into(self, obj: Any, out: torch.Tensor) -> torch.Tensor | None:
+        """The on-loop read of ``load_into`` (``_read_cached``), where it applies."""
+        assert isinstance(obj, DiskCacheMetadata)
+        if out.dtype != obj.dtype or tuple(out.shape) != (obj.shape or ()):
+            return None
+        if not out.is_cpu or not out.is_contiguous() or out.is_neg() or out.is_conj():
+            return None
+        return self._read_cached(obj, out) if self._reads_on_loop(obj) else None
+
     def _reads_on_loop(self, meta: DiskCacheMetadata) -> bool:
         limit = LOOP_READ_BYTES
         if self._checksums.keyed:
