@@ -15,18 +15,33 @@ rows, the secondary tiers such as ``LmtierSecondaryTier``) is vLLM's own.  In
 
 The rows keep vLLM's layout (a row holds the block's page of every KV tensor, one after the
 other, in this worker's slot), so the bytes a secondary tier stores are those vLLM's own worker
-would store.  A job is one gather and one scatter per KV tensor, by numpy fancy indexing over the
+would store.  A job is a gather and a scatter per KV tensor, by numpy fancy indexing over the
 tensors' memory (torch's ``index_copy_`` into the rows' strided byte views measured 15-60x a
-memcpy's time, numpy about 2x), on a copy thread of the worker's own: the engine's thread only
-hands the job over and later collects its result, as with vLLM's asynchronous GPU copies.  Jobs
-run in the order they were submitted; a job that fails (a block id out of range, a malformed
-spec) is reported failed, never dropped.
+memcpy's time, numpy about 2x), cut into units of at most ``UNIT_BYTES`` per tensor.
+
+Units are taken in the order their jobs were submitted, by a copy thread of the worker's own
+(consecutive units of one job's tensor together, up to ``THREAD_BYTES``) and by the engine's
+thread itself: each ``get_finished`` (once per engine step) copies units for up to
+``HELP_SECONDS``.  The copies release the interpreter's lock, but a thread that takes it back
+waits up to the switch interval (5 ms) while the engine's thread steps in Python, as it does
+while requests wait for their blocks: the units the engine's thread copies itself wait for
+nothing, and the budget bounds what it spends per step.  The copy thread runs at a lower
+priority (``COPY_THREAD_NICE``), so that on a node with every core busy the engine's thread
+does not wait for a core behind it.
+
+A job's blocks and rows are its own while it is in flight (vLLM never copies into a block or
+row that another job in flight reads or writes), so units run concurrently.  A job that fails
+(a block id out of range, a malformed spec, a copy that raises) is reported failed, never
+dropped.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
-import queue
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -83,6 +98,18 @@ class CPUBackendTieringSpec(TieringOffloadingSpec):  # type: ignore[misc]
             raise
 
 
+#: The most bytes of one KV tensor that one unit of a job copies.
+UNIT_BYTES = 256 << 10
+#: How long one ``get_finished`` call spends copying units on the engine's thread (at least one).
+HELP_SECONDS = 0.0002
+#: The most bytes the copy thread moves in one numpy call (consecutive units of a job's tensor):
+#: each call gives up the interpreter's lock, and taking it back contends with the engine's.
+THREAD_BYTES = 8 << 20
+#: The copy thread's nice value (Linux, that thread only): on a node whose cores are all busy,
+#: the engine's thread gets a core before it (the engine's own polls copy what it waits for).
+COPY_THREAD_NICE = 10
+
+
 @dataclass(frozen=True)
 class _Job:
     job_id: int
@@ -91,6 +118,29 @@ class _Job:
     cpu_ids: np.ndarray
     group_sizes: tuple[int, ...]
     block_indices: tuple[int, ...]
+
+
+@dataclass
+class _Progress:
+    """A job in flight: its units not yet copied, its bytes, its start, whether one failed."""
+
+    job_id: int
+    units: int
+    size: int
+    started: float
+    failed: bool = False
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """Some blocks of one KV tensor of a job: the pages' ids, and each one's row and slot."""
+
+    job: _Progress
+    tensor: int
+    store: bool
+    gpu: np.ndarray
+    row: np.ndarray
+    slot: np.ndarray
 
 
 class TorchCopyWorker(OffloadingWorker):  # type: ignore[misc]
@@ -133,11 +183,13 @@ class TorchCopyWorker(OffloadingWorker):  # type: ignore[misc]
         self._num_blocks = [p.shape[0] for p in self._pages]
         self._num_rows = int(rows[0].shape[0]) if rows else 0
         self._release = release
+        self._unit_blocks = [max(1, UNIT_BYTES // p.shape[1]) for p in self._pages]
         self._lock = threading.Lock()
-        self._done_changed = threading.Condition(self._lock)
+        self._changed = threading.Condition(self._lock)  # units queued, or a job finished
         self._pending: set[int] = set()
         self._finished: list[TransferResult] = []
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._units: collections.deque[_Unit] = collections.deque()
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="lmtier-vllm-cpu-copy", daemon=True)
         self._thread.start()
 
@@ -148,17 +200,20 @@ class TorchCopyWorker(OffloadingWorker):  # type: ignore[misc]
         return self._submit(job_id, False, dst_spec, src_spec)
 
     def get_finished(self) -> list[TransferResult]:
+        self._help(time.perf_counter() + HELP_SECONDS)
         with self._lock:
             finished, self._finished = self._finished, []
         return finished
 
     def wait(self, job_ids: set[int]) -> None:
-        with self._done_changed:
-            self._done_changed.wait_for(lambda: not (self._pending & job_ids))
+        with self._changed:
+            self._changed.wait_for(lambda: not (self._pending & job_ids))
 
     def shutdown(self) -> None:
         if self._thread.is_alive():
-            self._jobs.put(None)
+            with self._changed:
+                self._closing = True  # the thread copies what is queued, then ends
+                self._changed.notify_all()
             self._thread.join()
         # Drop this worker's views of the rows before the region unmaps them.
         self._rows.clear()
@@ -168,7 +223,7 @@ class TorchCopyWorker(OffloadingWorker):  # type: ignore[misc]
             release()
 
     def _submit(self, job_id: int, store: bool, gpu_spec: Any, cpu_spec: Any) -> bool:
-        # Copies of the ids: the copy thread reads them after vLLM moved on.
+        # Copies of the ids: the units are copied after vLLM moved on.
         group_sizes = getattr(gpu_spec, "group_sizes", None)
         block_indices = getattr(gpu_spec, "block_indices", None)
         gpu_ids = np.array(gpu_spec.block_ids, dtype=np.int64).reshape(-1)
@@ -183,42 +238,102 @@ class TorchCopyWorker(OffloadingWorker):  # type: ignore[misc]
             if block_indices is None
             else tuple(int(i) for i in block_indices),
         )
-        with self._lock:
+        progress = _Progress(job_id, 0, 0, time.perf_counter())
+        units: list[_Unit] = []
+        try:
+            for index, (gpu, row, slot) in self._plan(job).items():
+                step = self._unit_blocks[index]
+                progress.size += len(gpu) * self._pages[index].shape[1]
+                units.extend(
+                    _Unit(progress, index, store, gpu[at : at + step], row[at : at + step],
+                          slot[at : at + step])
+                    for at in range(0, len(gpu), step)
+                )  # fmt: skip
+        except Exception:
+            log.exception("vLLM CPU offloading job %d failed", job_id)
+            progress.failed, units = True, []
+        progress.units = len(units)
+        with self._changed:
             self._pending.add(job_id)
-        self._jobs.put(job)
+            if units:
+                self._units.extend(units)
+                self._changed.notify_all()
+            else:
+                self._finish(progress)
         return True
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            start = time.perf_counter()
-            try:
-                size = self._copy(job)
-                result = TransferResult(
-                    job_id=job.job_id,
-                    success=True,
-                    transfer_size=size,
-                    transfer_time=time.perf_counter() - start,
-                )
-            except Exception:
-                log.exception("vLLM CPU offloading job %d failed", job.job_id)
-                result = TransferResult(job_id=job.job_id, success=False)
-            with self._done_changed:
-                self._finished.append(result)
-                self._pending.discard(job.job_id)
-                self._done_changed.notify_all()
+        _lower_priority(COPY_THREAD_NICE)
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._units or self._closing)
+                if not self._units:
+                    return
+                units = [self._units.popleft()]
+                size = self._bytes(units[0])
+                while self._units and size < THREAD_BYTES:
+                    unit = self._units[0]
+                    if unit.job is not units[0].job or unit.tensor != units[0].tensor:
+                        break
+                    units.append(self._units.popleft())
+                    size += self._bytes(unit)
+            self._copy(units)
 
-    def _copy(self, job: _Job) -> int:
-        """Move the job's blocks, one gather and one scatter per KV tensor; returns bytes moved."""
-        plan = self._plan(job)
-        size = 0
-        for index, (gpu, chunk, slot) in plan.items():
-            pages, rows = self._pages[index], self._rows[index]
-            if job.store:
-                _move(rows, (chunk, slot), pages, gpu)
+    def _help(self, deadline: float) -> None:
+        """Copy queued units on the calling (engine's) thread until ``deadline``."""
+        while True:
+            with self._lock:
+                if not self._units:
+                    return
+                unit = self._units.popleft()
+            self._copy([unit])
+            if time.perf_counter() >= deadline:
+                return
+
+    def _bytes(self, unit: _Unit) -> int:
+        return len(unit.gpu) * int(self._pages[unit.tensor].shape[1])
+
+    def _copy(self, units: list[_Unit]) -> None:
+        """Move the blocks of consecutive units of one job's tensor in one numpy call; the
+        job's result once its last unit is done."""
+        first = units[0]
+        pages, rows = self._pages[first.tensor], self._rows[first.tensor]
+        gpu, row, slot = (
+            (first.gpu, first.row, first.slot)
+            if len(units) == 1
+            else tuple(np.concatenate(parts) for parts in zip(
+                *((u.gpu, u.row, u.slot) for u in units), strict=True))
+        )  # fmt: skip
+        failed = False
+        try:
+            if first.store:
+                _move(rows, (row, slot), pages, gpu)
             else:
-                _move(pages, gpu, rows, (chunk, slot))
-            size += len(gpu) * pages.shape[1]
-        return size
+                _move(pages, gpu, rows, (row, slot))
+        except Exception:
+            log.exception("vLLM CPU offloading job %d failed", first.job.job_id)
+            failed = True
+        with self._changed:
+            progress = first.job
+            progress.failed |= failed
+            progress.units -= len(units)
+            if progress.units == 0:
+                self._finish(progress)
+
+    def _finish(self, progress: _Progress) -> None:
+        """Report ``progress``'s job (the lock held)."""
+        if progress.failed:
+            result = TransferResult(job_id=progress.job_id, success=False)
+        else:
+            result = TransferResult(
+                job_id=progress.job_id,
+                success=True,
+                transfer_size=progress.size,
+                transfer_time=time.perf_counter() - progress.started,
+            )
+        self._finished.append(result)
+        self._pending.discard(progress.job_id)
+        self._changed.notify_all()
 
     def _plan(self, job: _Job) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per KV tensor: its blocks' ids, and the row and slot in the row of each."""
@@ -276,6 +391,16 @@ class TorchCopyWorker(OffloadingWorker):  # type: ignore[misc]
             raise InvalidValueError(
                 f"job {job.job_id}: {what} ids {ids.min()}..{ids.max()} outside 0..{limit - 1}"
             )
+
+
+def _lower_priority(nice: int) -> None:
+    """This thread at ``nice`` unless it is nicer already (on Linux a thread's own value;
+    elsewhere it would be the whole process's, so nothing)."""
+    if sys.platform != "linux":
+        return
+    thread = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, thread, max(nice, os.getpriority(os.PRIO_PROCESS, thread)))
 
 
 def _move(dst: np.ndarray, dst_index: Any, src: np.ndarray, src_index: Any) -> None:

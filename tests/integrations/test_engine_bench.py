@@ -67,9 +67,10 @@ def test_a_short_replay_hits_in_lmtier_with_identical_tokens(tmp_path: Path) -> 
     # The two engines take turns: each request finds what the other stored for the one before.
     first, second = shared["shared_hits_each"]
     assert first > 0 and second > 0, shared
-    for mode in ("cold", "served-cold", "shared"):
-        steps = results[mode].tier["step_ms"]  # type: ignore[index]
+    for mode in ("cpu", "cold", "served-cold", "served-warm", "shared"):
+        steps, copies = results[mode].steps, results[mode].copies
         assert steps["samples"] > 0 and steps["max_ms"] >= steps["p99_ms"] >= 0, (mode, steps)
+        assert copies["samples"] > 0 and copies["s"] > 0, (mode, copies)
 
     table = format_results([results])
     assert "+ lmtier serve (cold)" in table and "blocks each engine found" in table

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -236,24 +237,32 @@ def test_a_copy_that_raises_is_a_failed_job(monkeypatch: pytest.MonkeyPatch) -> 
         assert finish(worker, 2).success
 
 
-def test_jobs_run_off_the_submitting_thread_and_wait_returns_when_they_finish(
+def test_the_copy_thread_and_the_engines_polls_share_a_job_and_wait_returns_when_it_ends(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     kv = kv_tensors()
     original = [p.clone() for p in pages(kv)]
     gate, entered = threading.Event(), threading.Event()
+    copied_here: list[int] = []
     move = vllm_cpu._move
 
     def gated(*args: Any) -> None:
-        entered.set()
-        assert gate.wait(60)
+        if threading.current_thread().name == "lmtier-vllm-cpu-copy":
+            entered.set()
+            assert gate.wait(60)
+        else:
+            copied_here.append(1)
         move(*args)
 
     with spec_worker(kv) as (worker, read_rows):
         monkeypatch.setattr(vllm_cpu, "_move", gated)
         assert worker.submit_store(1, gpu_spec([6], [1], [0]), CPULoadStoreSpec([4]))
-        assert entered.wait(60)  # submit returned while the copy is held
-        assert worker.get_finished() == []
+        assert entered.wait(60)  # submit returned while the copy thread holds a unit
+        # The engine's poll copies the job's other units itself, in its budget, one at least;
+        # the job is not reported while the copy thread's unit is unfinished.
+        for _ in range(len(kv.tensors)):
+            assert worker.get_finished() == []
+        assert len(copied_here) == len(kv.tensors) - 1
         waited = threading.Event()
         waiter = threading.Thread(target=lambda: (worker.wait({1}), waited.set()))
         waiter.start()
@@ -263,7 +272,34 @@ def test_jobs_run_off_the_submitting_thread_and_wait_returns_when_they_finish(
         assert waited.is_set()
         (result,) = worker.get_finished()
         assert result.job_id == 1 and result.success
-        assert slot_bytes(read_rows(), kv, 1, 4, 0, 1) == original[1][6].numpy().tobytes()
+        for tensor in range(len(kv.tensors)):
+            assert (
+                slot_bytes(read_rows(), kv, tensor, 4, 0, 1)
+                == original[tensor][6].numpy().tobytes()
+            )
+
+
+def test_a_job_larger_than_a_unit_is_cut_into_units_and_round_trips(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(vllm_cpu, "UNIT_BYTES", 1)  # one block a unit
+    kv = kv_tensors()
+    original = [p.clone() for p in pages(kv)]
+    with spec_worker(kv) as (worker, _):
+        blocks = [5, 1, 7, 3]
+        assert worker.submit_store(1, gpu_spec(blocks, [4], [0]), CPULoadStoreSpec([0, 2, 4, 6]))
+        assert finish(worker, 1).success
+        for tensor in pages(kv):
+            tensor.zero_()
+        targets = [2, 4, 6, 0]
+        assert worker.submit_load(2, CPULoadStoreSpec([0, 2, 4, 6]), gpu_spec(targets, [4], [0]))
+        result = finish(worker, 2)
+        assert result.success and result.transfer_size == sum(
+            4 * t.page_size_bytes for t in kv.tensors
+        )
+        for tensor, before in zip(pages(kv), original, strict=True):
+            for source, target in zip(blocks, targets, strict=True):
+                assert torch.equal(tensor[target], before[source])
 
 
 def test_kv_tensors_off_the_cpu_are_refused_with_the_spec_to_use() -> None:
@@ -277,3 +313,14 @@ def test_kv_tensors_off_the_cpu_are_refused_with_the_spec_to_use() -> None:
     rows = [torch.zeros(ROWS, t.page_size_bytes, dtype=torch.int8) for t in kv.tensors]
     with pytest.raises(ConfigError, match="TieringOffloadingSpec"):
         TorchCopyWorker(meta, rows, 1)
+
+
+def test_the_copy_thread_runs_nicer_than_the_engines_thread() -> None:
+    with spec_worker(kv_tensors()) as (worker, _):
+        assert worker.submit_store(1, gpu_spec([0], [1], [0]), CPULoadStoreSpec([0]))
+        assert finish(worker, 1).success  # the thread has started and set its priority
+        copy_thread = worker._thread.native_id
+        engine_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert os.getpriority(os.PRIO_PROCESS, copy_thread) == max(
+            vllm_cpu.COPY_THREAD_NICE, engine_nice
+        )

@@ -43,6 +43,8 @@ class ModeResult:
     tokens: list[list[int]] = field(default_factory=list)
     stall: dict[str, float] = field(default_factory=dict)
     tier: dict[str, Any] | None = None
+    steps: dict[str, float] = field(default_factory=dict)  # the engine thread's, in lmtier
+    copies: dict[str, float] = field(default_factory=dict)  # the KV <-> CPU tier copy jobs
 
     @property
     def hit_ratio(self) -> float:
@@ -59,6 +61,8 @@ def mode_result(raw: dict[str, Any]) -> ModeResult:
         tokens=[r["tokens"] for r in runs],
         stall=raw["stall"],
         tier=raw["tier"],
+        steps=raw.get("lmtier_step", {}),
+        copies=raw.get("copies", {}),
     )
 
 
@@ -72,10 +76,15 @@ def shared_result(halves: list[dict[str, Any]]) -> ModeResult:
     tier = {key: sum(t.get(key, 0) for t in tiers) for key in ("stored", "loaded", "call_s",
                                                                "load_job_s")}  # fmt: skip
     tier["shared_hits_each"] = [t.get("shared_hits", 0) for t in tiers]
-    tier["step_ms"] = max((t.get("step_ms", {}) for t in tiers), key=lambda s: s.get("p99_ms", 0.0))
-    worst = max((half["stall"] for half in halves), key=lambda s: s.get("p99_ms", 0.0))
+
+    def worst(key: str) -> dict[str, float]:
+        return max((half.get(key, {}) for half in halves), key=lambda s: s.get("p99_ms", 0.0))
+
+    copies = {"s": sum(half.get("copies", {}).get("s", 0.0) for half in halves)}
     wall = max(half["wall"] for half in halves)
-    return mode_result({"runs": runs, "wall": wall, "stall": worst, "tier": tier})
+    return mode_result({"runs": runs, "wall": wall, "stall": worst("stall"), "tier": tier,
+                        "lmtier_step": worst("lmtier_step"),
+                        "copies": {**worst("copies"), **copies}})  # fmt: skip
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -118,7 +127,8 @@ def format_results(runs: Sequence[dict[str, ModeResult]]) -> str:
             "yes" if same else "NO",
             _spread([t["call_s"] for t in tiers], lambda v: f"{v:.2f}") if tiers else "",
             _spread([t["load_job_s"] for t in tiers], lambda v: f"{v:.2f}") if tiers else "",
-            _spread([_step(t, "p99_ms") for t in tiers], lambda v: f"{v:.3f}") if tiers else "",
+            "" if mode == "alone" else
+            _spread([r.steps.get("p99_ms", 0.0) for r in results], lambda v: f"{v:.3f}"),
             _spread([r.stall.get("p99_ms", 0.0) for r in results], lambda v: f"{v:.2f}")
             + ("" if mode == "alone" else
                f" ({statistics.median(a.stall.get('p99_ms', 0.0) for a in alone):.2f})"),
@@ -132,10 +142,6 @@ def format_results(runs: Sequence[dict[str, ModeResult]]) -> str:
             "stored: " + "; ".join(f"{a:,} and {b:,}" for a, b in each)
         )
     return "\n".join(lines)
-
-
-def _step(tier: dict[str, Any], key: str) -> float:
-    return float(tier.get("step_ms", {}).get(key, 0.0))
 
 
 def _quantile_text(figures: Sequence[dict[str, float]], digits: int) -> str:
@@ -152,11 +158,17 @@ def stall_lines(runs: Sequence[dict[str, ModeResult]]) -> str:
     lines = ["stall probe (a 1 ms sleep in a thread of the engine process; lateness, ms):"]
     for mode, name in MODES:
         lines.append(f"  {name}: {_quantile_text([run[mode].stall for run in runs], 2)}")
-    lines.append("the engine thread's time inside lmtier's tier per engine step (ms):")
-    for mode, name in MODES:
-        tiers = [t for t in (run[mode].tier for run in runs) if t is not None]
-        if tiers:
-            steps = statistics.median(_step(t, "samples") for t in tiers)
-            text = _quantile_text([t.get("step_ms", {}) for t in tiers], 3)
-            lines.append(f"  {name}: {text} ({steps:,.0f} steps)")
+    lines.append(
+        "the engine thread's time inside lmtier per engine step (its secondary tier and its "
+        "copies between vLLM's KV and CPU tier, ms):"
+    )
+    for mode, name in MODES[1:]:
+        steps = [run[mode].steps for run in runs]
+        count = statistics.median(s.get("samples", 0) for s in steps)
+        lines.append(f"  {name}: {_quantile_text(steps, 3)} ({count:,.0f} steps)")
+    lines.append("copy jobs between vLLM's KV and its CPU tier (all jobs' seconds; per job, ms):")
+    for mode, name in MODES[1:]:
+        copies = [run[mode].copies for run in runs]
+        total = statistics.median(c.get("s", 0.0) for c in copies)
+        lines.append(f"  {name}: {total:.2f} s; {_quantile_text(copies, 1)}")
     return "\n".join(lines)

@@ -52,28 +52,25 @@ ENGINE_THREAD_METHODS = (
 
 
 class TierTimer:
-    """Times the tier's engine-thread methods and collects its load jobs' own times."""
+    """Times lmtier's engine-thread methods (the secondary tier's and the CPU tier copy
+    worker's) and collects the load and copy jobs' own times."""
 
     def __init__(self) -> None:
         self.tiers: list[Any] = []
         self.call_seconds = 0.0
-        self.step_seconds: list[float] = []  # the time inside the tier's methods, per step
+        self.step_seconds: list[float] = []  # the time inside lmtier's methods, per step
         self.load_jobs: set[int] = set()
         self.load_job_seconds = 0.0
         self.copy_seconds: list[float] = []  # each KV <-> CPU tier copy job's own time
+        # Calls over 1 ms, by name: how many, the longest (ms) and the CPU time it took (ms).
+        self.long_calls: dict[str, tuple[int, float, float]] = {}
 
     def install_copies(self, cls: type) -> None:
-        """Collect the copy jobs' own times from ``cls``'s ``get_finished`` (the worker that
-        moves blocks between vLLM's KV and its CPU tier), by direction."""
-        get_finished = cls.get_finished  # type: ignore[attr-defined]
-
-        def collected(worker: Any) -> Any:
-            results = get_finished(worker)
-            for result in results:
-                self.copy_seconds.append(float(getattr(result, "transfer_time", 0.0) or 0.0))
-            return results
-
-        cls.get_finished = collected  # type: ignore[attr-defined]
+        """Time the engine-thread methods of ``cls``, the worker that moves blocks between
+        vLLM's KV and its CPU tier (it copies on that thread too), and collect its jobs' times."""
+        for name in ("submit_store", "submit_load"):
+            setattr(cls, name, self._timed(getattr(cls, name), "copy submit"))
+        cls.get_finished = self._timed(cls.get_finished, "copies finished")  # type: ignore[attr-defined]
 
     def install(self, cls: type) -> None:
         init = cls.__init__  # type: ignore[misc]
@@ -91,7 +88,7 @@ class TierTimer:
 
         @functools.wraps(method)
         def timed(tier: Any, *args: Any, **kwargs: Any) -> Any:
-            started = clock()
+            started, cpu = clock(), time.thread_time()
             try:
                 result = method(tier, *args, **kwargs)
                 if name == "get_finished_jobs":
@@ -102,9 +99,18 @@ class TierTimer:
                             self.load_job_seconds += getattr(job, "transfer_time", 0.0) or 0.0
                 elif name == "submit_load":
                     self.load_jobs.add(int(args[0].job_id))
+                elif name == "copies finished":
+                    times = (getattr(job, "transfer_time", 0.0) or 0.0 for job in result)
+                    self.copy_seconds.extend(map(float, times))
                 return result
             finally:
-                self.call_seconds += clock() - started
+                took = clock() - started
+                self.call_seconds += took
+                if took > 0.001:  # which of lmtier's calls make the long steps, and their CPU
+                    count, longest, its_cpu = self.long_calls.get(name, (0, 0.0, 0.0))
+                    if took * 1000 > longest:
+                        longest, its_cpu = took * 1000, (time.thread_time() - cpu) * 1000
+                    self.long_calls[name] = (count + 1, longest, its_cpu)
 
         return timed
 
@@ -223,16 +229,16 @@ def main(path: str) -> None:
     with probe:
         runs = run_requests(llm, spec["prompts"], spec["output_tokens"], timer, turns)
     wall = time.perf_counter() - started
-    copies = {"jobs": len(timer.copy_seconds), "s": sum(timer.copy_seconds),
-              **quantiles_ms(timer.copy_seconds)}  # fmt: skip
+    copies = {"s": sum(timer.copy_seconds), **quantiles_ms(timer.copy_seconds)}
     tier = None
     if timer.tiers:
         counters = timer.tiers[-1].stats()
         tier = {k: v for k, v in counters.items() if k != "store"}
         tier["call_s"] = timer.call_seconds
-        tier["step_ms"] = quantiles_ms(timer.step_seconds)
         tier["load_job_s"] = timer.load_job_seconds
-    result = {"runs": runs, "wall": wall, "stall": probe.summary(), "tier": tier, "copies": copies,
+    result = {"runs": runs, "wall": wall, "stall": probe.summary(), "tier": tier,
+              "copies": copies, "lmtier_step": quantiles_ms(timer.step_seconds),
+              "long_calls": timer.long_calls,
               "lmtier": integration.__file__}  # fmt: skip
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     del llm
