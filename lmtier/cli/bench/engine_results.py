@@ -44,6 +44,7 @@ class ModeResult:
     stall: dict[str, float] = field(default_factory=dict)
     tier: dict[str, Any] | None = None
     steps: dict[str, float] = field(default_factory=dict)  # the engine thread's, in lmtier
+    long_calls: dict[str, list[float]] = field(default_factory=dict)  # count, longest, its CPU
     copies: dict[str, float] = field(default_factory=dict)  # the KV <-> CPU tier copy jobs
 
     @property
@@ -63,6 +64,7 @@ def mode_result(raw: dict[str, Any]) -> ModeResult:
         tier=raw["tier"],
         steps=raw.get("lmtier_step", {}),
         copies=raw.get("copies", {}),
+        long_calls=raw.get("long_calls", {}),
     )
 
 
@@ -82,9 +84,11 @@ def shared_result(halves: list[dict[str, Any]]) -> ModeResult:
 
     copies = {"s": sum(half.get("copies", {}).get("s", 0.0) for half in halves)}
     wall = max(half["wall"] for half in halves)
+    long_calls = _long_calls([half.get("long_calls", {}) for half in halves])
     return mode_result({"runs": runs, "wall": wall, "stall": worst("stall"), "tier": tier,
                         "lmtier_step": worst("lmtier_step"),
-                        "copies": {**worst("copies"), **copies}})  # fmt: skip
+                        "copies": {**worst("copies"), **copies},
+                        "long_calls": long_calls})  # fmt: skip
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -144,6 +148,16 @@ def format_results(runs: Sequence[dict[str, ModeResult]]) -> str:
     return "\n".join(lines)
 
 
+def _long_calls(each: Sequence[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Long calls over several processes or runs: counts summed, the longest of all."""
+    merged: dict[str, list[float]] = {}
+    for calls in each:
+        for name, (count, longest, cpu) in calls.items():
+            total, top, top_cpu = merged.get(name, [0, 0.0, 0.0])
+            merged[name] = [total + count, *max((top, top_cpu), (longest, cpu))]
+    return merged
+
+
 def _quantile_text(figures: Sequence[dict[str, float]], digits: int) -> str:
     """``p50, p99, max`` of ``figures`` (a quantiles_ms summary per run), medians over runs."""
     p50, p99, worst = (
@@ -166,6 +180,15 @@ def stall_lines(runs: Sequence[dict[str, ModeResult]]) -> str:
         steps = [run[mode].steps for run in runs]
         count = statistics.median(s.get("samples", 0) for s in steps)
         lines.append(f"  {name}: {_quantile_text(steps, 3)} ({count:,.0f} steps)")
+    lines.append(
+        "lmtier's calls on the engine's thread over 1 ms, all runs (how many; the longest, ms; "
+        "the CPU time it took, ms: the rest it waited for a core or the interpreter's lock):"
+    )
+    for mode, name in MODES[1:]:
+        calls = _long_calls([run[mode].long_calls for run in runs])
+        text = "; ".join(f"{call} {count:.0f}, {top:.1f}, {cpu:.2f}"
+                         for call, (count, top, cpu) in sorted(calls.items()))  # fmt: skip
+        lines.append(f"  {name}: {text or 'none'}")
     lines.append("copy jobs between vLLM's KV and its CPU tier (all jobs' seconds; per job, ms):")
     for mode, name in MODES[1:]:
         copies = [run[mode].copies for run in runs]
