@@ -230,7 +230,9 @@ def _tier_rows(
             load = _job(2 * round_ + 1, keys, range(blocks), promotion=True)
             took, _, late_loading = _run_job(tier, load, load=True)
             load_s.append(took)
-            assert np.array_equal(rows, expected)
+            # Row by row: a whole-array compare allocates and frees a temporary as large as the
+            # job, whose freed pages would make the raw writes below cheaper than the tier's.
+            assert all(np.array_equal(got, want) for got, want in zip(rows, expected, strict=True))
             stall_p99.append(_p99(late + late_loading))
             idle_p99.append(_p99(_idle_lateness(store_s[-1] + took)))
 
