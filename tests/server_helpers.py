@@ -9,9 +9,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
 from lmtier.errors import LmtierError
@@ -133,3 +134,13 @@ def answers(client: ServerClient) -> bool:
     except LmtierError:
         return False
     return True
+
+
+def serve_disk_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A module fixture's body: an ``lmtier serve`` process over a disk tier, stopped cleanly
+    (exit 0, its socket removed) after the module's tests."""
+    folder = tmp_path_factory.mktemp("server")
+    process = ServerProcess(disk_config(folder), folder / "run" / "lmtier.sock").start()
+    yield process
+    assert process.stop() == 0, "".join(process.log)
+    assert not process.socket_path.exists()

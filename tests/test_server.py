@@ -33,6 +33,7 @@ from server_helpers import (
     answers,
     blocks_for,
     disk_config,
+    serve_disk_store,
     store_blocks,
     wait_for,
 )
@@ -51,11 +52,7 @@ def load_blocks(client: ServerClient, keys: list[str], region: SharedRegion) -> 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    folder = tmp_path_factory.mktemp("server")
-    process = ServerProcess(disk_config(folder), folder / "run" / "lmtier.sock").start()
-    yield process
-    assert process.stop() == 0, "".join(process.log)
-    assert not process.socket_path.exists()
+    yield from serve_disk_store(tmp_path_factory)
 
 
 @pytest.fixture

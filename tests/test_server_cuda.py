@@ -10,7 +10,7 @@ import torch
 
 from lmtier.server import ServerClient, SharedRegion
 
-from server_helpers import BLOCK, ServerProcess, disk_config
+from server_helpers import BLOCK, ServerProcess, serve_disk_store
 
 pytestmark = pytest.mark.cuda
 
@@ -19,10 +19,7 @@ BLOCKS = 64
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    folder = tmp_path_factory.mktemp("server")
-    process = ServerProcess(disk_config(folder), folder / "run" / "lmtier.sock").start()
-    yield process
-    assert process.stop() == 0, "".join(process.log)
+    yield from serve_disk_store(tmp_path_factory)
 
 
 def pinned(region: SharedRegion) -> None:

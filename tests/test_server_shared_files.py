@@ -15,7 +15,13 @@ from lmtier.errors import InvalidValueError, StorageError
 from lmtier.server import ServerClient
 from lmtier.server.regions import SharedRegion, map_region
 
-from server_helpers import BLOCK, ServerProcess, blocks_for, disk_config, store_blocks
+from server_helpers import (
+    BLOCK,
+    ServerProcess,
+    blocks_for,
+    serve_disk_store,
+    store_blocks,
+)
 
 ROWS = 8
 NOBODY = 65534
@@ -23,10 +29,7 @@ NOBODY = 65534
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    folder = tmp_path_factory.mktemp("server")
-    process = ServerProcess(disk_config(folder), folder / "run" / "lmtier.sock").start()
-    yield process
-    assert process.stop() == 0, "".join(process.log)
+    yield from serve_disk_store(tmp_path_factory)
 
 
 @pytest.fixture

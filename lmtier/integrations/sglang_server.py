@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -48,6 +48,7 @@ __all__ = ["STAGING_PAGES", "ServerPages", "StagingRegions"]
 
 # The backend's logger: its lines keep the name users filter on.
 log = logging.getLogger("lmtier.integrations.sglang")
+_Result = TypeVar("_Result", LoadResult, StoreResult)
 
 #: Pages a staging region holds at first: SGLang's STORAGE_BATCH_SIZE, its prefetch and
 #: backup batch.
@@ -159,13 +160,9 @@ class ServerPages:
             job = self.client.submit_load(
                 [keys[i] for i in indexes], region, offsets, [rooms[i] for i in indexes]
             )
-            result = self.client.wait(job)
-            assert isinstance(result, LoadResult)
+            result = self._waited(job, LoadResult, len(indexes), "missed")
             clean = result.error is None
             if not clean:
-                log.warning(
-                    "lmtier HiCache storage: %d pages missed: %s", len(indexes), result.error
-                )
                 return {}
             again: dict[int, int] = {}
             for i, offset, found in zip(indexes, offsets, result.found, strict=True):
@@ -219,16 +216,19 @@ class ServerPages:
                 dtypes=[page.dtype for page in pages],
                 shapes=[page.shape for page in pages],
             )
-            result = self.client.wait(job)
-            assert isinstance(result, StoreResult)
+            result = self._waited(job, StoreResult, len(keys), "not stored")
             clean = result.error is None
-            if not clean:
-                log.warning(
-                    "lmtier HiCache storage: %d pages not stored: %s", len(keys), result.error
-                )
             return list(result.placed)
         finally:
             self.staging.give_back(region, clean)
+
+    def _waited(self, job: int, kind: type[_Result], pages: int, failed: str) -> _Result:
+        """Job ``job``'s result, with a warning when it failed as a whole (its ``error``)."""
+        result = self.client.wait(job)
+        assert isinstance(result, kind)
+        if result.error is not None:
+            log.warning("lmtier HiCache storage: %d pages %s: %s", pages, failed, result.error)
+        return result
 
     def leading_hits(self, keys: list[str]) -> int:
         if self._closed or not keys:

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vllm_helpers import Engine, as_bytes, fill, need_engine, payload, wait_for
+from vllm_helpers import (
+    Engine,
+    as_bytes,
+    engine_factory,
+    fill,
+    need_engine,
+    payload,
+    secondary_extra,
+    wait_for,
+)
 
 need_engine("vllm.v1.kv_offload.tiering.spec")
 
@@ -45,22 +54,7 @@ def served(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
 
 @pytest.fixture
 def engines() -> Iterator[Any]:
-    made: list[Engine] = []
-
-    def make(tier: dict[str, Any], cpu_rows: int = 4, **config: Any) -> Engine:
-        entry = {"type": "LmtierSecondaryTier", "module_path": "lmtier.integrations.vllm", **tier}
-        extra = {
-            "spec_name": "TieringOffloadingSpec",
-            "cpu_bytes_to_use": cpu_rows * ROW,
-            "secondary_tiers": [entry],
-        }
-        engine = Engine(extra, **config)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in reversed(made):
-        engine.close()
+    yield from engine_factory(lambda tier, rows: secondary_extra(tier, rows, ROW))
 
 
 def load_back(engine: Engine, key: bytes, req: Any) -> tuple[list[Any], bytes | None]:

@@ -15,8 +15,8 @@ import numpy as np
 import prometheus_client
 import pytest
 from vllm_helpers import (
-    Engine,
     as_bytes,
+    engine_factory,
     fill,
     keys,
     kv_transfer_extra,
@@ -58,17 +58,7 @@ def memory_disk_config(path: Path) -> dict[str, Any]:
 
 @pytest.fixture
 def engines() -> Any:
-    made: list[Engine] = []
-
-    def make(lmtier_config: dict[str, Any] | str, cpu_rows: int = 4, **config: Any) -> Engine:
-        extra = config.pop("extra", None) or kv_transfer_extra(lmtier_config, cpu_rows, ROW)
-        engine = Engine(extra, **config)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in reversed(made):
-        engine.close()
+    yield from engine_factory(lambda config, rows: kv_transfer_extra(config, rows, ROW))
 
 
 def test_spec_from_kv_transfer_config_through_vllm_factory(tmp_path: Path, engines: Any) -> None:

@@ -14,7 +14,7 @@ import importlib
 import os
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -103,21 +103,37 @@ def offloading_config(
     )
 
 
-def kv_transfer_extra(lmtier_config: Mapping[str, Any] | str, cpu_rows: int, row: int) -> dict:
-    """``kv_connector_extra_config`` naming the lmtier tier: a config mapping or a file path."""
-    tier: dict[str, Any] = {
-        "type": "LmtierSecondaryTier",
-        "module_path": "lmtier.integrations.vllm",
-    }
-    if isinstance(lmtier_config, str):
-        tier["config_path"] = lmtier_config
-    else:
-        tier["config"] = dict(lmtier_config)
+def secondary_extra(entry: Mapping[str, Any], cpu_rows: int, row: int) -> dict:
+    """``kv_connector_extra_config`` with one lmtier secondary tier of ``entry``'s fields."""
+    tier = {"type": "LmtierSecondaryTier", "module_path": "lmtier.integrations.vllm", **entry}
     return {
         "spec_name": "TieringOffloadingSpec",
         "cpu_bytes_to_use": cpu_rows * row,
         "secondary_tiers": [tier],
     }
+
+
+def kv_transfer_extra(lmtier_config: Mapping[str, Any] | str, cpu_rows: int, row: int) -> dict:
+    """``kv_connector_extra_config`` naming the lmtier tier: a config mapping or a file path."""
+    if isinstance(lmtier_config, str):
+        return secondary_extra({"config_path": lmtier_config}, cpu_rows, row)
+    return secondary_extra({"config": dict(lmtier_config)}, cpu_rows, row)
+
+
+def engine_factory(extra_for: Callable[[Any, int], dict]) -> Iterator[Callable[..., Engine]]:
+    """A fixture's body: ``make(tier, cpu_rows=4, extra=None, **config)`` builds an ``Engine``
+    over ``extra`` or ``extra_for(tier, cpu_rows)``; every one is closed after the test."""
+    made: list[Engine] = []
+
+    def make(tier: Any, cpu_rows: int = 4, **config: Any) -> Engine:
+        extra = config.pop("extra", None) or extra_for(tier, cpu_rows)
+        engine = Engine(extra, **config)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in reversed(made):
+        engine.close()
 
 
 class Engine:

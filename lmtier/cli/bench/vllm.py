@@ -43,7 +43,7 @@ import torch
 import xxhash
 
 from lmtier.cli.bench.core import Goal, MiB, Row, Scale, Side, format_rows, timed
-from lmtier.cli.bench.stall import StallProbe
+from lmtier.cli.bench.stall import StallProbe, quantiles_ms
 from lmtier.sizes import human_bytes
 
 __all__ = ["vllm_tier_rows"]
@@ -115,11 +115,6 @@ def _idle_lateness(seconds: float) -> list[float]:
         while time.perf_counter() < end:
             time.sleep(0.0005)
     return probe.lateness
-
-
-def _p99(samples: list[float]) -> float:
-    ordered = sorted(samples) or [0.0]
-    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
 def _pin(pid: int, cpus: set[int]) -> None:
@@ -233,8 +228,8 @@ def _tier_rows(
             # Row by row: a whole-array compare allocates and frees a temporary as large as the
             # job, whose freed pages would make the raw writes below cheaper than the tier's.
             assert all(np.array_equal(got, want) for got, want in zip(rows, expected, strict=True))
-            stall_p99.append(_p99(late + late_loading))
-            idle_p99.append(_p99(_idle_lateness(store_s[-1] + took)))
+            stall_p99.append(quantiles_ms(late + late_loading)["p99_ms"] / 1000)
+            idle_p99.append(quantiles_ms(_idle_lateness(store_s[-1] + took))["p99_ms"] / 1000)
 
             paths = [raw_folder / uuid.uuid4().hex for _ in range(blocks)]
             started = time.perf_counter()
