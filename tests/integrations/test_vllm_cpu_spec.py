@@ -324,3 +324,33 @@ def test_the_copy_thread_runs_nicer_than_the_engines_thread() -> None:
         assert os.getpriority(os.PRIO_PROCESS, copy_thread) == max(
             vllm_cpu.COPY_THREAD_NICE, engine_nice
         )
+
+
+def test_units_queued_at_shutdown_are_copied_before_the_rows_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(vllm_cpu, "UNIT_BYTES", 1)  # one block a unit: many units queued
+    kv = kv_tensors()
+    original = [p.clone() for p in pages(kv)]
+    gate = threading.Event()
+    move = vllm_cpu._move
+
+    def held(*args: Any) -> None:
+        assert gate.wait(60)
+        move(*args)
+
+    with spec_worker(kv) as (worker, read_rows):
+        monkeypatch.setattr(vllm_cpu, "_move", held)
+        blocks, rows = [3, 9, 0, 14], [1, 5, 7, 11]
+        assert worker.submit_store(1, gpu_spec(blocks, [4], [0]), CPULoadStoreSpec(rows))
+        stopping = threading.Thread(target=worker.shutdown)
+        stopping.start()  # while the copy thread holds its first unit, the rest queued
+        gate.set()
+        stopping.join(60)
+        assert not stopping.is_alive()
+        copied = read_rows()
+    for tensor in range(len(kv.tensors)):
+        for block, row in zip(blocks, rows, strict=True):
+            assert slot_bytes(copied, kv, tensor, row, 0, 1) == (
+                original[tensor][block].numpy().tobytes()
+            )
