@@ -52,6 +52,10 @@ def main(path: str) -> None:
     runs = []
     for prompt in args["prompts"]:
         (out,) = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
+        # generate() returns with the request's offloading jobs still in flight; a serving
+        # loop steps on until they end, and so does this run before it reads the tier.
+        while llm.llm_engine.engine_core.engine_core.scheduler.has_requests():
+            llm.llm_engine.step()
         runs.append(
             {"cached": out.num_cached_tokens or 0, "tokens": list(out.outputs[0].token_ids)}
         )
